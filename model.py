@@ -172,7 +172,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the completion tokens at the sampling temperature.
 
@@ -190,60 +190,130 @@ def completion_logprobs(
     Example: prompt [p0, p1], completion [c0, c1] -> input_ids [p0, p1, c0, c1], mask
     [0, 0, 1, 1] -> logprobs [0, 0, log p(c0 | p0 p1), log p(c1 | p0 p1 c0)].
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask[:, 0] must be 0: the first token has no prefix to score it")
-    batch, seq_len = input_ids.shape
-    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
-    # Positions count real tokens only, as in HF generate, so left padding does not shift them.
+    # Positions count real tokens only, as in generation, so left padding does not shift them.
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
+    # Token t is predicted from the hidden state at t - 1.
+    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # [N], [N]: target at (row, col + 1)
+    logprobs, entropy = score_tokens(model, input_ids, attention_mask, position_ids, rows, cols,
+                                     input_ids[rows, cols + 1], temperature, with_entropy, chunk_size)  # [N]
+    zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # [B, T]
+    return (zeros.index_put((rows, cols + 1), logprobs),  # [B, T], differentiable
+            zeros.index_put((rows, cols + 1), entropy) if with_entropy else None)
 
-    # The decoder body's output is taken with a hook while the call enters through the root
-    # module: wrappers such as FSDP2 put their hooks on the root, and `logits_to_keep=1` keeps
-    # the root's own output layer down to one position per sequence.
+
+def shared_prompt_logprobs(
+    model,
+    rows: list[tuple[list[int], list[list[int]]]],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probabilities of completions that share a prompt, running each prompt once.
+
+    A GRPO group is G completions of one prompt; scored one sequence per completion, the prompt
+    goes through the model G times. Here each row (prompt, [completion, ...]) becomes one packed
+    sequence, prompt then every completion, and the attention mask keeps the completions apart:
+    a completion token sees the prompt and its own earlier tokens, never another completion,
+    and its position continues from the prompt's end. So every log-probability (and gradient)
+    equals the one-sequence-per-completion value, for P + sum(C) tokens instead of
+    G x P + sum(C). (The masked-out blocks still cost attention FLOPs; with completions much
+    longer than their prompt, one completion per row is cheaper.)
+
+    Returns, with S completions in row order and C the longest completion: `logprobs` [S, C]
+    (0 past a completion's end), `entropy` [S, C] (detached) or None, and the completion mask
+    [S, C]. Needs an attention implementation that takes a custom mask (sdpa or eager).
+    """
+    length = max(len(prompt) + sum(map(len, completions)) for prompt, completions in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L], right padding
+    position_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L]
+    segment = torch.full((len(rows), length), -1)  # [R, L]: 0 prompt, i completion i, -1 padding
+    src_rows, src_cols, dst_rows, dst_cols, targets = [], [], [], [], []
+    sample = 0
+    for r, (prompt, completions) in enumerate(rows):
+        p = len(prompt)
+        input_ids[r, :p], position_ids[r, :p], segment[r, :p] = torch.tensor(prompt), torch.arange(p), 0
+        start = p
+        for i, completion in enumerate(completions, start=1):
+            c = len(completion)
+            input_ids[r, start:start + c] = torch.tensor(completion)
+            position_ids[r, start:start + c] = torch.arange(p, p + c)
+            segment[r, start:start + c] = i
+            # completion token j is predicted from the prompt's last token (j = 0), else from token j - 1
+            src_rows += [r] * c
+            src_cols += [p - 1] + list(range(start, start + c - 1))
+            dst_rows += [sample] * c
+            dst_cols += list(range(c))
+            targets += completion
+            start += c
+            sample += 1
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # [L, L]
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # [R, L, L]: own segment or prompt
+    allowed = causal & same & (segment[:, None, :] >= 0)  # [R, L, L]; query q may attend key k
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding queries attend themselves (no empty softmax, no NaN)
+    attention_mask = _custom_mask(model, allowed[:, None])  # [R, 1, L, L]
+
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    logprobs, entropy = score_tokens(
+        model, input_ids.to(device), attention_mask.to(device), position_ids.to(device),
+        as_tensor(src_rows), as_tensor(src_cols), as_tensor(targets), temperature, with_entropy, chunk_size)  # [N]
+    longest = max((len(c) for _, completions in rows for c in completions), default=0)
+    zeros = torch.zeros(sample, longest, dtype=torch.float32, device=device)  # [S, C]
+    where = (as_tensor(dst_rows), as_tensor(dst_cols))
+    completion_mask = zeros.index_put(where, torch.ones(len(targets), device=device))  # [S, C]
+    return (zeros.index_put(where, logprobs), zeros.index_put(where, entropy) if with_entropy else None,
+            completion_mask)
+
+
+def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A [.., q, k] boolean "may attend" mask in the form the model's attention implementation
+    takes as given: boolean for sdpa, additive float for eager."""
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+    raise ValueError(f"scoring completions with a shared prompt needs a custom attention mask, which "
+                     f"attn_implementation {implementation!r} does not take: load the model with sdpa or "
+                     f"eager attention, or turn share_prompt off")
+
+
+def score_tokens(model, input_ids, attention_mask, position_ids, src_rows, src_cols, targets,
+                 temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = 256):
+    """log p_T(targets[n]) from the hidden state at (src_rows[n], src_cols[n]) of one forward pass
+    over input_ids [B, T]; returns `logprobs` [N] and `entropy` [N] (detached) or None.
+
+    The decoder body's output is taken with a hook while the call enters through the root
+    module: wrappers such as FSDP2 put their hooks on the root, and `logits_to_keep=1` keeps the
+    root's own output layer down to one position per sequence. Only the N scored positions go
+    through the output layer, `chunk_size` at a time, each chunk recomputed in backward.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
     captured = {}
     hook = decoder.register_forward_hook(lambda module, args, output: captured.update(hidden=output[0]))
     try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     hidden = captured["hidden"]  # [B, T, H]
-
-    # Token t is predicted from the hidden state at t - 1.
-    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # [N], [N]: target at (row, col + 1)
-    hidden_scored = hidden[rows, cols]  # [N, H]
-    targets = input_ids[rows, cols + 1]  # [N]
-
+    if len(targets) == 0:  # nothing to score (e.g. an empty micro-batch of a rank)
+        # keep the graph connected so every rank runs the same backward
+        empty = torch.zeros(0, dtype=torch.float32, device=input_ids.device)
+        return empty + 0.0 * hidden.sum(), (empty.clone() if with_entropy else None)
+    hidden_scored = hidden[src_rows, src_cols]  # [N, H]
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, len(targets), chunk_size):
         chunk = slice(start, start + chunk_size)
-        logprobs, entropy = checkpoint(
-            _token_logprobs,
-            output_layer,
-            hidden_scored[chunk],
-            targets[chunk],
-            temperature,
-            with_entropy,
-            use_reentrant=False,
-        )  # [n], [n] or None
+        logprobs, entropy = checkpoint(_token_logprobs, output_layer, hidden_scored[chunk], targets[chunk],
+                                       temperature, with_entropy, use_reentrant=False)  # [n], [n] or None
         logprob_chunks.append(logprobs)
         entropy_chunks.append(entropy)
-
-    zeros = torch.zeros(batch, seq_len, dtype=torch.float32, device=input_ids.device)  # [B, T]
-    if not logprob_chunks:  # no completion token at all (e.g. an empty micro-batch of a rank)
-        # keep the graph connected so every rank runs the same backward
-        return zeros + 0.0 * hidden.sum(), (zeros.clone() if with_entropy else None)
-    all_logprobs = torch.cat(logprob_chunks)  # [N]
-    logprobs = zeros.index_put((rows, cols + 1), all_logprobs)  # [B, T], differentiable
-    entropy = zeros.index_put((rows, cols + 1), torch.cat(entropy_chunks)) if with_entropy else None
-    return logprobs, entropy
+    return torch.cat(logprob_chunks), (torch.cat(entropy_chunks) if with_entropy else None)
 
 
 def shard_model(model, device: torch.device, bf16: bool = False, activation_checkpointing: bool = False):

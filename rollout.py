@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
 
 from data import referee_prompt
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
@@ -48,36 +48,22 @@ class Completion:
     logprobs: list[float] | None  # log p_T of each token of token_ids; None for greedy
 
 
-class _TemperatureAndLogprobs(LogitsProcessor):
-    """Divides the logits by the temperature and keeps log p_T of each token sampled from them.
-
-    HF's `output_scores` would keep [batch, new tokens, vocab] floats (400 MB for 32 x 64
-    tokens with a 49k vocabulary); this keeps one [batch, vocab] step: a call sees the token
-    sampled at the previous step at the end of `input_ids`.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.previous = None  # [b, V] log p_T of the last step
-        self.logprobs = []  # per finished step: [b]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self.record(input_ids[:, -1])
-        scores = scores.float() / self.temperature  # [b, V]
-        self.previous = scores.log_softmax(dim=-1)  # [b, V]
-        return scores
-
-    def record(self, sampled: torch.Tensor) -> None:
-        self.logprobs.append(self.previous.gather(1, sampled.unsqueeze(1)).squeeze(1))  # [b]
-
-
 class HFEngine:
-    """Rollouts with transformers `generate` on the engine's own unsharded copy of the model.
+    """Rollouts with a hand-written sampling loop over a transformers model.
 
-    `max_batch` bounds the sequences per `generate` call (prompts x n), hence memory. Sampling
-    is deterministic for a seed and a sequence of calls, and leaves torch's global random state
+    The loop owns what `generate` would hide, for speed and for exactness:
+    - each prompt is prefilled once and its KV cache copied to its n samples (a GRPO group
+      shares its prompt), instead of prefilling the same prompt n times;
+    - tokens are drawn from softmax(logits / T) by inverse CDF (one uniform per row), and
+      log p_T of each drawn token is kept as it is drawn: no [batch, steps, vocab] scores;
+    - pure temperature sampling (no top-k, top-p or repetition penalty), so the sampled
+      distribution is exactly the one the trainer scores.
+
+    `max_batch` bounds the sequences decoded together (prompts x n), hence memory. Sampling is
+    deterministic for a seed and a sequence of calls, and leaves torch's global random state
     untouched; `rng` (a random.Random) is the engine's whole random state, for checkpoints.
+    The engine holds its own copy of the model (`load_weights` refreshes it) unless
+    `share_weights` made it use the trainer's parameters.
     """
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
@@ -86,6 +72,7 @@ class HFEngine:
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.rng = random.Random(seed)
+        self.shares_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
@@ -96,11 +83,6 @@ class HFEngine:
         if not self.eos_ids:
             raise ValueError(f"{model_path} defines no EOS token: generation could never stop early; "
                              "set eos_token_id in its generation_config.json or tokenizer")
-        # A fresh generation config: the model's own may ask for top-k, top-p or a repetition
-        # penalty, and then the sampled distribution would not be the one the trainer scores.
-        self.model.generation_config = GenerationConfig(
-            eos_token_id=self.eos_ids, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=self.model.generation_config.bos_token_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
@@ -110,52 +92,103 @@ class HFEngine:
         if temperature < 0 or n < 1 or max_new_tokens < 1:
             raise ValueError(f"need temperature >= 0, n >= 1 and max_new_tokens >= 1; got "
                              f"{temperature}, {n}, {max_new_tokens}")
-        sequences = [ids for ids in prompt_ids for _ in range(n)]  # prompt i -> rows i*n .. i*n+n-1
+        per_batch = max(1, self.max_batch // n)  # prompts per decoding batch
         cuda = [] if self.device.type != "cuda" else [
             torch.cuda.current_device() if self.device.index is None else self.device.index]
-        completions = []
+        groups = []
         with torch.random.fork_rng(devices=cuda):  # own stream: the trainer's RNG stays untouched
             torch.manual_seed(self.rng.getrandbits(63))
-            for start in range(0, len(sequences), self.max_batch):
-                completions += self._generate_batch(sequences[start:start + self.max_batch],
-                                                    temperature, max_new_tokens)
-        return [completions[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+            for start in range(0, len(prompt_ids), per_batch):
+                groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
+        return groups
 
-    def _generate_batch(self, prompts: list[list[int]], temperature: float,
-                        max_new_tokens: int) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,
+                        max_new_tokens: int) -> list[list[Completion]]:
         width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)  # [b, P]
-        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [b, P]
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)  # [p, P]
+        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [p, P]
         for row, ids in enumerate(prompts):  # left padding: every prompt ends at column P - 1
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
-        if temperature > 0:
-            # temperature=1.0 and top_k=0 switch HF's own warpers off: the processor owns T.
-            tracker = _TemperatureAndLogprobs(temperature)
-            sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                            logits_processor=LogitsProcessorList([tracker]))
-        else:
-            tracker, sampling = None, dict(do_sample=False)
-        sequences = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            max_new_tokens=max_new_tokens, **sampling)  # [b, P + L]
-        new_tokens = sequences[:, width:]  # [b, L]; rows that stopped early are padded
-        logprobs = None
-        if tracker is not None and new_tokens.shape[1] > 0:
-            tracker.record(new_tokens[:, -1])  # the last sampled token is seen by no later call
-            logprobs = torch.stack(tracker.logprobs, dim=1).tolist()  # [b, L]
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # Positions count real tokens only (as the trainer's), so left padding does not shift them.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [p, P]
 
+        # 1. Prefill: each prompt once, then its KV cache, mask and last logits copied to its n
+        #    rows (prompt i -> rows i*n .. i*n+n-1).
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)  # [b, P]
+        next_position = position_ids[:, -1:].repeat_interleave(n, dim=0) + 1  # [b, 1]
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b, V]
+
+        # 2. Decode: draw a token per row, feed it back; rows that stopped carry padding until
+        #    every row has stopped or the budget is spent.
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        stopped = torch.zeros(len(logits), dtype=torch.bool, device=self.device)  # [b]
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
+            token, logprob = self._draw(logits, temperature)  # [b], [b] or None
+            token = token.masked_fill(stopped, self.tokenizer.pad_token_id)
+            tokens.append(token)
+            logprobs.append(logprob)
+            stopped |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(stopped.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                             past_key_values=cache, use_cache=True)
+            next_position = next_position + 1
+            logits = out.logits[:, -1]  # [b, V]
+
+        new_tokens = torch.stack(tokens, dim=1).tolist()  # [b, L]
+        new_logprobs = torch.stack(logprobs, dim=1).tolist() if temperature > 0 else None  # [b, L]
         completions = []
-        for row, tokens in enumerate(new_tokens.tolist()):
-            stop = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
-            length = len(tokens) if stop is None else stop + 1  # keep the EOS itself
-            token_ids = tokens[:length]
+        for row, row_tokens in enumerate(new_tokens):
+            stop = next((i for i, token in enumerate(row_tokens) if token in self.eos_ids), None)
+            length = len(row_tokens) if stop is None else stop + 1  # keep the EOS itself
+            token_ids = row_tokens[:length]
             completions.append(Completion(
                 token_ids=token_ids,
                 text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
                 finish_reason="length" if stop is None else "eos",
-                logprobs=logprobs[row][:length] if logprobs is not None else None))
-        return completions
+                logprobs=new_logprobs[row][:length] if new_logprobs is not None else None))
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row from softmax(logits / T), and its log p_T; argmax when T = 0."""
+        if temperature == 0:
+            return logits.argmax(dim=-1), None
+        logp = (logits.float() / temperature).log_softmax(dim=-1)  # [b, V]
+        # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw. One
+        # random number per row, where torch.multinomial draws one per vocabulary entry.
+        cdf = logp.exp().cumsum(dim=-1)  # [b, V]
+        uniform = torch.rand(len(logits), 1, device=logits.device) * cdf[:, -1:]  # [b, 1]; cdf[-1] ~ 1 up to rounding
+        token = torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)  # [b]
+        return token, logp.gather(1, token[:, None]).squeeze(1)
+
+    def share_weights(self, model) -> bool:
+        """Make the engine sample from `model`'s own parameters instead of a copy, where that is
+        exact: same names, shapes, dtype and device, and (under FSDP2) shards that hold whole
+        tensors, i.e. world size 1. Returns whether it did; then the optimizer's in-place updates
+        reach the engine at once, `load_weights` after a step is unnecessary, and the engine's
+        own copy of the weights is freed."""
+        theirs = {}
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2 DTensor -> this rank's shard
+            theirs[name] = local.detach()
+        mine = dict(self.model.named_parameters())
+        if set(mine) - set(theirs) or any(
+                theirs[name].shape != p.shape or theirs[name].dtype != p.dtype or theirs[name].device != p.device
+                for name, p in mine.items()):
+            return False
+        for name, param in mine.items():
+            param.data = theirs[name]  # the same storage: no copy
+        self.shares_weights = True
+        return True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy the trainer's full state dict into the engine's model (strict; of tied

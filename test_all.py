@@ -942,6 +942,45 @@ def test_completion_logprobs_rejects_bad_input():
     assert empty.shape == (3, 12) and (empty == 0).all() and empty.requires_grad
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
+    # Each prompt runs once with its completions packed behind it; values, entropies and
+    # gradients must be those of one sequence per completion.
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    model.set_attn_implementation(attention)
+    torch.manual_seed(2)
+    draw = lambda n: torch.randint(3, len(tokenizer), (n,)).tolist()  # noqa: E731
+    rows = [(draw(5), [draw(3), draw(6), draw(1)]), (draw(9), [draw(4)]), (draw(2), [draw(2), draw(2)])]
+    pairs = [(prompt, c) for prompt, completions in rows for c in completions]  # S = 6 in row order
+    width = max(len(p) + len(c) for p, c in pairs)
+    input_ids = torch.zeros(len(pairs), width, dtype=torch.long)  # [S, T], right-padded
+    attention_mask, completion_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(pairs):
+        input_ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, :len(p) + len(c)] = 1
+        completion_mask[i, len(p):len(p) + len(c)] = 1
+    weights = torch.randn(len(pairs), 6)  # an arbitrary loss over the [S, C] layout
+
+    model.zero_grad()
+    logp, entropy, mask = model_lib.shared_prompt_logprobs(model, rows, 0.8, with_entropy=True, chunk_size=5)
+    (logp * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    one_logp, one_entropy = completion_logprobs(model, input_ids, attention_mask, completion_mask, 0.8, with_entropy=True)
+    expected_logp = torch.zeros(len(pairs), 6)
+    expected_entropy = torch.zeros(len(pairs), 6)
+    for i, (p, c) in enumerate(pairs):  # [S, T] -> [S, C]: completion positions only
+        expected_logp[i, :len(c)] = one_logp[i, len(p):len(p) + len(c)]
+        expected_entropy[i, :len(c)] = one_entropy[i, len(p):len(p) + len(c)]
+    (expected_logp * weights).sum().backward()
+    assert mask.tolist() == [[1.0] * len(c) + [0.0] * (6 - len(c)) for _, c in pairs]
+    assert torch.allclose(logp, expected_logp, atol=1e-5) and (logp[mask == 1] < 0).all()
+    assert torch.allclose(entropy, expected_entropy, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-5), name
+
+
 def test_export_round_trip(tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
@@ -1075,6 +1114,57 @@ def test_greedy_stops_at_generation_config_eos(tiny_dir, tmp_path):
     first = free[0][0].token_ids
     assert stopped[0][0].token_ids == first[:first.index(stop_token) + 1]
     assert stopped[0][0].finish_reason == "eos"
+
+
+def test_greedy_equals_transformers_generate(tiny_dir):
+    # The hand-written loop (prefill once per prompt, cache copied to the n rows, left padding,
+    # decoding batches split by max_batch) must decode what transformers' generate decodes.
+    tokenizer = load_tokenizer(tiny_dir)
+    prompts = prompts_of(tokenizer) + [chat_ids(tokenizer, [{"role": "user", "content": "a much longer question " * 6}])]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
+    engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
+    ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
+    for prompt, group in zip(prompts, ours):
+        expected = engine.model.generate(
+            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids, pad_token_id=tokenizer.pad_token_id)
+        expected = expected[0, len(prompt):].tolist()
+        assert [c.token_ids for c in group] == [expected, expected]
+
+
+def test_draw_samples_softmax_at_temperature():
+    # Inverse-CDF sampling: empirical frequencies follow softmax(logits / T); impossible tokens
+    # never come up; the returned log-prob is that of the drawn token.
+    logits = torch.tensor([2.0, 0.0, -float("inf"), 1.0, -1.0]).repeat(40_000, 1)  # [b, V]
+    torch.manual_seed(0)
+    token, logprob = HFEngine._draw(logits, temperature=0.7)
+    expected = (logits[0] / 0.7).softmax(-1)
+    frequencies = torch.bincount(token, minlength=5).float() / len(token)
+    assert torch.allclose(frequencies, expected, atol=0.01)
+    assert frequencies[2] == 0
+    assert torch.allclose(logprob, expected.log()[token])
+    greedy, none = HFEngine._draw(logits[:3], temperature=0.0)
+    assert greedy.tolist() == [0, 0, 0] and none is None
+
+
+def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_dir)
+    prompts = prompts_of(tokenizer)
+    engine = HFEngine(tiny_dir, tokenizer)
+    trainer_model = load_model(tiny_dir)
+    assert engine.share_weights(trainer_model) and engine.shares_weights
+    assert engine.model.lm_head.weight.data_ptr() == trainer_model.model.embed_tokens.weight.data_ptr()
+    torch.manual_seed(5)
+    with torch.no_grad():  # an optimizer step: in place, on the trainer's parameters only
+        for param in trainer_model.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    after = [g[0].token_ids for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
+    fresh = HFEngine(export_hf(trainer_model.state_dict(), trainer_model.config, tokenizer, tmp_path / "m"), tokenizer)
+    assert [g[0].token_ids for g in fresh.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)] == after
+    # A copy is kept where sharing would not be exact, e.g. another dtype (a bf16 engine); FSDP2
+    # shards of 2 ranks: see dp_worker.
+    other = HFEngine(tiny_dir, tokenizer)
+    assert not other.share_weights(load_model(tiny_dir, torch.bfloat16)) and not other.shares_weights
 
 
 def test_load_weights_changes_generation(tiny_dir, tmp_path):
@@ -1289,10 +1379,13 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     assert set(groups[1].rewards) <= {0.0, 1.0}  # K = 2: right or wrong (or invalid)
     samples = train.advantages_and_samples(groups, dataclasses_replace(cfg, skip_zero_advantage=False), tally)
     assert len(samples) == sum(len(c.token_ids) > 0 for g in groups for c in g.completions)
-    batch_tensors = train.collate(samples[:3], tokenizer.pad_token_id, torch.device("cpu"))
+    batch_tensors = train.collate([[s] for s in samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), False)
     for i, s in enumerate(samples[:3]):  # the mask covers exactly the completion tokens
         row = batch_tensors["completion_mask"][i]
         assert row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0 and row[len(s.prompt_ids)] == 1
+    packed = train.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)  # one prompt, 3 samples
+    assert packed["rows"] == [(samples[0].prompt_ids, [s.completion_ids for s in samples[:3]])]
+    assert packed["completion_mask"].sum(1).tolist() == [len(s.completion_ids) for s in samples[:3]]
     metrics = tally.reduce()
     assert metrics["referee/invalid_rate/open"] == 0.0
     assert metrics["referee/first_shown_best/open"] == 1.0  # this referee is all position bias
@@ -1313,12 +1406,49 @@ def dataclasses_replace(cfg, **changes):
 
 
 def test_micro_batches_respect_the_token_budget():
-    samples = [train.Sample([1] * p, [2] * c, 0.0) for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
-    batches = train.micro_batches(samples, token_budget=30)
-    lengths = [[len(s.prompt_ids) + len(s.completion_ids) for s in b] for b in batches]
+    samples = [train.Sample([p] * p, [2] * c, 0.0) for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
+    batches = train.micro_batches(train.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
+    lengths = [[train.row_tokens(row) for row in b] for b in batches]
     # Longest first: 15 and 12 pad to 15 x 2 = 30 <= 30; a third (15 x 3 = 45) opens a new batch.
     assert lengths == [[15, 12], [5, 5, 4]]
     assert sorted(sum(lengths, [])) == sorted(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+
+
+def test_rows_share_a_prompt_within_the_budget():
+    a, b = [7] * 4, [8] * 3
+    samples = [train.Sample(a, [1] * 3, 0.0), train.Sample(b, [1] * 2, 0.0), train.Sample(a, [1] * 5, 0.0),
+               train.Sample(a, [1] * 2, 0.0), train.Sample(b, [1] * 1, 0.0)]
+    rows = train.rows_of(samples, share_prompt=True, token_budget=12)
+    # prompt a: 4 + 3 + 5 = 12 fits, + 2 would not; prompt b: 3 + 2 + 1 = 6.
+    assert [[samples.index(s) for s in row] for row in rows] == [[0, 2], [3], [1, 4]]
+    assert [train.row_tokens(row) for row in rows] == [12, 6, 6]
+    assert train.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group, agg):
+    # The packed update is the per-sequence update, to rounding: loss, metrics and gradients.
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for group in range(3):
+        prompt = torch.randint(3, 200, (4 + 3 * group,), generator=generator).tolist()
+        for i in range(4):
+            completion = torch.randint(3, 200, (1 + (5 * i + group) % 7,), generator=generator).tolist()
+            samples.append(train.Sample(prompt, completion, advantage=float(i) - 1.5,
+                                        sampler_logprobs=[-2.0] * len(completion)))
+    results = []
+    for share in (True, False):
+        policy = model_lib.load_model(tiny_dir)
+        cfg = tiny_cfg(share_prompt=share, micro_batch_tokens=40, loss_agg=agg, rollout="vllm")  # IS weights on
+        tally = train.Tally()
+        loss = next(train.backward_on_batch(policy, samples, cfg, 0, torch.device("cpu"), tally))
+        results.append((loss, tally.reduce(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (shared_loss, shared_metrics, shared_grads), (loss, metrics, grads) = results
+    assert loss != 0 and shared_loss == pytest.approx(loss, abs=1e-6)
+    assert shared_metrics == pytest.approx(metrics, abs=1e-5)
+    assert "is/weight_mean" in metrics and "entropy" in metrics
+    for name, grad in grads.items():
+        assert torch.allclose(shared_grads[name], grad, atol=1e-6), name
 
 
 def test_config_flags_presets_and_errors(capsys):
@@ -1349,6 +1479,8 @@ def dp_worker(model_dir: str, out_file: str) -> None:
         samples.append(train.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
     cfg = tiny_cfg(micro_batch_tokens=20, loss_agg=os.environ.get("AGG", "token-mean"))
     policy = model_lib.shard_model(model_lib.load_model(model_dir), torch.device("cpu"))
+    # An engine can use the trainer's parameters only where a shard is the whole tensor.
+    assert HFEngine(model_dir, load_tokenizer(model_dir)).share_weights(policy) == (world == 1)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)  # AdamW would hide a gradient off by the world size
     loss = next(train.backward_on_batch(policy, samples[rank::world], cfg, 0, torch.device("cpu"), train.Tally()))
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in policy.named_parameters()}

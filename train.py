@@ -62,7 +62,7 @@ class Config:
     data_limit: int = 0  # read at most this many records per source (0: all)
     task_weights: str = "verifiable=1,preference=1,open=1"  # share of each task in a batch
     # rollout
-    rollout: str = "auto"  # rollout engine: vllm, hf (transformers generate), or auto (vllm where installed)
+    rollout: str = "auto"  # rollout engine: vllm, hf (a sampling loop over the transformers model), or auto (vllm where installed)
     prompts_per_step: int = 3  # prompts per step across all ranks, each a group of group_size completions
     group_size: int = 4  # G: completions sampled per prompt
     temperature: float = 1.0  # sampling temperature; log-probabilities are taken at the same one
@@ -90,6 +90,7 @@ class Config:
     warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps
     max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_tokens: int = 4096  # token budget of one forward/backward (padded length x sequences)
+    share_prompt: bool = True  # run a group's prompt once, its completions packed behind it in one sequence
     activation_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     bf16: bool = True  # on CUDA: bf16 compute with fp32 master weights (CPU always runs fp32)
     max_bad_steps: int = 3  # stop after this many non-finite steps in a row
@@ -116,6 +117,7 @@ PRESETS = {
         logprob_gap_max=0.05,  # bf16 engines differ from the fp32 trainer by rounding
         judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=1000,
         micro_batch_tokens=32768, activation_checkpointing=True, save_every=50,
+        share_prompt=False,  # 8 long completions behind one prompt: the masked attention would cost more than the prompt saves
         eval_every=50, eval_limit=256, eval_max_new_tokens=2048, samples_every=10,
     ),
     # Baseline arm, stage 1: a separate referee trained on preference data alone.
@@ -370,40 +372,80 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
 # The update: micro-batches by a token budget, the GRPO loss, one optimizer step.
 
 
-def micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Pack samples, longest first, so that (padded length x sequences) stays within the budget.
+def row_tokens(row: list[Sample]) -> int:
+    """Length of a row scored as one sequence: the shared prompt, then every completion."""
+    return len(row[0].prompt_ids) + sum(len(s.completion_ids) for s in row)
 
-    Sorting by length puts sequences of similar length together, which cuts padding; a sequence
-    longer than the budget still gets a micro-batch of its own."""
+
+def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> list[list[Sample]]:
+    """The sequences the trainer runs: one per sample, or with `share_prompt` the samples of one
+    prompt packed behind it, as many per row as `token_budget` allows (a GRPO group's prompt then
+    goes through the model once instead of G times: model.shared_prompt_logprobs)."""
+    if not share_prompt:
+        return [[s] for s in samples]
+    by_prompt = {}  # prompt -> its samples, in first-seen order
+    for s in samples:
+        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+    rows = []
+    for group in by_prompt.values():
+        row = []
+        for s in group:
+            if row and row_tokens(row + [s]) > token_budget:
+                rows.append(row)
+                row = []
+            row.append(s)
+        rows.append(row)
+    return rows
+
+
+def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list[Sample]]]:
+    """Pack rows, longest first, so that (padded length x rows) stays within the budget.
+
+    Sorting by length puts rows of similar length together, which cuts padding; a row longer
+    than the budget still gets a micro-batch of its own."""
     batches, current = [], []
-    for s in sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids), reverse=True):
-        longest = len(current[0].prompt_ids) + len(current[0].completion_ids) if current else 0
-        if current and longest * (len(current) + 1) > token_budget:
+    for row in sorted(rows, key=row_tokens, reverse=True):
+        if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
             batches.append(current)
             current = []
-        current.append(s)
+        current.append(row)
     return batches + [current] if current else batches
 
 
-def collate(samples: list[Sample], pad_id: int, device: torch.device) -> dict:
-    """Right-padded [B, T] tensors; completion_mask marks the tokens the loss is taken on."""
-    length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
-    completion_mask = torch.zeros(len(samples), length)  # [B, T]
-    sampler_logprobs = torch.zeros(len(samples), length)  # [B, T]
+def collate(rows: list[list[Sample]], pad_id: int, device: torch.device, share_prompt: bool) -> dict:
+    """The tensors of one micro-batch; completion_mask marks the tokens the loss is taken on.
+
+    share_prompt: the loss layout is [S, C], completion tokens only, samples in row order (what
+    model.shared_prompt_logprobs returns), and `rows` holds (prompt, completions) per row.
+    Otherwise one right-padded full sequence per sample: input_ids etc. [B, T]."""
+    samples = [s for row in rows for s in row]
     has_sampler = all(s.sampler_logprobs is not None for s in samples)
-    for i, s in enumerate(samples):
-        p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
-        input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
-        attention_mask[i, :n] = 1
-        completion_mask[i, p:n] = 1
-        if has_sampler:
-            sampler_logprobs[i, p:n] = torch.tensor(s.sampler_logprobs)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                 advantages=torch.tensor([s.advantage for s in samples]),  # [B]
-                 sampler_logprobs=sampler_logprobs if has_sampler else None)
-    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    if share_prompt:
+        width = max(len(s.completion_ids) for s in samples)
+        completion_mask = torch.zeros(len(samples), width)  # [S, C]
+        sampler_logprobs = torch.zeros(len(samples), width)  # [S, C]
+        for i, s in enumerate(samples):
+            completion_mask[i, :len(s.completion_ids)] = 1
+            if has_sampler:
+                sampler_logprobs[i, :len(s.completion_ids)] = torch.tensor(s.sampler_logprobs)
+        batch = dict(rows=[(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows])
+    else:
+        length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
+        completion_mask = torch.zeros(len(samples), length)  # [B, T]
+        sampler_logprobs = torch.zeros(len(samples), length)  # [B, T]
+        for i, s in enumerate(samples):
+            p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
+            input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
+            attention_mask[i, :n] = 1
+            completion_mask[i, p:n] = 1
+            if has_sampler:
+                sampler_logprobs[i, p:n] = torch.tensor(s.sampler_logprobs)
+        batch = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return batch | dict(completion_mask=completion_mask.to(device),
+                        advantages=torch.tensor([s.advantage for s in samples], device=device),  # [S]
+                        sampler_logprobs=sampler_logprobs.to(device) if has_sampler else None)
 
 
 def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, device: torch.device,
@@ -415,14 +457,16 @@ def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, de
     (FSDP's collectives must match): a rank short of data runs a dummy one whose loss is scaled by 0.
     """
     world = dist.get_world_size()
-    batches = micro_batches(samples, cfg.micro_batch_tokens)
+    batches = micro_batches(rows_of(samples, cfg.share_prompt, cfg.micro_batch_tokens), cfg.micro_batch_tokens)
     num_tokens, num_seqs = all_reduce([sum(len(s.completion_ids) for s in samples), len(samples)])
     num_micro = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
     dummy = Sample([pad_id], [pad_id], 0.0)
     weights = [1.0] * len(batches) + [0.0] * (num_micro - len(batches))
-    tensors = [collate(b, pad_id, device) for b in batches + [[dummy]] * (num_micro - len(batches))]
+    tensors = [collate(b, pad_id, device, cfg.share_prompt) for b in batches + [[[dummy]]] * (num_micro - len(batches))]
 
-    def logprobs(net, mb, with_entropy=False):
+    def logprobs(net, mb, with_entropy=False):  # [S, C] or [B, T], as collate laid the micro-batch out
+        if cfg.share_prompt:
+            return model_lib.shared_prompt_logprobs(net, mb["rows"], cfg.temperature, with_entropy, device=device)[:2]
         return model_lib.completion_logprobs(net, mb["input_ids"], mb["attention_mask"], mb["completion_mask"],
                                              temperature=cfg.temperature, with_entropy=with_entropy)
 
@@ -625,6 +669,10 @@ def main(argv=None) -> int:
     rollout_dtype = torch.bfloat16 if cuda and cfg.bf16 else torch.float32
     vllm_options = dict(gpu_memory_utilization=cfg.vllm_memory, enable_sleep=cfg.vllm_sleep) if cfg.rollout == "vllm" else {}
     engine = rollout.make_engine(cfg.rollout, model_path, tokenizer, rollout_dtype, device, cfg.seed + rank, **vllm_options)
+    # At world size 1 with an fp32 engine the HF engine samples from the policy's own parameters:
+    # no second copy of the model in memory, and nothing to sync after a step. (Sharded or bf16
+    # engines keep their own copy, refreshed in step 8.)
+    shared = cfg.rollout == "hf" and engine.share_weights(policy)
     judge_engine = engine
     if cfg.referee_model:  # the baseline arm: a frozen, separately trained referee with its own engine
         referee_path = model_lib.resolve_model(cfg.referee_model)
@@ -712,7 +760,8 @@ def main(argv=None) -> int:
         # ---- 8. sync: the engine samples the next batch from the new weights --------------------
         t = time.perf_counter()
         engine.wake_up()
-        engine.load_weights(model_lib.full_state_dict(policy))
+        if not shared:  # a shared engine already sees the updated parameters
+            engine.load_weights(model_lib.full_state_dict(policy))
         seconds["sync"] = time.perf_counter() - t
         step += 1
         if guard_ids:  # refuse to sample the next batch from weights that did not arrive

@@ -3,19 +3,22 @@
     python benchmarks/bench_grpo_step.py            # defaults: the README's CPU numbers (~17 min on 2 cores)
     python benchmarks/bench_grpo_step.py --help     # every setting
 
-What it runs, each in its own subprocess (peak RSS is per process), one after the other:
+What it runs, each in its own subprocess (peak RSS is per process), alternating in --rounds:
   ours       generate (HFEngine) -> log-probs + backward (train.backward_on_batch) -> AdamW
-             (train.optimizer_step) -> sync (engine.load_weights(full_state_dict(policy)))
+             (train.optimizer_step) -> sync (none when the engine shares the policy's weights)
   trl-32     TRL GRPOTrainer, all prompts x G completions in one forward/backward
   trl-8      TRL GRPOTrainer, micro-batches of 8 (gradient accumulation over one generation batch)
-  urpo       train.py's full URPO step: all three tasks and the self-referee pass
+  urpo       train.py's full URPO step: all three tasks and the self-referee pass (after the rounds)
+Activation checkpointing is on for both frameworks by default (TRL's GRPOConfig default);
+--no-activation_checkpointing turns it off for both.
 The same prompts and the same reward feed ours and TRL. SmolLM2-135M never solves GSM8K, so a
 rule reward would be 0 everywhere and both frameworks would skip the update; the benchmark reward
 (the share of completion characters below "m") varies within every group, so every step trains.
 
 TRL lives in its own virtualenv (.venv-trl, git-ignored), created here when missing; without it
 the script says so and measures ours alone. Each config runs --warmup steps, then --steps measured
-ones; the table gives medians of the measured steps.
+ones, per round; the table gives medians over every round's measured steps and the largest peak
+RSS of a config's processes.
 """
 import argparse
 import json
@@ -41,8 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="generation budget per completion")
     p.add_argument("--micro_batch", type=int, default=8, help="sequences per forward/backward (ours: a token budget of this many longest sequences)")
     p.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (beta = 0, one update per batch)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per config")
-    p.add_argument("--steps", type=int, default=2, help="measured steps per config")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute decoder layers in backward, in both frameworks (TRL's default is on)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every config, alternating (ours, trl-32, trl-8, ours, ...)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per config and round")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per config and round")
     p.add_argument("--urpo_steps", type=int, default=2, help="train.py steps for the full URPO table (the first is the warm-up; 0: skip)")
     p.add_argument("--no_trl", action="store_true", help="measure ours alone")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: ours | trl | urpo
@@ -76,15 +82,30 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
     path = model_lib.resolve_model(args.model)
     tokenizer = model_lib.load_tokenizer(path)
     policy = model_lib.load_model(path, torch.float32)
-    model_lib.shard_model(policy, device)
+    model_lib.shard_model(policy, device, activation_checkpointing=args.activation_checkpointing)
     engine = rollout.HFEngine(path, tokenizer, torch.float32, device, seed=0)
+    shared = engine.share_weights(policy)  # as train.py does at world size 1: no second copy, no sync
     cfg = train.Config(rollout="hf", group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=args.lr)
+    # The log-probs column is the forward passes inside backward_on_batch, timed here from outside.
+    forward = {"seconds": 0.0}
+
+    def timed(function):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = function(*a, **k)
+            forward["seconds"] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    model_lib.shared_prompt_logprobs = timed(model_lib.shared_prompt_logprobs)
+    model_lib.completion_logprobs = timed(model_lib.completion_logprobs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     steps = []
     for step in range(args.warmup + args.steps):
         batch = prompts[step * args.prompts:(step + 1) * args.prompts]
         prompt_ids = [model_lib.chat_ids(tokenizer, messages) for messages in batch]
+        forward["seconds"] = 0.0
         t0 = time.perf_counter()
         groups = engine.generate(prompt_ids, args.group_size, cfg.temperature, args.max_new_tokens)
         t1 = time.perf_counter()
@@ -99,11 +120,12 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
         t2 = time.perf_counter()
         train.optimizer_step(policy, optimizer, scheduler, cfg, loss)
         t3 = time.perf_counter()
-        engine.load_weights(model_lib.full_state_dict(policy))
+        if not shared:
+            engine.load_weights(model_lib.full_state_dict(policy))
         t4 = time.perf_counter()
         tokens = sum(len(c.token_ids) for g in groups for c in g)
-        steps.append(dict(generation=t1 - t0, logprobs_backward=t2 - t1, optimizer=t3 - t2, sync=t4 - t3,
-                          step=t4 - t0, tokens=tokens))
+        steps.append(dict(generation=t1 - t0, logprobs=forward["seconds"], backward=t2 - t1 - forward["seconds"],
+                          optimizer=t3 - t2, sync=t4 - t3, step=t4 - t0, tokens=tokens))
         print(f"ours step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in steps[-1].items()), flush=True)
     return dict(steps=steps[args.warmup:], rss_gb=peak_rss_gb())
 
@@ -126,6 +148,7 @@ def run_trl(args, prompts: list[list[dict]]) -> dict:
         steps_per_generation=accumulation, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=1.0, beta=0.0, num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=1.0, use_vllm=False, use_cpu=True, bf16=False, max_steps=total,
+        gradient_checkpointing=args.activation_checkpointing,
         logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -173,7 +196,9 @@ def run_urpo(args) -> dict:
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
     train.main(["--rollout", "hf", "--steps", str(args.urpo_steps), "--prompts_per_step", str(args.prompts),
                 "--group_size", str(args.group_size), "--max_new_tokens", str(args.max_new_tokens),
-                "--lr", str(args.lr), "--samples_every", "0", "--out_dir", out_dir] + (["--model", args.model] if args.model else []))
+                "--lr", str(args.lr), "--samples_every", "0", "--out_dir", out_dir]
+               + (["--activation_checkpointing"] if args.activation_checkpointing else [])
+               + (["--model", args.model] if args.model else []))
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     return dict(steps=lines[1:] or lines, rss_gb=peak_rss_gb())
@@ -201,7 +226,8 @@ def launch(python: str, args, worker: str, extra: list[str]) -> dict | None:
                "--prompts", str(args.prompts), "--group_size", str(args.group_size),
                "--max_new_tokens", str(args.max_new_tokens), "--micro_batch", str(args.micro_batch),
                "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--urpo_steps", str(args.urpo_steps), *extra]
+               "--urpo_steps", str(args.urpo_steps),
+               "--activation_checkpointing" if args.activation_checkpointing else "--no-activation_checkpointing", *extra]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
     for line in proc.stdout:
@@ -239,27 +265,38 @@ def main(argv=None) -> int:
     if not with_trl and not args.no_trl:
         print("TRL is not available: measuring ours alone")
 
-    results = {"ours": launch(sys.executable, args, "ours", ["--prompt_file", prompt_file])}
+    configs = {"ours": (sys.executable, "ours", [])}
     if with_trl:
         per_step = args.prompts * args.group_size
         for micro in (per_step, args.micro_batch):
-            results[f"trl-{micro}"] = launch(TRL_PYTHON, args, "trl", ["--prompt_file", prompt_file, "--trl_batch", str(micro)])
+            configs[f"trl-{micro}"] = (TRL_PYTHON, "trl", ["--trl_batch", str(micro)])
+    # Rounds alternate the configs, so that a slow spell of a shared machine hits all of them alike.
+    results = {}
+    for round_ in range(args.rounds):
+        for name, (python, worker, extra) in configs.items():
+            print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
+            r = launch(python, args, worker, ["--prompt_file", prompt_file, *extra])
+            if r:
+                merged = results.setdefault(name, dict(r, steps=[]))
+                merged["steps"] += r["steps"]
+                merged["rss_gb"] = max(merged["rss_gb"], r["rss_gb"])
     if args.urpo_steps:
         results["urpo"] = launch(sys.executable, args, "urpo", [])
 
     print(f"\nGRPO step: {args.prompts} prompts x {args.group_size} samples x <= {args.max_new_tokens} new tokens, "
-          f"float32, beta 0, HF generation; median of {args.steps} steps after {args.warmup} warm-up"
+          f"float32, beta 0, HF generation, activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"median of {args.steps} step(s) after {args.warmup} warm-up, in each of {args.rounds} alternating rounds"
           "\n(TRL's generation column also holds its reward and advantage computation)")
-    print("| config | s/step | generation | log-probs+backward | optimizer | sync | peak RSS GB | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | s/step | generation | log-probs | backward | optimizer | sync | peak RSS GB | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if name == "urpo" or not r:
             continue
         cells = [f"{median(r['steps'], k):.1f}" if k in r["steps"][0] else "-"
-                 for k in ("step", "generation", "logprobs_backward", "optimizer", "sync")]
+                 for k in ("step", "generation", "logprobs", "backward", "optimizer", "sync")]
         tokens_per_s = sum(s["tokens"] for s in r["steps"]) / sum(s["step"] for s in r["steps"])
         print(f"| {name} | " + " | ".join(cells) + f" | {r['rss_gb']:.1f} | {tokens_per_s:.0f} |")
-    ours = results["ours"]
+    ours = results.get("ours")
     for name, r in results.items():
         if name.startswith("trl") and r and ours:
             print(f"ours / {name}: time {median(ours['steps'], 'step') / median(r['steps'], 'step'):.2f}x, "
