@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group_size", type=int, default=4, help="G: completions per prompt")
     p.add_argument("--max_new_tokens", type=int, default=64, help="generation budget per completion")
-    p.add_argument("--micro_batch", type=int, default=8, help="sequences per forward/backward (ours: a token budget of this many longest sequences)")
+    p.add_argument("--micro_batch", type=int, default=8, help="completions per forward/backward (ours: the token budget of micro_batch / G of the longest groups, each packed behind its prompt)")
     p.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (beta = 0, one update per batch)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute decoder layers in backward, in both frameworks (TRL's default is on)")
@@ -113,8 +113,10 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
         for ids, completions in zip(prompt_ids, groups):
             adv = group_advantages(torch.tensor([reward_fn(c.text) for c in completions]), args.group_size)  # [G]
             samples += [train.Sample(ids, list(c.token_ids), float(a)) for c, a in zip(completions, adv) if c.token_ids]
-        # A token budget of micro_batch x the longest sequence: at least micro_batch sequences each.
-        cfg.micro_batch_tokens = args.micro_batch * max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        # micro_batch completions per forward/backward, as TRL's micro-batches: the token budget of
+        # micro_batch / G groups of the longest (a group is one packed row: train.rows_of).
+        rows = train.rows_of(samples, cfg.share_prompt, token_budget=10**9)
+        cfg.micro_batch_tokens = max(1, args.micro_batch // args.group_size) * max(map(train.row_tokens, rows))
         policy.train()
         loss = next(train.backward_on_batch(policy, samples, cfg, tokenizer.pad_token_id, device, train.Tally()))
         t2 = time.perf_counter()
