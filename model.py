@@ -9,12 +9,14 @@ One LLM plays both roles (player and referee), so everything here is role-agnost
 - `load_tokenizer` / `load_model` / `chat_ids` load the pair and render chat prompts.
 - `completion_logprobs` is the trainer's side of GRPO's ratio: log p_T(token | prefix) at the
   sampling temperature T for completion tokens only, computed without ever holding the
-  [batch, seq, vocab] logits.
+  [batch, seq, vocab] logits; `shared_prompt_logprobs` does the same for a group's completions
+  packed behind their prompt, which then runs once instead of G times.
 - `export_hf` writes a plain HF folder (what `from_pretrained` and vLLM load): the final model,
   and any checkpoint exported by hand.
 
 train.py builds its policy (and, with `kl_coef` > 0, a frozen reference) from these;
-rollout.py's engines load their own unsharded copy of the same folder.
+rollout.py's engines load their own unsharded copy of the same folder (or, at world size 1,
+share the policy's parameters).
 """
 
 import importlib.util

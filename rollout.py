@@ -10,8 +10,10 @@ interchangeable:
     engine.sleep() / engine.wake_up() / engine.close()   # GPU memory (vLLM); no-ops for HF
 
 An engine holds its own unsharded copy of the model, refreshed through `load_weights`, so
-generation never runs inside FSDP's collectives. Player prompts and referee prompts go through
-the same call: one GRPO group is the n completions of one prompt.
+generation never runs inside FSDP's collectives; at world size 1 the HF engine can instead
+use the trainer's own parameters (`HFEngine.share_weights`: no copy, no sync). Player prompts
+and referee prompts go through the same call: one GRPO group is the n completions of one
+prompt, and the HF engine prefills that prompt once for all n.
 
 `self_judge` is URPO's self-referee pass for open instructions: each group of answers is shown
 to a referee (the policy's own engine, or a frozen one for the baseline arm) in M random
@@ -59,7 +61,8 @@ class HFEngine:
     - pure temperature sampling (no top-k, top-p or repetition penalty), so the sampled
       distribution is exactly the one the trainer scores.
 
-    `max_batch` bounds the sequences decoded together (prompts x n), hence memory. Sampling is
+    `max_batch` bounds the sequences decoded together (prompts x n, but at least one prompt's n),
+    hence memory. Sampling is
     deterministic for a seed and a sequence of calls, and leaves torch's global random state
     untouched; `rng` (a random.Random) is the engine's whole random state, for checkpoints.
     The engine holds its own copy of the model (`load_weights` refreshes it) unless

@@ -99,7 +99,7 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
 
     model_lib.shared_prompt_logprobs = timed(model_lib.shared_prompt_logprobs)
     model_lib.completion_logprobs = timed(model_lib.completion_logprobs)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # as train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     steps = []
     for step in range(args.warmup + args.steps):
