@@ -1902,6 +1902,34 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                                             {"mixed": sets["gsm8k"] + sets["hh"]}, 4)
 
 
+# ---------------------------------------------------------------------------------------------
+# benchmarks/: the scripts run end to end on tiny settings (their numbers go in notes, not tests)
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_grpo_step_prints_its_table(tiny_dir):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_grpo_step.py", "--model", tiny_dir, "--no_trl", "--prompts", "2",
+         "--group_size", "2", "--max_new_tokens", "4", "--micro_batch", "2", "--rounds", "2", "--warmup", "0",
+         "--steps", "1", "--urpo_steps", "0"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| ours |"))
+    cells = [float(cell) for cell in row.strip("|").split("|")[1:]]  # s/step ... tokens/s
+    step, generation, logprobs, backward, optimizer, sync, rss, tokens_per_s = cells
+    assert step > 0 and min(generation, logprobs, backward, optimizer) >= 0 and rss > 0 and tokens_per_s > 0
+    assert sync == 0.0  # the engine shares the policy's weights: nothing to copy
+    assert result.stdout.count("ours step 0") == 2  # one measured step in each of 2 rounds
+
+
+def test_bench_mfu_runs_the_trainer_path():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_mfu.py", "--shape", "tiny", "--batch", "2", "--seq", "32",
+         "--warmup", "1", "--steps", "2", "--activation_checkpointing"],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"tiny: 0\.000B parameters, batch 2 x seq 32 per rank, 1 rank\(s\) on cpu, "
+                     r"activation checkpointing on: [0-9.]+ s/step .* MFU [0-9.]+% of 9\.89e\+14", result.stdout), result.stdout
+
+
 # ==============================================================================================
 # rollout.py: the vLLM engine (marked vllm: run in .venv-vllm)
 # ==============================================================================================

@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         cells = [f"{median(r['steps'], k):.1f}" if k in r["steps"][0] else "-"
                  for k in ("step", "generation", "logprobs", "backward", "optimizer", "sync")]
         tokens_per_s = sum(s["tokens"] for s in r["steps"]) / sum(s["step"] for s in r["steps"])
-        print(f"| {name} | " + " | ".join(cells) + f" | {r['rss_gb']:.1f} | {tokens_per_s:.0f} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {r['rss_gb']:.2f} | {tokens_per_s:.0f} |")
     ours = results.get("ours")
     for name, r in results.items():
         if name.startswith("trl") and r and ours:
