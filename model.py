@@ -10,7 +10,7 @@ One LLM plays both roles (player and referee), so everything here is role-agnost
 - `completion_logprobs` is the trainer's side of GRPO's ratio: log p_T(token | prefix) at the
   sampling temperature T for completion tokens only, computed without ever holding the
   [batch, seq, vocab] logits; `shared_prompt_logprobs` does the same for a group's completions
-  packed behind their prompt, which then runs once instead of G times.
+  packed behind their prompt (`pack_rows`), which then runs once instead of G times.
 - `export_hf` writes a plain HF folder (what `from_pretrained` and vLLM load): the final model,
   and any checkpoint exported by hand.
 
@@ -205,15 +205,8 @@ def completion_logprobs(
             zeros.index_put((rows, cols + 1), entropy) if with_entropy else None)
 
 
-def shared_prompt_logprobs(
-    model,
-    rows: list[tuple[list[int], list[list[int]]]],
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_size: int = 256,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Log-probabilities of completions that share a prompt, running each prompt once.
+def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.device | str = "cpu") -> dict:
+    """Lay out completions that share a prompt for `shared_prompt_logprobs`, once per micro-batch.
 
     A GRPO group is G completions of one prompt; scored one sequence per completion, the prompt
     goes through the model G times. Here each row (prompt, [completion, ...]) becomes one packed
@@ -224,15 +217,16 @@ def shared_prompt_logprobs(
     G x P + sum(C). (The masked-out blocks still cost attention FLOPs; with completions much
     longer than their prompt, one completion per row is cheaper.)
 
-    Returns, with S completions in row order and C the longest completion: `logprobs` [S, C]
-    (0 past a completion's end), `entropy` [S, C] (detached) or None, and the completion mask
-    [S, C]. Needs an attention implementation that takes a custom mask (sdpa or eager).
+    Returns tensors on `device`: input_ids, position_ids [R, L]; `allowed` [R, 1, L, L] (query
+    may attend key); per scored token n: src_rows, src_cols (the hidden state that predicts it),
+    targets, dst_rows, dst_cols (its place in the [S, C] output); and completion_mask [S, C],
+    with S completions in row order and C the longest completion.
     """
     length = max(len(prompt) + sum(map(len, completions)) for prompt, completions in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L], right padding
     position_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L]
     segment = torch.full((len(rows), length), -1)  # [R, L]: 0 prompt, i completion i, -1 padding
-    src_rows, src_cols, dst_rows, dst_cols, targets = [], [], [], [], []
+    index = {name: [] for name in ("src_rows", "src_cols", "targets", "dst_rows", "dst_cols")}
     sample = 0
     for r, (prompt, completions) in enumerate(rows):
         p = len(prompt)
@@ -244,29 +238,38 @@ def shared_prompt_logprobs(
             position_ids[r, start:start + c] = torch.arange(p, p + c)
             segment[r, start:start + c] = i
             # completion token j is predicted from the prompt's last token (j = 0), else from token j - 1
-            src_rows += [r] * c
-            src_cols += [p - 1] + list(range(start, start + c - 1))
-            dst_rows += [sample] * c
-            dst_cols += list(range(c))
-            targets += completion
+            index["src_rows"] += [r] * c
+            index["src_cols"] += [p - 1] + list(range(start, start + c - 1))
+            index["targets"] += completion
+            index["dst_rows"] += [sample] * c
+            index["dst_cols"] += list(range(c))
             start += c
             sample += 1
     causal = torch.ones(length, length, dtype=torch.bool).tril()  # [L, L]
     same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # [R, L, L]: own segment or prompt
     allowed = causal & same & (segment[:, None, :] >= 0)  # [R, L, L]; query q may attend key k
     allowed |= torch.eye(length, dtype=torch.bool)  # padding queries attend themselves (no empty softmax, no NaN)
-    attention_mask = _custom_mask(model, allowed[:, None])  # [R, 1, L, L]
-
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    logprobs, entropy = score_tokens(
-        model, input_ids.to(device), attention_mask.to(device), position_ids.to(device),
-        as_tensor(src_rows), as_tensor(src_cols), as_tensor(targets), temperature, with_entropy, chunk_size)  # [N]
     longest = max((len(c) for _, completions in rows for c in completions), default=0)
-    zeros = torch.zeros(sample, longest, dtype=torch.float32, device=device)  # [S, C]
-    where = (as_tensor(dst_rows), as_tensor(dst_cols))
-    completion_mask = zeros.index_put(where, torch.ones(len(targets), device=device))  # [S, C]
-    return (zeros.index_put(where, logprobs), zeros.index_put(where, entropy) if with_entropy else None,
-            completion_mask)
+    completion_mask = torch.zeros(sample, longest)  # [S, C]
+    completion_mask[index["dst_rows"], index["dst_cols"]] = 1
+    packed = dict(input_ids=input_ids, position_ids=position_ids, allowed=allowed[:, None],
+                  completion_mask=completion_mask) | {name: torch.tensor(values, dtype=torch.long)
+                                                       for name, values in index.items()}
+    return {name: tensor.to(device) for name, tensor in packed.items()}
+
+
+def shared_prompt_logprobs(model, packed: dict, temperature: float = 1.0, with_entropy: bool = False,
+                           chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of completions that share a prompt (laid out by `pack_rows`), each
+    prompt run once: `logprobs` [S, C] (0 past a completion's end) and `entropy` [S, C]
+    (detached) or None. Needs an attention implementation that takes a custom mask (sdpa or eager).
+    """
+    logprobs, entropy = score_tokens(
+        model, packed["input_ids"], _custom_mask(model, packed["allowed"]), packed["position_ids"],
+        packed["src_rows"], packed["src_cols"], packed["targets"], temperature, with_entropy, chunk_size)  # [N]
+    zeros = torch.zeros(packed["completion_mask"].shape, dtype=torch.float32, device=logprobs.device)  # [S, C]
+    where = (packed["dst_rows"], packed["dst_cols"])
+    return zeros.index_put(where, logprobs), (zeros.index_put(where, entropy) if with_entropy else None)
 
 
 def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
@@ -276,7 +279,8 @@ def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+        return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(model.dtype).min)
     raise ValueError(f"scoring completions with a shared prompt needs a custom attention mask, which "
                      f"attn_implementation {implementation!r} does not take: load the model with sdpa or "
                      f"eager attention, or turn share_prompt off")

@@ -963,7 +963,9 @@ def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     weights = torch.randn(len(pairs), 6)  # an arbitrary loss over the [S, C] layout
 
     model.zero_grad()
-    logp, entropy, mask = model_lib.shared_prompt_logprobs(model, rows, 0.8, with_entropy=True, chunk_size=5)
+    packed = model_lib.pack_rows(rows)
+    mask = packed["completion_mask"]
+    logp, entropy = model_lib.shared_prompt_logprobs(model, packed, 0.8, with_entropy=True, chunk_size=5)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -1384,7 +1386,7 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
         row = batch_tensors["completion_mask"][i]
         assert row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0 and row[len(s.prompt_ids)] == 1
     packed = train.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)  # one prompt, 3 samples
-    assert packed["rows"] == [(samples[0].prompt_ids, [s.completion_ids for s in samples[:3]])]
+    assert packed["input_ids"][0].tolist() == samples[0].prompt_ids + sum((s.completion_ids for s in samples[:3]), [])
     assert packed["completion_mask"].sum(1).tolist() == [len(s.completion_ids) for s in samples[:3]]
     metrics = tally.reduce()
     assert metrics["referee/invalid_rate/open"] == 0.0

@@ -416,20 +416,18 @@ def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list
 def collate(rows: list[list[Sample]], pad_id: int, device: torch.device, share_prompt: bool) -> dict:
     """The tensors of one micro-batch; completion_mask marks the tokens the loss is taken on.
 
-    share_prompt: the loss layout is [S, C], completion tokens only, samples in row order (what
-    model.shared_prompt_logprobs returns), and `rows` holds (prompt, completions) per row.
+    share_prompt: the rows packed by model.pack_rows, and the loss layout is [S, C], completion
+    tokens only, samples in row order (what model.shared_prompt_logprobs returns).
     Otherwise one right-padded full sequence per sample: input_ids etc. [B, T]."""
     samples = [s for row in rows for s in row]
     has_sampler = all(s.sampler_logprobs is not None for s in samples)
     if share_prompt:
-        width = max(len(s.completion_ids) for s in samples)
-        completion_mask = torch.zeros(len(samples), width)  # [S, C]
-        sampler_logprobs = torch.zeros(len(samples), width)  # [S, C]
-        for i, s in enumerate(samples):
-            completion_mask[i, :len(s.completion_ids)] = 1
-            if has_sampler:
-                sampler_logprobs[i, :len(s.completion_ids)] = torch.tensor(s.sampler_logprobs)
-        batch = dict(rows=[(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows])
+        batch = model_lib.pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows], device)
+        completion_mask = batch["completion_mask"]  # [S, C]
+        sampler_logprobs = torch.zeros(completion_mask.shape, device=device)  # [S, C]
+        if has_sampler:  # the scored tokens come in sample order, as the samples' log-probs
+            sampler_logprobs[batch["dst_rows"], batch["dst_cols"]] = torch.tensor(
+                [lp for s in samples for lp in s.sampler_logprobs], device=device)
     else:
         length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
         input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
@@ -487,7 +485,7 @@ def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, de
 
     def logprobs(net, mb, with_entropy=False):  # [S, C] or [B, T], as collate laid the micro-batch out
         if cfg.share_prompt:
-            return model_lib.shared_prompt_logprobs(net, mb["rows"], cfg.temperature, with_entropy, device=device)[:2]
+            return model_lib.shared_prompt_logprobs(net, mb, cfg.temperature, with_entropy)
         return model_lib.completion_logprobs(net, mb["input_ids"], mb["attention_mask"], mb["completion_mask"],
                                              temperature=cfg.temperature, with_entropy=with_entropy)
 
