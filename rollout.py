@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from data import referee_prompt
-from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
+from model import chat_ids, completion_logprobs, load_full_state_dict, load_model, release_freed_memory
 from reward import parse_ranking, self_rewards, to_original
 
 
@@ -103,6 +103,7 @@ class HFEngine:
             torch.manual_seed(self.rng.getrandbits(63))
             for start in range(0, len(prompt_ids), per_batch):
                 groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
+        release_freed_memory(self.device)  # the KV caches are gone: give their pages back before training
         return groups
 
     def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,

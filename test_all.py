@@ -942,6 +942,44 @@ def test_completion_logprobs_rejects_bad_input():
     assert empty.shape == (3, 12) and (empty == 0).all() and empty.requires_grad
 
 
+def test_output_layer_backward_with_a_bias_untied_and_in_bf16():
+    # The output layer's backward is written by hand (_OutputLayerLogprobs): check it where the
+    # tiny model's tied, bias-free layer would not, an untied layer with a bias, and in bf16.
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    torch.manual_seed(4)
+    model.lm_head = torch.nn.Linear(64, len(tokenizer), bias=True)  # untied from the embeddings
+    batch = scoring_batch(len(tokenizer))
+    weights = torch.randn(3, 12)
+    logp, entropy = completion_logprobs(model, *batch, temperature=0.9, with_entropy=True, chunk_size=3)
+    (logp * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    naive_logp, naive_entropy = naive_logprobs(model, *batch, 0.9)
+    (naive_logp * weights).sum().backward()
+    assert torch.allclose(logp, naive_logp, atol=1e-5) and torch.allclose(entropy, naive_entropy, atol=1e-5)
+    assert grads["lm_head.bias"].abs().max() > 0
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-5), name
+
+    model.zero_grad()
+    naive_logprobs(model, *batch, 0.9)[0].sum().backward()  # the float32 gradient of a plain sum, to compare bf16 against
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.to(torch.bfloat16).zero_grad()
+    low, _ = completion_logprobs(model, *batch, temperature=0.9, chunk_size=3)
+    low.sum().backward()
+    assert low.dtype == torch.float32  # the softmax runs in float32 whatever the weights
+    assert torch.allclose(low, naive_logp.detach(), atol=0.1)
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == torch.bfloat16, name
+        scale = reference[name].abs().max()
+        assert (param.grad.float() - reference[name]).abs().max() <= 0.1 * scale + 1e-3, name
+
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(64, len(tokenizer)))
+    with pytest.raises(ValueError, match="linear output layer"):
+        completion_logprobs(model.float(), *batch)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     # Each prompt runs once with its completions packed behind it; values, entropies and
@@ -1451,6 +1489,35 @@ def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group,
     assert "is/weight_mean" in metrics and "entropy" in metrics
     for name, grad in grads.items():
         assert torch.allclose(shared_grads[name], grad, atol=1e-6), name
+
+
+def test_backward_on_batch_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
+    # With one update per batch the ratio is 1, so the token-mean GRPO loss has the gradient of
+    # -sum(A_b * logp_bt) / tokens; several micro-batches (and gradient buffers made before the
+    # first backward) must add up to exactly that.
+    generator = torch.Generator().manual_seed(5)
+    samples = [train.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
+                            torch.randint(3, 200, (2 + i % 3,), generator=generator).tolist(), advantage=1.0 - i / 2)
+               for i in range(5)]
+    policy = model_lib.load_model(tiny_dir)
+    cfg = tiny_cfg(micro_batch_tokens=20, share_prompt=False)
+    assert len(train.micro_batches(train.rows_of(samples, False, 20), 20)) > 1
+    next(train.backward_on_batch(policy, samples, cfg, 0, torch.device("cpu"), train.Tally()))
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    input_ids = torch.zeros(len(samples), width, dtype=torch.long)
+    attention_mask, completion_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for i, s in enumerate(samples):
+        p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
+        input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
+        attention_mask[i, :n], completion_mask[i, p:n] = 1, 1
+    logp, _ = naive_logprobs(policy, input_ids, attention_mask, completion_mask, cfg.temperature)
+    advantages = torch.tensor([s.advantage for s in samples])
+    (-(advantages[:, None] * logp).sum() / completion_mask.sum()).backward()
+    for name, param in policy.named_parameters():
+        assert param.grad.abs().max() > 0
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_config_flags_presets_and_errors(capsys):
