@@ -1518,6 +1518,10 @@ def test_backward_on_batch_leaves_the_gradient_of_the_loss(tiny_dir, process_gro
     for name, param in policy.named_parameters():
         assert param.grad.abs().max() > 0
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # Nothing to train on: no gradient at all, so the optimizer step (momentum included) is a no-op.
+    policy.zero_grad(set_to_none=True)
+    assert next(train.backward_on_batch(policy, [], cfg, 0, torch.device("cpu"), train.Tally())) == 0
+    assert all(param.grad is None for param in policy.parameters())
 
 
 def test_config_flags_presets_and_errors(capsys):

@@ -479,8 +479,8 @@ def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, de
         # allocated inside the first backward, between its short-lived tensors, they fragment the
         # CPU heap, and the benchmark step's peak RSS was 0.2-0.3 GB higher.
         for param in model.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
+            if num_micro and param.requires_grad and param.grad is None:  # no rank has data: stay None,
+                param.grad = torch.zeros_like(param)  # so that the optimizer step leaves the weights alone
         local_loss = 0.0
         for mb, weight in zip(tensors, weights):
             logp, entropy = logprobs(model, mb, with_entropy=update == 0)  # [B, T], [B, T]

@@ -1,6 +1,6 @@
 """One GRPO step, ours against TRL's GRPOTrainer, on this machine, at identical settings.
 
-    python benchmarks/bench_grpo_step.py            # defaults: the README's CPU numbers (~17 min on 2 cores)
+    python benchmarks/bench_grpo_step.py            # defaults: the README's CPU numbers (~25 min on 2 cores)
     python benchmarks/bench_grpo_step.py --help     # every setting
 
 What it runs, each in its own subprocess (peak RSS is per process), alternating in --rounds:
