@@ -103,7 +103,7 @@ class HFEngine:
             torch.manual_seed(self.rng.getrandbits(63))
             for start in range(0, len(prompt_ids), per_batch):
                 groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
-        release_freed_memory(self.device)  # the KV caches are gone: give their pages back before training
+        release_freed_memory(self.device)  # the KV caches are gone: give their pages back to the OS
         return groups
 
     def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,
