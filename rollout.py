@@ -62,9 +62,8 @@ class HFEngine:
       distribution is exactly the one the trainer scores.
 
     `max_batch` bounds the sequences decoded together (prompts x n, but at least one prompt's n),
-    hence memory. Sampling is
-    deterministic for a seed and a sequence of calls, and leaves torch's global random state
-    untouched; `rng` (a random.Random) is the engine's whole random state, for checkpoints.
+    hence memory. Sampling is deterministic for a seed and a sequence of calls, and leaves
+    torch's global random state untouched; `rng` (a random.Random) is the engine's whole random state, for checkpoints.
     The engine holds its own copy of the model (`load_weights` refreshes it) unless
     `share_weights` made it use the trainer's parameters.
     """
