@@ -63,9 +63,9 @@ class HFEngine:
 
     `max_batch` bounds the sequences decoded together (prompts x n, but at least one prompt's n),
     hence memory. Sampling is deterministic for a seed and a sequence of calls, and leaves
-    torch's global random state untouched; `rng` (a random.Random) is the engine's whole random state, for checkpoints.
-    The engine holds its own copy of the model (`load_weights` refreshes it) unless
-    `share_weights` made it use the trainer's parameters.
+    torch's global random state untouched; `rng` (a random.Random) is the engine's whole random
+    state, for checkpoints. The engine holds its own copy of the model (`load_weights` refreshes
+    it) unless `share_weights` made it use the trainer's parameters.
     """
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
