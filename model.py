@@ -167,7 +167,11 @@ class _OutputLayerLogprobs(torch.autograd.Function):
         grad_h = grad_z W,   grad_W += grad_z^T h,   grad_b += sum of grad_z over positions
 
     all in place: the chunk's log-softmax becomes p, then grad_z, in its own buffer, and every
-    chunk adds its weight gradient into one [V, H] buffer (addmm_). Autograd through a
+    chunk adds its weight gradient, a float32 product of the float32 grad_z, into one [V, H]
+    float32 buffer, cast to the weight's dtype once at the end. Under bf16 compute a bf16
+    running sum would round once per chunk (~128 times for a 32k-token micro-batch); this way
+    the result is rounded once, as plain autograd's is, from a more exact sum (train.py lets
+    CUDA run these float32 products on TF32 tensor cores). Autograd through a
     checkpointed chunk instead holds logits, log-softmax and their gradients (4 x [chunk, V]) and
     a fresh [V, H] gradient per chunk plus their running sum. On SmolLM2-135M (V = 49152, the
     benchmark's step) the backward's peak of live tensors above weights and AdamW state went from
@@ -188,14 +192,15 @@ class _OutputLayerLogprobs(torch.autograd.Function):
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         entropy = torch.cat(entropy)
         ctx.mark_non_differentiable(entropy)
-        return torch.cat(logprobs), entropy
+        return torch.cat([hidden.new_zeros(0, dtype=torch.float32), *logprobs]), entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         T, chunk_size = ctx.temperature, ctx.chunk_size
         grad_hidden = torch.empty_like(hidden)  # [N, H]
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # [V, H]
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)  # [V, H], float32 whatever the weights
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
         for start in range(0, len(targets), chunk_size):
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]  # [n, H], [n]
@@ -204,11 +209,12 @@ class _OutputLayerLogprobs(torch.autograd.Function):
             grad_z[torch.arange(len(t), device=t.device), t] += g.squeeze(1)  # + g onehot(t) / T
             if grad_bias is not None:
                 grad_bias += grad_z.sum(dim=0)
+            if grad_weight is not None:  # float32 product and sum: no rounding of grad_z or per chunk
+                grad_weight.addmm_(grad_z.T, h.float())  # [V, H] += [V, n] @ [n, H]
             grad_z = grad_z.to(weight.dtype)  # a no-op in float32; bf16 matmuls under mixed precision
             grad_hidden[start:start + chunk_size] = grad_z @ weight  # [n, H]
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_z.T, h)  # [V, H] += [V, n] @ [n, H]
             del grad_z  # free this chunk's buffer before the next one is allocated
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
@@ -362,15 +368,16 @@ def score_tokens(model, input_ids, attention_mask, position_ids, src_rows, src_c
     finally:
         hook.remove()
     hidden = captured["hidden"]  # [B, T, H]
-    if len(targets) == 0:  # nothing to score (e.g. an empty micro-batch of a rank)
-        # keep the graph connected so every rank runs the same backward
-        empty = torch.zeros(0, dtype=torch.float32, device=input_ids.device)
-        return empty + 0.0 * hidden.sum(), (empty.clone() if with_entropy else None)
     if not isinstance(output_layer, torch.nn.Linear):
         raise ValueError(f"scoring needs a linear output layer, got {type(output_layer).__name__}")
     hidden_scored = hidden[src_rows, src_cols]  # [N, H]
     logprobs, entropy = _OutputLayerLogprobs.apply(hidden_scored, output_layer.weight, output_layer.bias,
                                                    targets, temperature, chunk_size, with_entropy)  # [N], [N] or [0]
+    if len(targets) == 0:  # nothing to score (e.g. a rank's padding micro-batch): N = 0
+        # Every parameter must still get a (zero) gradient, so that FSDP2 reduce-scatters the same
+        # tensors on every rank: the output layer gets one through the empty call above (a zero
+        # [V, H] buffer), the decoder through this term.
+        logprobs = logprobs + 0.0 * hidden.sum()
     return logprobs, (entropy if with_entropy else None)
 
 
