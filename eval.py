@@ -10,7 +10,9 @@
 
 Referee and judge verdicts use the referee template of training; one that does not parse counts
 0.5 (a coin flip) and shows in `invalid_rate`: a judge that never follows the format gives 0.5
-and a 50% win rate with invalid_rate 1.0, not a crash.
+and a 50% win rate with invalid_rate 1.0, not a crash. An item whose prompt and token budget do
+not fit in the engine's context is not generated: it is kept as a `skipped` item, left out of
+the metrics and counted in `skipped_long_prompts`.
 Every evaluator takes an engine (anything with rollout.HFEngine's `generate`) and a tokenizer, so
 the same code serves this command and `evaluate_during_training`, which train.py calls every
 --eval_every steps with its live engine.
@@ -48,7 +50,7 @@ from tqdm import tqdm
 from data import DataError, load_with_counts, player_prompt, referee_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
 from reward import math_rewards, parse_ranking, ranking_reward, to_original
-from rollout import make_engine
+from rollout import fits, make_engine
 
 # RewardBench v1 sections (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
 SECTIONS = {
@@ -109,6 +111,15 @@ def section_scores(accuracy: dict[str, float], counts: dict[str, int]) -> dict[s
     return scores
 
 
+SKIPPED = "prompt and token budget over the engine's context"
+
+
+def scored(items: list[dict]) -> tuple[list[dict], int]:
+    """The items that were generated, and how many were skipped as too long for the context."""
+    kept = [item for item in items if not item.get("skipped")]
+    return kept, len(items) - len(kept)
+
+
 def referee_metrics(items: list[dict]) -> dict[str, float]:
     """Referee metrics from judged pairs. Each item holds `gold` (original indices, best first),
     `orders` (the shown order of the two passes: a seeded random one, then its reverse) and
@@ -120,6 +131,7 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
     gold-best answer is shown first/last, `prefers_first_shown` how often a valid verdict picks
     the first shown answer (0.5 for an unbiased referee on shuffled pairs).
     """
+    items, skipped = scored(items)
     first_pass = defaultdict(list)
     for item in items:
         first_pass[item["subset"]].append(verdict_score(item["rankings"][0], item["gold"]))
@@ -146,13 +158,14 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
         accuracy_chosen_second=mean(shown_last),
         prefers_first_shown=mean(first_picked),
         invalid_rate=mean(r is None for item in items for r in item["rankings"]),
-        n=len(items))
+        n=len(items), skipped_long_prompts=skipped)
     return metrics
 
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
     """Accuracy (pass@1: the mean reward over each problem's samples, then over problems), per
     subject and level where the data has them, and the share of answers cut by the token limit."""
+    items, skipped = scored(items)
     metrics = {"accuracy": mean(mean(item["rewards"]) for item in items)}
     for key in ("subject", "level"):
         groups = defaultdict(list)
@@ -161,7 +174,8 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
                 groups[item[key]].append(mean(item["rewards"]))
         metrics.update({f"{key}/{name}": mean(v) for name, v in sorted(groups.items(), key=str)})
     metrics.update(truncation_rate=mean(t for item in items for t in item["truncated"]),
-                   mean_tokens=mean(n for item in items for n in item["tokens"]), n=len(items))
+                   mean_tokens=mean(n for item in items for n in item["tokens"]), n=len(items),
+                   skipped_long_prompts=skipped)
     return metrics
 
 
@@ -170,6 +184,7 @@ def instruction_metrics(items: list[dict]) -> dict[str, float]:
     the reference's (candidates [output, reference], so gold [0, 1] means "the model wins"); a
     verdict is 1 win, 0 loss, 0.5 invalid; the preference is the mean of the two verdicts and the
     win rate the mean preference x 100. Lengths in characters, as alpaca_eval's `avg_length`."""
+    items, skipped = scored(items)
     preferences = [mean(verdict_score(r, [0, 1]) for r in item["rankings"]) for item in items]
     return dict(
         win_rate=mean(preferences) * 100,
@@ -177,10 +192,10 @@ def instruction_metrics(items: list[dict]) -> dict[str, float]:
         n_losses=sum(p < 0.5 for p in preferences),
         n_draws=sum(p == 0.5 for p in preferences),
         invalid_rate=mean(r is None for item in items for r in item["rankings"]),
-        avg_length=int(mean(len(item["output"]) for item in items)),
-        reference_avg_length=int(mean(len(item["reference"]) for item in items)),
+        avg_length=int(mean(len(item["output"]) for item in items)) if items else 0,
+        reference_avg_length=int(mean(len(item["reference"]) for item in items)) if items else 0,
         truncation_rate=mean(item["truncated"] for item in items),
-        n=len(items))
+        n=len(items), skipped_long_prompts=skipped)
 
 
 def annotation_win_rate(annotations: list[dict]) -> dict[str, float]:
@@ -211,14 +226,28 @@ def annotation_win_rate(annotations: list[dict]) -> dict[str, float]:
 
 
 # =========================================================================== model-driven passes
+def generate_fitting(engine, prompts: list[list[int]], n: int, temperature: float,
+                     max_new_tokens: int) -> list:
+    """engine.generate for the prompts that fit in the engine's context with max_new_tokens;
+    None in place of the others (vLLM would reject them, and a cut answer is no answer)."""
+    fitting = [i for i, ids in enumerate(prompts) if fits(engine, ids, max_new_tokens)]
+    outputs = engine.generate([prompts[i] for i in fitting], n=n, temperature=temperature,
+                              max_new_tokens=max_new_tokens) if fitting else []
+    results = [None] * len(prompts)
+    for i, output in zip(fitting, outputs):
+        results[i] = output
+    return results
+
+
 def referee_verdicts(engine, tokenizer, conversations, candidates, orders,
-                     max_new_tokens) -> list[tuple]:
+                     max_new_tokens) -> list[tuple | None]:
     """One greedy referee verdict per (conversation, candidates, shown order), with the referee
-    template of training: (ranking in original indices or None if invalid, generated text)."""
+    template of training: (ranking in original indices or None if invalid, generated text), or
+    None where the prompt did not fit in the engine's context."""
     prompts = [chat_ids(tokenizer, referee_prompt(messages, responses, order))
                for messages, responses, order in zip(conversations, candidates, orders)]
-    outputs = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    return [(to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
+    outputs = generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)
+    return [None if out is None else (to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
             for out, order in zip(outputs, orders)]
 
 
@@ -233,25 +262,37 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed) -> list[dict
     twice = [record for record in records for _ in range(2)]
     verdicts = referee_verdicts(engine, tokenizer, [r["messages"] for r in twice],
                                 [r["responses"] for r in twice], orders, max_new_tokens)
-    return [dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
-                 orders=orders[2 * i:2 * i + 2],
-                 rankings=[ranking for ranking, _ in verdicts[2 * i:2 * i + 2]],
-                 texts=[text for _, text in verdicts[2 * i:2 * i + 2]])
-            for i, r in enumerate(records)]
+    items = []
+    for i, r in enumerate(records):
+        item = dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
+                    orders=orders[2 * i:2 * i + 2])
+        pair = verdicts[2 * i:2 * i + 2]
+        if None in pair:
+            items.append(item | dict(skipped=SKIPPED))
+            continue
+        items.append(item | dict(rankings=[ranking for ranking, _ in pair],
+                                 texts=[text for _, text in pair]))
+    return items
 
 
 def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, temperature=0.0):
     """Answer each problem with the player template (greedy, or `samples` draws at
     `temperature`) and check every answer with math_reward."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
-    outputs = engine.generate(prompts, n=samples, temperature=temperature if samples > 1 else 0.0,
-                              max_new_tokens=max_new_tokens)
-    return [dict(id=r["id"], subject=r["meta"].get("subject"), level=r["meta"].get("level"),
-                 answer=r["answer"],
-                 rewards=math_rewards([c.text for c in outs], [r["answer"]] * len(outs)),
-                 truncated=[c.finish_reason == "length" for c in outs],
-                 tokens=[len(c.token_ids) for c in outs], texts=[c.text for c in outs])
-            for r, outs in zip(records, outputs)]
+    outputs = generate_fitting(engine, prompts, samples, temperature if samples > 1 else 0.0,
+                               max_new_tokens)
+    items = []
+    for r, outs in zip(records, outputs):
+        item = dict(id=r["id"], subject=r["meta"].get("subject"), level=r["meta"].get("level"),
+                    answer=r["answer"])
+        if outs is None:
+            items.append(item | dict(skipped=SKIPPED))
+            continue
+        items.append(item | dict(
+            rewards=math_rewards([c.text for c in outs], [r["answer"]] * len(outs)),
+            truncated=[c.finish_reason == "length" for c in outs],
+            tokens=[len(c.token_ids) for c in outs], texts=[c.text for c in outs]))
+    return items
 
 
 def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, judge_tokenizer,
@@ -259,18 +300,24 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, 
     """Answer each instruction greedily, then let the judge compare the answer with the
     record's reference (meta["reference"]) in both orders."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
-    answers = [outs[0] for outs in engine.generate(prompts, n=1, temperature=0.0,
-                                                   max_new_tokens=max_new_tokens)]
-    twice = [(record, answer.text) for record, answer in zip(records, answers) for _ in range(2)]
-    verdicts = referee_verdicts(judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
-                                [[text, r["meta"]["reference"]] for r, text in twice],
-                                [[0, 1], [1, 0]] * len(records), referee_max_new_tokens)
-    return [dict(id=r["id"], instruction=r["messages"][-1]["content"],
-                 dataset=r["meta"].get("subset"), output=a.text, reference=r["meta"]["reference"],
-                 truncated=a.finish_reason == "length",
-                 rankings=[ranking for ranking, _ in verdicts[2 * i:2 * i + 2]],
-                 texts=[text for _, text in verdicts[2 * i:2 * i + 2]])
-            for i, (r, a) in enumerate(zip(records, answers))]
+    answers = [outs and outs[0] for outs in generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)]
+    answered = [(r, a) for r, a in zip(records, answers) if a is not None]
+    twice = [(record, answer.text) for record, answer in answered for _ in range(2)]
+    verdicts = iter(referee_verdicts(judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
+                                     [[text, r["meta"]["reference"]] for r, text in twice],
+                                     [[0, 1], [1, 0]] * len(answered), referee_max_new_tokens))
+    items = []
+    for r, a in zip(records, answers):
+        item = dict(id=r["id"], instruction=r["messages"][-1]["content"],
+                    dataset=r["meta"].get("subset"), reference=r["meta"]["reference"])
+        pair = [next(verdicts), next(verdicts)] if a is not None else [None]
+        if None in pair:
+            items.append(item | dict(skipped=SKIPPED, output=a.text if a is not None else ""))
+            continue
+        items.append(item | dict(output=a.text, truncated=a.finish_reason == "length",
+                                 rankings=[ranking for ranking, _ in pair],
+                                 texts=[text for _, text in pair]))
+    return items
 
 
 def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
@@ -290,9 +337,11 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
            "open": instruction_metrics}
 # what evaluate_during_training reports of each kind of held-out set
-TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate"],
-                    "verifiable": ["accuracy", "truncation_rate"],
-                    "open": ["win_rate", "invalid_rate", "avg_length"]}
+# (skipped_long_prompts: items not generated, over the engine's context; train.py sums it)
+TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate",
+                                   "skipped_long_prompts"],
+                    "verifiable": ["accuracy", "truncation_rate", "skipped_long_prompts"],
+                    "open": ["win_rate", "invalid_rate", "avg_length", "skipped_long_prompts"]}
 
 
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
@@ -453,7 +502,9 @@ def write_model_outputs(results: Results, args):
     path = os.path.splitext(args.out)[0] + ".model_outputs.json"
     with open(path, "w") as f:
         json.dump(outputs, f, indent=1)
-    print(f"alpaca_eval: {len(outputs)} answers written to {path}")
+    empty = sum(not item.get("output") for item in results.items["alpaca_eval"])
+    print(f"alpaca_eval: {len(outputs)} answers written to {path}"
+          + (f" ({empty} empty: prompt over the engine's context)" if empty else ""))
 
 
 def parse_args(argv=None):

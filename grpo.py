@@ -129,8 +129,8 @@ def grpo_loss(
     num_tokens: float | Tensor | None = None,
     num_seqs: float | Tensor | None = None,
     max_len: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO loss of a micro-batch, and its metrics.
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO loss of a micro-batch, and its metrics (0-dim tensors, see `loss_metrics`).
 
     `logprobs` (with gradient), `old_logprobs`, `ref_logprobs`, `is_weights` and `mask` are
     [B, T]; `advantages` is [B]. Values where mask == 0 are ignored but must be finite.
@@ -156,15 +156,19 @@ def grpo_loss(
 @torch.no_grad()
 def loss_metrics(
     ratio: Tensor, advantages: Tensor, kl: Tensor, mask: Tensor, clip_low: float, clip_high: float
-) -> dict[str, float]:
-    """Means over the completion tokens of the clipping rates, the ratio and the k3 KL."""
+) -> dict[str, Tensor]:
+    """Means over the completion tokens of the clipping rates, the ratio and the k3 KL.
+
+    Each is a 0-dim tensor on the loss's device: reading a number back is a host sync on a GPU,
+    so the caller collects a whole step's metrics and reads them in one go (`float(m)` for one).
+    """
     count = mask.sum().clamp(min=1)  # []
     advantages = advantages.unsqueeze(1)  # [B, 1]
     clipped_low = (ratio < 1 - clip_low) & (advantages < 0)  # [B, T]
     clipped_high = (ratio > 1 + clip_high) & (advantages > 0)  # [B, T]
     return {
-        "clip_frac_low": ((clipped_low * mask).sum() / count).item(),
-        "clip_frac_high": ((clipped_high * mask).sum() / count).item(),
-        "ratio_mean": ((ratio * mask).sum() / count).item(),
-        "kl_mean": ((kl * mask).sum() / count).item(),
+        "clip_frac_low": (clipped_low * mask).sum() / count,
+        "clip_frac_high": (clipped_high * mask).sum() / count,
+        "ratio_mean": (ratio * mask).sum() / count,
+        "kl_mean": (kl * mask).sum() / count,
     }

@@ -416,49 +416,81 @@ except OSError:  # no C library to load symbols from
     _MALLOC_TRIM = None
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer as a full CPU tensor. Collective: all ranks call it, and
-    iterate the same names in the same order."""
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard (DTensor) all-gathered into the full tensor on its own device; a plain
+    tensor as it is. Collective for a DTensor: every rank gathers the same tensor together."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_state_dict(model, dtype: torch.dtype | None = None, rank0_only: bool = False) -> dict:
+    """Every parameter and buffer as a full CPU tensor, gathered one tensor at a time on the
+    device and cast there to `dtype` (floating-point tensors; None: as they are).
+
+    With `rank0_only`, rank 0 alone keeps the tensors and the others get {}: an export needs
+    one copy, not one per rank. Collective: all ranks call it, and iterate the same names in
+    the same order. (The weight sync does not go through here: load_full_state_dict takes the
+    sharded state dict itself, without any full copy on the host.)"""
+    keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     full = {}
     for name, tensor in model.state_dict().items():
-        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        full[name] = tensor.detach().cpu()
+        tensor = _gathered(tensor).detach()
+        if keep:
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            full[name] = tensor.to(cast).cpu()
     return full
 
 
 def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy `state_dict` into `model`, strictly: every parameter and buffer must be given and
-    nothing else, except that of tied parameters (e.g. lm_head.weight = embed_tokens.weight)
-    one name is enough."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    """Copy `state_dict` into `model`'s own tensors, strictly: every parameter and buffer must
+    be given and nothing else, except that of tied parameters (e.g. lm_head.weight =
+    embed_tokens.weight) one name is enough. Raises ValueError, before any copy, on other names
+    and on a shape that does not match.
+
+    The values may be full tensors or FSDP2 shards (DTensors: an FSDP2 model's own
+    `state_dict()`). A shard is gathered where it lives, one tensor at a time, and copied (and
+    cast to the model's dtype) right away, so no second full copy of the model is built on the
+    host or the device: train.py's weight sync. With shards the call is collective: every rank
+    passes the same names in the same order."""
+    targets = model.state_dict()  # name -> a tensor sharing the parameter's storage
     names_of = {}  # one shared tensor -> all its names
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     aliases = {name: names for names in names_of.values() for name in names}
-    missing = [name for name in missing if not any(alias in state_dict for alias in aliases.get(name, []))]
-    if missing or unexpected:
+    missing = [name for name in targets if not any(alias in state_dict for alias in aliases.get(name, [name]))]
+    unexpected = [name for name in state_dict if name not in targets]
+    wrong_shape = [name for name in state_dict if name in targets and tuple(state_dict[name].shape) != tuple(targets[name].shape)]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
             f"state dict does not match the model: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)}). Pass the full (unsharded) state "
-            f"dict of the same architecture."
+            f"unexpected {unexpected[:5]} ({len(unexpected)}), other shapes {wrong_shape[:5]} "
+            f"({len(wrong_shape)}). Pass the state dict of the same architecture."
         )
+    copied = set()  # storages already written: a tied tensor is gathered and copied once
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            target = targets[name]
+            if target.data_ptr() in copied:
+                continue
+            target.copy_(_gathered(tensor))
+            copied.add(target.data_ptr())
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: str,
-              generation_config=None) -> str:
+              generation_config=None, dtype: torch.dtype | None = None) -> str:
     """Write a plain HF model folder (config, safetensors weights, generation config,
     tokenizer with its chat template) that `from_pretrained` and vLLM load.
 
     `state_dict` is the full state dict (e.g. gathered from FSDP2 shards). Pass the source
     model's `generation_config` to keep its EOS ids (chat models often list several there);
-    without it, one is derived from `config`. The folder is built
+    without it, one is derived from `config`. The weights are written in `dtype` (None: that of
+    the state dict's floating-point tensors). The folder is built
     next to `out_dir` and renamed into place, so a crash never leaves a half-written model; an
     existing `out_dir` is replaced.
     """
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    dtype = dtype or next(t.dtype for t in state_dict.values() if t.is_floating_point())
     # Built on the meta device and filled by the copy: no random init, no second float32 copy.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -8,6 +8,7 @@ interchangeable:
     engine.load_weights(state_dict)   # after each optimizer step: the engine samples from
                                       # the policy as it is now, not as it was loaded
     engine.sleep() / engine.wake_up() / engine.close()   # GPU memory (vLLM); no-ops for HF
+    engine.context_len                # prompt + generated tokens one sequence may hold
 
 An engine holds its own unsharded copy of the model, refreshed through `load_weights`, so
 generation never runs inside FSDP's collectives; at world size 1 the HF engine can instead
@@ -69,7 +70,8 @@ class HFEngine:
     """
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
-                 seed: int = 0, max_batch: int = 64, trust_remote_code: bool = False):
+                 seed: int = 0, max_batch: int = 64, trust_remote_code: bool = False,
+                 context_len: int | None = None):
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch = max_batch
@@ -77,6 +79,8 @@ class HFEngine:
         self.shares_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
+        # The positions the model was trained for, unless told otherwise (as vLLM's max_model_len)
+        self.context_len = context_len or getattr(self.model.config, "max_position_embeddings", None) or 2**31
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
         # models often end a turn with a token other than the tokenizer's eos).
         configured = self.model.generation_config.eos_token_id
@@ -210,13 +214,25 @@ class HFEngine:
 
 
 def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torch.float32,
-                device="cpu", seed: int = 0, **vllm_options):
-    """The rollout engine named by --rollout."""
+                device="cpu", seed: int = 0, context_len: int | None = None,
+                trust_remote_code: bool = False, **vllm_options):
+    """The rollout engine named by --rollout; `context_len` (None: the model's own) bounds
+    prompt + generated tokens of one sequence (vLLM's max_model_len)."""
     if kind == "hf":
-        return HFEngine(model_path, tokenizer, dtype, device, seed)
+        return HFEngine(model_path, tokenizer, dtype, device, seed, trust_remote_code=trust_remote_code,
+                        context_len=context_len)
     if kind == "vllm":
-        return VLLMEngine(model_path, tokenizer, dtype, device, seed, **vllm_options)
+        return VLLMEngine(model_path, tokenizer, dtype, device, seed, max_model_len=context_len,
+                          trust_remote_code=trust_remote_code, **vllm_options)
     raise ValueError(f"unknown rollout engine {kind!r}: use hf or vllm")
+
+
+def fits(engine, prompt_ids: list[int], max_new_tokens: int) -> bool:
+    """Whether a prompt and its whole generation budget fit in the engine's context. A longer
+    referee or evaluation prompt is skipped and counted by the caller: vLLM rejects a prompt
+    that fills its context (the rank would die hours into a run), and a verdict cut short by
+    the context is no verdict."""
+    return len(prompt_ids) + max_new_tokens <= engine.context_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +255,8 @@ class JudgeResult:
     """Rewards of each group, and every referee call for metrics and samples."""
     rewards: list[list[float] | None]  # per group: one reward per answer; None if dropped
     dropped: int  # groups without any valid ranking (they give no gradient)
-    calls: list[RefereeCall]  # group by group, num_orders per group
+    calls: list[RefereeCall]  # group by group, up to num_orders per group
+    skipped_long: int = 0  # referee prompts that did not fit in the engine's context (not run)
 
 
 def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
@@ -256,17 +273,26 @@ def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list
     Example: answers ["a", "b"], two orders [1, 0] and [0, 1], referee outputs
     "<answer>[1] > [2]</answer>" both times: rankings [1, 0] and [0, 1] -> rewards [0.5, 0.5]
     (a referee that always prefers the first shown answer earns no one any advantage).
+
+    A referee prompt (the conversation and all K answers) that does not fit in the engine's
+    context with `max_new_tokens` is not run and counts in `skipped_long`; a group left with no
+    valid ranking is dropped, as for invalid verdicts.
     """
     if num_orders < 1:
         raise ValueError(f"num_orders must be >= 1, got {num_orders}")
-    orders, prompts = [], []
+    orders, prompts, skipped_long = [], [], 0
     for group, (messages, group_answers) in enumerate(zip(conversations, answers, strict=True)):
         for _ in range(num_orders):
             order = list(range(len(group_answers)))
             rng.shuffle(order)
+            prompt = chat_ids(tokenizer, referee_prompt(messages, group_answers, order))
+            if not fits(engine, prompt, max_new_tokens):
+                skipped_long += 1
+                continue
             orders.append((group, order))
-            prompts.append(chat_ids(tokenizer, referee_prompt(messages, group_answers, order)))
-    outputs = engine.generate(prompts, n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+            prompts.append(prompt)
+    outputs = engine.generate(prompts, n=1, temperature=temperature,
+                              max_new_tokens=max_new_tokens) if prompts else []
 
     calls = []
     for (group, order), (output,) in zip(orders, outputs, strict=True):
@@ -274,10 +300,10 @@ def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list
         calls.append(RefereeCall(group, order, output.text, ranking, output.finish_reason,
                                  len(output.token_ids)))
     rewards = []
-    for group, group_answers in enumerate(answers):  # calls come group by group, num_orders each
-        group_calls = calls[group * num_orders:(group + 1) * num_orders]
-        rewards.append(self_rewards([call.ranking for call in group_calls], len(group_answers)))
-    return JudgeResult(rewards, sum(r is None for r in rewards), calls)
+    for group, group_answers in enumerate(answers):
+        rankings = [call.ranking for call in calls if call.group == group]
+        rewards.append(self_rewards(rankings, len(group_answers)))
+    return JudgeResult(rewards, sum(r is None for r in rewards), calls, skipped_long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +356,10 @@ class VLLMEngine:
 
     `gpu_memory_utilization` is the engine's share of the GPU (weights + KV cache; the trainer
     needs the rest). `enable_sleep` frees the engine's weights and KV cache between rollouts
-    (`sleep()` / `wake_up()`, CUDA only). On CPU the KV cache gets `cpu_kv_cache_gib` and the
+    (`sleep()` / `wake_up()`, CUDA only); vLLM has one sleep-mode allocator per process, so a
+    second engine in the same process (the baseline arm's frozen referee) must not ask for it.
+    `max_model_len` (None: the model's own context) bounds prompt + generated tokens; it is
+    `context_len` afterwards, and callers skip prompts that do not fit (`fits`). On CPU the KV cache gets `cpu_kv_cache_gib` and the
     engine runs eagerly. `rng` is the engine's whole random state: every call draws one seed
     per prompt from it, so sampling is reproducible for a seed and resumable from a checkpoint.
     """
@@ -379,6 +408,7 @@ class VLLMEngine:
             enforce_eager=on_cpu,  # no graph capture on CPU; CUDA graphs on GPU
             kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30) if on_cpu else None,
         )
+        self.context_len = self.llm.llm_engine.model_config.max_model_len  # max_model_len, or the model's
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:

@@ -852,7 +852,7 @@ def tiny_model(tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,  # referee prompts fit
         tie_word_embeddings=True, initializer_range=0.2,  # peaked outputs: greedy is stable
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -1260,6 +1260,26 @@ def test_load_weights_changes_generation(tiny_dir, tmp_path):
         engine.load_weights({**state, "extra.weight": torch.zeros(1)})
 
 
+def test_load_full_state_dict_is_strict_before_copying_anything():
+    tokenizer = tiny_tokenizer()
+    target, source = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1)
+    before = {n: t.clone() for n, t in target.state_dict().items()}
+    state = source.state_dict()
+    del state["lm_head.weight"]  # tied to the embeddings: one of the two names is enough
+    model_lib.load_full_state_dict(target, state)
+    for name, tensor in target.state_dict().items():
+        assert torch.equal(tensor, source.state_dict()[name]), name
+    model_lib.load_full_state_dict(target, {n: before[n] for n in before})  # both tied names: fine
+    bad = [({n: t for n, t in before.items() if "layers.1.mlp" not in n}, r"missing \['model.layers.1.mlp"),
+           (before | {"extra.weight": torch.zeros(1)}, r"unexpected \['extra.weight'\] \(1\)"),
+           (before | {"model.norm.weight": torch.zeros(3)}, r"other shapes \['model.norm.weight'\] \(1\)")]
+    for state, problem in bad:
+        with pytest.raises(ValueError, match=problem):
+            model_lib.load_full_state_dict(target, {n: t + 1 if t.is_floating_point() else t for n, t in state.items()})
+        for name, tensor in target.state_dict().items():  # nothing was copied
+            assert torch.equal(tensor, before[name]), name
+
+
 # ---------------------------------------------------------------------------------------------
 # rollout.py: the self-referee pass
 # ---------------------------------------------------------------------------------------------
@@ -1267,6 +1287,8 @@ def test_load_weights_changes_generation(tiny_dir, tmp_path):
 class ScriptedReferee:
     """An engine whose referee reads the shown order from the prompt and answers by a script:
     script(question, shown answers, call number for that question) -> text."""
+
+    context_len = 10**6
 
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script, self.seen = tokenizer, script, {}
@@ -1334,6 +1356,14 @@ def test_self_judge_with_a_real_engine(tiny_dir):
     result = self_judge(engine, tokenizer, [[{"role": "user", "content": "hi"}]], [["a", "b", "c"]],
                         num_orders=3, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
     assert len(result.calls) == 3 and result.rewards == [None] and result.dropped == 1  # random text never parses
+    assert result.skipped_long == 0 and engine.context_len == 4096  # the model's max_position_embeddings
+    # A referee prompt that does not fit in the context with its budget is not run, but counted.
+    prompt_len = len(chat_ids(tokenizer, data.referee_prompt([{"role": "user", "content": "hi"}], ["a", "b", "c"], [0, 1, 2])))
+    short = HFEngine(tiny_dir, tokenizer, context_len=prompt_len + 3)
+    result = self_judge(short, tokenizer, [[{"role": "user", "content": "hi"}]] * 2, [["a", "b", "c"], ["a", "b"]],
+                        num_orders=2, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
+    assert result.skipped_long == 2 and [call.group for call in result.calls] == [1, 1]
+    assert result.rewards[0] is None and result.dropped == 2
 
 
 def test_make_engine_names_the_engines_it_knows():
@@ -1406,6 +1436,7 @@ def test_loop_learns_a_reward_with_variance(process_group, tiny_dir):
 
 class FixedReferee:
     """A stand-in referee engine that always answers with the same ranking of shown labels."""
+    context_len = 10**6
 
     def __init__(self, text, tokenizer):
         self.text, self.tokenizer, self.prompts = text, tokenizer, []
@@ -1567,6 +1598,20 @@ def test_config_flags_presets_and_errors(capsys):
     assert "--referee_orders" in help_text and "shuffled orders" in help_text  # the field comment is the help
 
 
+def test_engine_options_let_only_the_policy_engine_sleep():
+    # vLLM has one sleep-mode allocator per process: the baseline arm's frozen referee (a second
+    # engine) must not ask for it, and takes its own, smaller share of the GPU.
+    cfg = train.parse_config(["--preset", "baseline_player", "--rollout", "vllm", "--max_model_len", "8192"])
+    assert train.engine_options(cfg, "policy") == dict(
+        context_len=8192, trust_remote_code=False, gpu_memory_utilization=0.3, enable_sleep=True)
+    assert train.engine_options(cfg, "referee") == dict(
+        context_len=8192, trust_remote_code=False, gpu_memory_utilization=0.25, enable_sleep=False)
+    cfg = train.parse_config(["--rollout", "hf", "--referee_vllm_memory", "0.4", "--trust_remote_code"])
+    assert train.engine_options(cfg, "referee") == dict(context_len=None, trust_remote_code=True)
+    with pytest.raises(ValueError, match="role"):
+        train.engine_options(cfg, "judge")
+
+
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
 
 def dp_worker(model_dir: str, out_file: str) -> None:
@@ -1588,6 +1633,15 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in policy.named_parameters()}
     optimizer.step()
     weights = model_lib.full_state_dict(policy)
+    # The weight sync: the sharded state dict streamed into an engine's own copy, gathered
+    # tensor by tensor (collective), arrives whole; the export copy lives on rank 0 only.
+    engine = HFEngine(model_dir, load_tokenizer(model_dir))
+    engine.load_weights(policy.state_dict())
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    exported = model_lib.full_state_dict(policy, torch.bfloat16, rank0_only=True)
+    assert (exported.keys() == weights.keys()) if rank == 0 else exported == {}
+    assert all(exported[name].dtype == torch.bfloat16 for name in exported)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "weights": weights}, out_file)
     dist.destroy_process_group()
@@ -2032,7 +2086,9 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                                                   batch_size=2)
     assert set(metrics) == {"gsm8k/accuracy", "gsm8k/truncation_rate", "hh/accuracy",
                             "hh/position_consistency", "hh/invalid_rate", "alpaca/win_rate",
-                            "alpaca/invalid_rate", "alpaca/avg_length"}
+                            "alpaca/invalid_rate", "alpaca/avg_length"} | {
+                                f"{name}/skipped_long_prompts" for name in sets}
+    assert all(metrics[f"{name}/skipped_long_prompts"] == 0 for name in sets)
     assert metrics["gsm8k/accuracy"] == 0.0 and metrics["gsm8k/truncation_rate"] == 1.0
     # a random model never writes a valid verdict: every one counts 0.5, none is consistent
     assert metrics["hh/invalid_rate"] == 1.0 and metrics["hh/accuracy"] == 0.5
@@ -2040,6 +2096,14 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     with pytest.raises(ValueError, match="one kind"):
         evaluation.evaluate_during_training(engine, tokenizer,
                                             {"mixed": sets["gsm8k"] + sets["hh"]}, 4)
+    # Over the engine's context: not generated (vLLM would reject them), left out and counted.
+    lengths = {name: [len(chat_ids(tokenizer, data.player_prompt(r))) for r in sets[name]]
+               for name in ("gsm8k", "alpaca")}
+    short = HFEngine(tiny_dir, tokenizer, context_len=sorted(lengths["gsm8k"])[1] + 4)
+    metrics = evaluation.evaluate_during_training(short, tokenizer, sets, max_new_tokens=4)
+    assert metrics["gsm8k/skipped_long_prompts"] == 1 and metrics["gsm8k/accuracy"] == 0.0
+    assert metrics["hh/skipped_long_prompts"] == 2 and math.isnan(metrics["hh/accuracy"])
+    assert metrics["alpaca/skipped_long_prompts"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ samples.jsonl (every --samples_every steps), checkpoints/, and final/ (a plain H
 """
 import argparse
 import dataclasses
+import datetime
 import importlib.util
 import inspect
 import json
@@ -71,9 +72,11 @@ class Config:
     referee_orders: int = 2  # M: shuffled orders in which the referee sees each open group
     judge_max_new_tokens: int = 96  # generation budget of self-judging referee calls
     referee_model: str = ""  # baseline arm: judge open groups with this frozen model instead of the policy
+    max_model_len: int = 0  # context of the rollout engines, prompt + generation (0: the model's own); longer referee and eval prompts are skipped and counted
     is_cap: float = 2.0  # vllm rollouts: cap of the truncated importance weight exp(old - sampler logp)
     vllm_memory: float = 0.3  # vllm on GPU: the engine's share of GPU memory (weights + KV cache)
     vllm_sleep: bool = True  # vllm on GPU: free the engine's memory while the trainer runs
+    referee_vllm_memory: float = 0.25  # vllm on GPU, baseline arm: the frozen referee engine's share of GPU memory (it never sleeps)
     logprob_gap_max: float = 1e-3  # vllm: stop when engine and trainer log-probs differ more (mean |gap|)
     # loss
     loss_agg: str = "token-mean"  # token-mean (DAPO), seq-mean (GRPO), seq-sum-norm (Dr. GRPO)
@@ -94,6 +97,7 @@ class Config:
     activation_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     bf16: bool = True  # on CUDA: bf16 compute with fp32 master weights (CPU always runs fp32)
     max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+    dist_timeout_min: int = 60  # collective timeout in minutes: rank 0 alone may download the model or export it, and ranks wait for the slowest rollout
     # run folder, logging, checkpoints, eval
     out_dir: str = "runs/urpo"  # where the run writes everything
     seed: int = 0  # one seed for data order, shuffles and sampling
@@ -183,6 +187,21 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def engine_options(cfg: Config, role: str) -> dict:
+    """make_engine's options for the policy's engine (role "policy") or the baseline arm's frozen
+    referee ("referee"). Only the policy's engine syncs, so only it sleeps while the trainer runs:
+    vLLM allows one sleep-mode allocator per process, and a second engine asking for it fails at
+    its first weight load. The referee stays resident on its own, smaller share of the GPU."""
+    if role not in ("policy", "referee"):
+        raise ValueError(f"unknown engine role {role!r}: policy or referee")
+    options = dict(context_len=cfg.max_model_len or None, trust_remote_code=cfg.trust_remote_code)
+    if cfg.rollout != "vllm":
+        return options
+    if role == "policy":
+        return options | dict(gpu_memory_utilization=cfg.vllm_memory, enable_sleep=cfg.vllm_sleep)
+    return options | dict(gpu_memory_utilization=cfg.referee_vllm_memory, enable_sleep=False)
+
+
 def task_weights(cfg: Config) -> dict[str, float]:
     weights = {}
     for item in filter(None, cfg.task_weights.split(",")):
@@ -197,26 +216,35 @@ def task_weights(cfg: Config) -> dict[str, float]:
 # Distributed plumbing: every rank runs this same script; rank 0 also prints and writes.
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """gloo on CPU, NCCL on GPU; a one-process group when not launched by torchrun."""
+def init_distributed(timeout_min: float = 60) -> tuple[int, int, torch.device]:
+    """gloo on CPU, NCCL on GPU; a one-process group when not launched by torchrun.
+
+    `timeout_min` bounds every collective. The backends' defaults (NCCL: 10 min) are shorter
+    than a 15 GB model download on one rank, a final export, or a long rollout on a slow rank,
+    while the others wait at the next collective."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_min)
     if "RANK" in os.environ:  # torchrun (single- or multi-node rendezvous) set the env
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:  # plain `python train.py`: the same code path with world size 1, no port needed
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         local_rank = 0
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    """Reduce a few floats across ranks in one collective (every rank must call it)."""
-    t = torch.tensor(values, dtype=torch.float64)  # [n]
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+def all_reduce(values: list, op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce a few numbers across ranks in one collective (every rank must call it).
+
+    Values may be floats or 0-dim tensors still on the GPU: they are stacked where they are and
+    read back in one transfer, so a step's metrics cost one host sync, not one per value."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.stack([value.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(value)
+                     else torch.full((), float(value), dtype=torch.float64, device=device)
+                     for value in values]) if values else torch.zeros(0, dtype=torch.float64, device=device)  # [n]
     dist.all_reduce(t, op=op)
     return t.tolist()
 
@@ -227,9 +255,10 @@ class Tally:
     def __init__(self):
         self.sums, self.counts = defaultdict(float), defaultdict(float)
 
-    def add(self, name: str, value: float, count: float = 1.0) -> None:
-        self.sums[name] += value * count
-        self.counts[name] += count
+    def add(self, name: str, value, count=1.0) -> None:
+        """value and count: floats, or 0-dim tensors left on their device until reduce()."""
+        self.sums[name] = self.sums[name] + value * count
+        self.counts[name] = self.counts[name] + count
 
     def reduce(self) -> dict[str, float]:
         """Means across ranks; names starting with "count/" are totals instead."""
@@ -324,6 +353,7 @@ def score(groups: list[Group], judge_engine, cfg: Config, rng: random.Random, ta
         for g, rewards in zip(by_task["open"], judged.rewards):
             g.rewards = rewards
         tally.add("count/dropped_groups/open", judged.dropped)
+        tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
         calls = judged.calls
         judge_metrics(calls, tally)
     return calls
@@ -497,17 +527,17 @@ def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, de
             # so scale by the world size to turn that average back into the sum.
             (loss * weight * world).backward()
             model_lib.release_freed_memory(device)
-            local_loss += loss.item() * weight
-            if weight and update == 0:
-                n = float(mb["completion_mask"].sum())
+            local_loss = local_loss + loss.detach() * weight
+            if weight and update == 0:  # 0-dim tensors: read back once per step, in Tally.reduce
+                mask = mb["completion_mask"]
+                n = mask.sum()
                 for name, value in metrics.items():
                     tally.add(name, value, n)
                 if entropy is not None:
-                    tally.add("entropy", float((entropy * mb["completion_mask"]).sum()) / n, n)
+                    tally.add("entropy", (entropy * mask).sum() / n, n)
                 if is_weights is not None:
-                    mask = mb["completion_mask"]
-                    tally.add("is/weight_mean", float((is_weights * mask).sum()) / n, n)
-                    tally.add("is/capped_frac", float(((is_weights >= cfg.is_cap) * mask).sum()) / n, n)
+                    tally.add("is/weight_mean", (is_weights * mask).sum() / n, n)
+                    tally.add("is/capped_frac", ((is_weights >= cfg.is_cap) * mask).sum() / n, n)
         yield all_reduce([local_loss])[0]
 
 
@@ -654,7 +684,7 @@ def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config, step: 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_min)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {world}")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -663,17 +693,28 @@ def main(argv=None) -> int:
             json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
     cuda = device.type == "cuda"
 
-    # Model, tokenizer and engines. Rank 0 resolves first: the default model may be converted once.
-    if rank == 0:
-        model_path = model_lib.resolve_model(cfg.model)
+    # Model, tokenizer and engines. One process per node resolves first (the default model may be
+    # converted, a hub model downloaded into the node's cache); the others then find it there.
+    models = [cfg.model] + ([cfg.referee_model] if cfg.referee_model else [])
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        for name in models:
+            model_lib.resolve_model(name)
     dist.barrier()
     model_path = model_lib.resolve_model(cfg.model)
     tokenizer = model_lib.load_tokenizer(model_path, cfg.trust_remote_code)
     policy = model_lib.load_model(model_path, torch.float32, cfg.trust_remote_code)  # fp32 master weights
     model_lib.shard_model(policy, device, bf16=cuda and cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
-    rollout_dtype = torch.bfloat16 if cuda and cfg.bf16 else torch.float32
-    vllm_options = dict(gpu_memory_utilization=cfg.vllm_memory, enable_sleep=cfg.vllm_sleep) if cfg.rollout == "vllm" else {}
-    engine = rollout.make_engine(cfg.rollout, model_path, tokenizer, rollout_dtype, device, cfg.seed + rank, **vllm_options)
+    compute_dtype = torch.bfloat16 if cuda and cfg.bf16 else torch.float32  # engines, reference, export
+    if compute_dtype == torch.bfloat16:
+        # The output layer sums its weight gradient in float32 (model._OutputLayerLogprobs): let
+        # those float32 products run on TF32 tensor cores. Nothing else of a bf16 step is float32.
+        torch.backends.cuda.matmul.allow_tf32 = True
+    engine = rollout.make_engine(cfg.rollout, model_path, tokenizer, compute_dtype, device, cfg.seed + rank,
+                                 **engine_options(cfg, "policy"))
+    if cfg.max_prompt_tokens + cfg.max_new_tokens > engine.context_len:
+        raise SystemExit(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} "
+                         f"exceed the rollout engine's context of {engine.context_len} tokens: lower them "
+                         "(or raise --max_model_len, up to what the model supports)")
     # At world size 1 with an fp32 engine the HF engine samples from the policy's own parameters:
     # no second copy of the model in memory, and nothing to sync after a step. (Sharded or bf16
     # engines keep their own copy, refreshed in step 8.)
@@ -681,11 +722,12 @@ def main(argv=None) -> int:
     judge_engine = engine
     if cfg.referee_model:  # the baseline arm: a frozen, separately trained referee with its own engine
         referee_path = model_lib.resolve_model(cfg.referee_model)
-        judge_engine = rollout.make_engine(cfg.rollout, referee_path, model_lib.load_tokenizer(referee_path),
-                                           rollout_dtype, device, cfg.seed + world + rank, **vllm_options)
+        judge_engine = rollout.make_engine(
+            cfg.rollout, referee_path, model_lib.load_tokenizer(referee_path, cfg.trust_remote_code),
+            compute_dtype, device, cfg.seed + world + rank, **engine_options(cfg, "referee"))
     ref_model = None
     if cfg.kl_coef > 0:  # frozen reference for the KL term; it never trains, so bf16 is fine on GPU
-        ref_model = model_lib.load_model(model_path, rollout_dtype, cfg.trust_remote_code).to(device).eval()
+        ref_model = model_lib.load_model(model_path, compute_dtype, cfg.trust_remote_code).to(device).eval()
 
     sources = load_sources(cfg, tokenizer)
     eval_sets = {}
@@ -705,7 +747,8 @@ def main(argv=None) -> int:
     if cfg.resume and checkpoint_dirs(cfg.out_dir):
         latest = checkpoint_dirs(cfg.out_dir)[-1]
         start_step, bad_steps = load_checkpoint(latest, policy, optimizer, scheduler, mixture, engine)
-        engine.load_weights(model_lib.full_state_dict(policy))
+        if not shared:
+            engine.load_weights(policy.state_dict())
         print0(f"resumed from {latest} at step {start_step}")
         if rank == 0:  # steps after the checkpoint are run again: drop their old metrics lines
             keep_metrics_until(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
@@ -768,7 +811,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         engine.wake_up()
         if not shared:  # a shared engine already sees the updated parameters
-            engine.load_weights(model_lib.full_state_dict(policy))
+            # The sharded state dict itself: each tensor is gathered on the device and copied
+            # into the engine at once (cast there), never a full float32 copy on the host.
+            engine.load_weights(policy.state_dict())
         seconds["sync"] = time.perf_counter() - t
         step += 1
         if guard_ids:  # refuse to sample the next batch from weights that did not arrive
@@ -781,7 +826,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             shards = {name: records[rank::world] for name, records in eval_sets.items() if records[rank::world]}
             for name, value in evaluation.evaluate_during_training(engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed).items():
-                tally.add(f"eval/{name}", value, len(shards[name.split("/")[0]]))
+                if name.endswith("/skipped_long_prompts"):  # a count: summed over ranks
+                    tally.add(f"count/eval/{name}", value)
+                else:
+                    tally.add(f"eval/{name}", value, len(shards[name.split("/")[0]]))
             seconds["eval"] = time.perf_counter() - t
 
         # ---- 10. log -------------------------------------------------------------------------------
@@ -818,7 +866,9 @@ def main(argv=None) -> int:
     bar.close()
     if cfg.save_every and step % cfg.save_every:
         save_checkpoint(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
-    final_state = model_lib.full_state_dict(policy)
+    # Gathered tensor by tensor, cast on the device, kept on rank 0 only: written in the compute
+    # dtype (bf16 on GPUs, like the original checkpoint), not twice its size in float32.
+    final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if rank == 0:
         model_lib.export_hf(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"), policy.generation_config)
         print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {cfg.out_dir}/metrics.jsonl")
