@@ -154,6 +154,7 @@ _BOX_LIST_SEPARATOR = re.compile(
 _worker: subprocess.Popen | None = None
 _worker_owner_pid: int | None = None  # a forked child must not talk over its parent's pipes
 _worker_lock = threading.Lock()  # one request at a time on the pipes, whatever the thread
+_timed_out = 0  # checks that ended TIMEOUT in this process (timed_out_checks)
 
 
 def _boxes(text: str) -> tuple[list[tuple[int, int, str]], bool]:
@@ -280,8 +281,20 @@ def math_checks(
     for text in [*completions, *golds]:
         if not isinstance(text, str):
             raise TypeError(f"completions and gold answers must be str, got {type(text).__name__}")
+    global _timed_out
     with _worker_lock:
-        return [_check(completion, gold, timeout) for completion, gold in zip(completions, golds)]
+        statuses = [_check(answer, gold, timeout) for answer, gold in zip(completions, golds)]
+        _timed_out += statuses.count(TIMEOUT)
+    return statuses
+
+
+def timed_out_checks() -> int:
+    """How many checks of `math_checks` (hence `math_reward(s)`) timed out in this process so far.
+
+    A running total, so that a caller of `math_rewards` can count the timeouts of one batch as
+    the difference before and after it.
+    """
+    return _timed_out
 
 
 def _check(completion: str, gold: str, timeout: float) -> str:
