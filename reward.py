@@ -1,8 +1,9 @@
 r"""Rewards: the numbers that GRPO turns into advantages (URPO.md, "Rewards").
 
 Every prompt of a step ends up here after its rollouts:
-- verifiable (math) prompts: `math_reward` / `math_rewards` check the last `\boxed{...}` of each
-  completion against the gold answer with math-verify;
+- verifiable (math) prompts: `math_reward` / `math_rewards` check the final `\boxed{...}` answer
+  of each completion against the gold answer with math-verify, every "equal" it finds confirmed
+  exactly (`math_checks` has the rules, and tells a timed-out check from a wrong answer);
 - preference prompts (the model as referee, ground truth known): `parse_ranking` reads the
   referee's `<answer>[i] > [j] > ...</answer>`, `to_original` undoes the random display order,
   `ranking_reward` scores it against the gold ranking;
@@ -12,14 +13,16 @@ Every prompt of a step ends up here after its rollouts:
 Everything here is a plain function of strings and lists; nothing of the project is imported.
 
 math-verify can spend seconds, or hours, on adversarial LaTeX (`9^{9^{9^{9}}}`, a thousand
-nested parentheses), and its own timeout uses `signal.alarm`, which works only on the main thread
-of the main interpreter. A thread cannot be stopped from outside, so the checks run in one
-long-lived worker process: this file run as a script (see `_serve` at the bottom). The caller
-waits at most `MATH_TIMEOUT_S` per answer, then kills the worker (a fresh one starts on the next
-call) and scores the answer 0.0. The worker is a plain `python reward.py` child rather than a
-multiprocessing child, so it never re-imports the training script (`spawn` and `forkserver`
-both run `__main__` again, which for a script-style train.py means torch and a second training
-run) and it is safe to start from a process that holds CUDA or NCCL state (no bare `fork`).
+nested parentheses), and a time limit by signal works only on the main thread of the main
+interpreter. A thread cannot be stopped from outside, so the checks run in one long-lived worker
+process: this file run as a script (see `_serve` at the bottom), where one SIGALRM bounds each
+whole check (`WORKER_DEADLINE_S`). The caller waits at most `MATH_TIMEOUT_S` per answer, then
+kills the worker (a fresh one starts on the next call). Either way the check is TIMEOUT: scored
+0.0 this time, counted (`timed_out_checks`), never cached. The worker is a plain
+`python reward.py` child rather than a multiprocessing child, so it never re-imports the
+training script (`spawn` and `forkserver` both run `__main__` again, which for a script-style
+train.py means torch and a second training run) and it is safe to start from a process that
+holds CUDA or NCCL state (no bare `fork`).
 """
 
 import atexit
