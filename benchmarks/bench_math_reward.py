@@ -3,7 +3,8 @@
 Each gold answer is checked against itself and against reformatted equivalents a model might
 write (`\\dfrac`, `\\left( \\right)`, spaces around operators, a trailing period after or
 inside the box, digit groups `1\\,000`); every check should pay 1.0. Speed: checks per second
-through the worker, cold cache (a fresh worker), every pair distinct.
+through the worker (wall clock, and per CPU second of the worker, which a busy machine does not
+distort), cold cache (a fresh worker), every pair distinct.
 
     python benchmarks/bench_math_reward.py
 """
@@ -87,17 +88,42 @@ def main() -> None:
             if not ok:
                 print(f"    miss: gold {gold!r}")
 
+    # Wrong answers: each gold against the next gold of its set, where the two differ as text.
+    wrong = []
+    for source in ("gsm8k", "math500"):
+        sources = [g for s, g in pairs if s == source]
+        following = sources[1:] + sources[:1]
+        items = [(f"\\boxed{{{other}}}", gold) for gold, other in zip(sources, following)
+                 if "".join(other.split()) != "".join(gold.split())]
+        scores = reward.math_rewards([c for c, _ in items], [g for _, g in items])
+        print(f"{'next_gold':14s} {source:8s} {sum(scores):3.0f}/{len(items)} paid (should be 0 "
+              f"unless two golds are equal values)")
+        for (completion, gold), score in zip(items, scores):
+            if score != 0.0:
+                print(f"    paid: gold {gold!r}  completion {completion!r}")
+        wrong += items
+
     # Speed: each rewritten pair that reaches the worker (its box is not the gold text up to
-    # spaces), once, through a fresh worker: cold caches, as on a step's new answers.
-    items = sorted((c, g) for c, g in checks
-                   if "".join(reward.last_boxed(c).split()) != "".join(g.split()))
+    # spaces) and each wrong pair, once, through a fresh worker: cold caches, as on a step's
+    # new answers.
+    items = sorted({(c, g) for c, g in checks
+                    if "".join(reward.last_boxed(c).split()) != "".join(g.split())} | set(wrong))
     reward._stop_worker()
     reward.math_reward("\\boxed{1}", "2")  # start the worker outside the timed part
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds(reward._worker.pid)
     reward.math_rewards([c for c, _ in items], [g for _, g in items])
-    seconds = time.perf_counter() - start
-    print(f"speed: {len(items)} distinct worker checks in {seconds:.2f} s = "
-          f"{len(items) / seconds:.1f} checks/s (cold cache, one worker)")
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds(reward._worker.pid) - cpu_start
+    # the worker's own CPU time: on a shared machine the wall clock mostly measures the others
+    print(f"speed: {len(items)} distinct worker checks in {seconds:.2f} s wall = "
+          f"{len(items) / seconds:.1f} checks/s; worker CPU {cpu:.2f} s = "
+          f"{len(items) / cpu:.1f} checks per CPU second (cold cache, one worker)")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 if __name__ == "__main__":
     main()
