@@ -434,6 +434,7 @@ def _equivalent(gold: str, answer: str) -> bool:
     if gold_percent == answer_percent:
         return False
     # A percent sign on one side only: its number may also stand for the fraction, 25% = 0.25.
+    # (The replacement is a function so that its backslashes are taken literally.)
     fraction = r"\cdot\frac{1}{100}"
     return equal(_PERCENT.sub(lambda _: fraction, gold), _PERCENT.sub(lambda _: fraction, answer))
 
