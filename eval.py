@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt, referee_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
-from reward import math_rewards, parse_ranking, ranking_reward, to_original
+from reward import RIGHT, TIMEOUT, math_checks, parse_ranking, ranking_reward, to_original
 from rollout import fits, make_engine
 
 # RewardBench v1 sections (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
@@ -164,7 +164,9 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
     """Accuracy (pass@1: the mean reward over each problem's samples, then over problems), per
-    subject and level where the data has them, and the share of answers cut by the token limit."""
+    subject and level where the data has them, the share of answers cut by the token limit, and
+    `timeouts`: answers whose check ran out of time (scored 0, right or not; items from before
+    this count was kept have none)."""
     items, skipped = scored(items)
     metrics = {"accuracy": mean(mean(item["rewards"]) for item in items)}
     for key in ("subject", "level"):
@@ -174,7 +176,8 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
                 groups[item[key]].append(mean(item["rewards"]))
         metrics.update({f"{key}/{name}": mean(v) for name, v in sorted(groups.items(), key=str)})
     metrics.update(truncation_rate=mean(t for item in items for t in item["truncated"]),
-                   mean_tokens=mean(n for item in items for n in item["tokens"]), n=len(items),
+                   mean_tokens=mean(n for item in items for n in item["tokens"]),
+                   timeouts=sum(sum(item.get("timeouts", [])) for item in items), n=len(items),
                    skipped_long_prompts=skipped)
     return metrics
 
@@ -277,7 +280,8 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed) -> list[dict
 
 def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, temperature=0.0):
     """Answer each problem with the player template (greedy, or `samples` draws at
-    `temperature`) and check every answer with math_reward."""
+    `temperature`) and check every answer with math_reward (reward.math_checks: a check that
+    timed out scores 0 and is flagged in `timeouts`)."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
     outputs = generate_fitting(engine, prompts, samples, temperature if samples > 1 else 0.0,
                                max_new_tokens)
@@ -288,8 +292,10 @@ def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, tempe
         if outs is None:
             items.append(item | dict(skipped=SKIPPED))
             continue
+        checks = math_checks([c.text for c in outs], [r["answer"]] * len(outs))
         items.append(item | dict(
-            rewards=math_rewards([c.text for c in outs], [r["answer"]] * len(outs)),
+            rewards=[float(check == RIGHT) for check in checks],
+            timeouts=[check == TIMEOUT for check in checks],
             truncated=[c.finish_reason == "length" for c in outs],
             tokens=[len(c.token_ids) for c in outs], texts=[c.text for c in outs]))
     return items

@@ -1,8 +1,9 @@
 r"""Rewards: the numbers that GRPO turns into advantages (URPO.md, "Rewards").
 
 Every prompt of a step ends up here after its rollouts:
-- verifiable (math) prompts: `math_reward` / `math_rewards` check the last `\boxed{...}` of each
-  completion against the gold answer with math-verify;
+- verifiable (math) prompts: `math_reward` / `math_rewards` check the final `\boxed{...}` answer
+  of each completion against the gold answer with math-verify, every "equal" it finds confirmed
+  exactly (`math_checks` has the rules, and tells a timed-out check from a wrong answer);
 - preference prompts (the model as referee, ground truth known): `parse_ranking` reads the
   referee's `<answer>[i] > [j] > ...</answer>`, `to_original` undoes the random display order,
   `ranking_reward` scores it against the gold ranking;
@@ -12,14 +13,16 @@ Every prompt of a step ends up here after its rollouts:
 Everything here is a plain function of strings and lists; nothing of the project is imported.
 
 math-verify can spend seconds, or hours, on adversarial LaTeX (`9^{9^{9^{9}}}`, a thousand
-nested parentheses), and its own timeout uses `signal.alarm`, which works only on the main thread
-of the main interpreter. A thread cannot be stopped from outside, so the checks run in one
-long-lived worker process: this file run as a script (see `_serve` at the bottom). The caller
-waits at most `MATH_TIMEOUT_S` per answer, then kills the worker (a fresh one starts on the next
-call) and scores the answer 0.0. The worker is a plain `python reward.py` child rather than a
-multiprocessing child, so it never re-imports the training script (`spawn` and `forkserver`
-both run `__main__` again, which for a script-style train.py means torch and a second training
-run) and it is safe to start from a process that holds CUDA or NCCL state (no bare `fork`).
+nested parentheses), and a time limit by signal works only on the main thread of the main
+interpreter. A thread cannot be stopped from outside, so the checks run in one long-lived worker
+process: this file run as a script (see `_serve` at the bottom), where one SIGALRM bounds each
+whole check (`WORKER_DEADLINE_S`). The caller waits at most `MATH_TIMEOUT_S` per answer, then
+kills the worker (a fresh one starts on the next call). Either way the check is TIMEOUT: scored
+0.0 this time, counted (`timed_out_checks`), never cached. The worker is a plain
+`python reward.py` child rather than a multiprocessing child, so it never re-imports the
+training script (`spawn` and `forkserver` both run `__main__` again, which for a script-style
+train.py means torch and a second training run) and it is safe to start from a process that
+holds CUDA or NCCL state (no bare `fork`).
 """
 
 import atexit
@@ -132,13 +135,45 @@ def self_rewards(rankings: list[list[int] | None], k: int) -> list[float] | None
 # ---------------------------------------------------------------------------------------------
 
 MATH_TIMEOUT_S = 5.0  # the longest the caller waits for one answer's check before killing it
+# The worker's own limit for one whole check (normalise, parse, compare, confirm), by SIGALRM:
+# under the caller's limit, so a slow check ends as "timeout" without losing the worker.
+WORKER_DEADLINE_S = 3.0
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy on a busy machine; not charged to an answer
-_WORKER_ITEM_TIMEOUT_S = 2  # math-verify's own (signal) limit per parse / comparison, inside
+
+# What one check found (`math_checks`); only RIGHT pays.
+RIGHT = "right"  # the final answer equals the gold answer
+WRONG = "wrong"  # it does not, or there is no final answer, or it does not parse
+TIMEOUT = "timeout"  # the check ran out of time: unknown, scored 0.0 this time, never cached
+
 _BOXED = re.compile(r"\\boxed\s*\{")
+# What may stand between the boxes of one answer written box by box: commas, semicolons, "and",
+# spaces and math-mode delimiters; a comma, a semicolon or "and" is required.
+_BOX_LIST_SEPARATOR = re.compile(
+    r"(?:\s|\$|\\[,;:! ]|\\quad|\\qquad|\\\(|\\\))*"
+    r"(?:,|;|\band\b|\\text\s*\{\s*and\s*\})"
+    r"(?:\s|\$|\\[,;:! ]|\\quad|\\qquad|\\\(|\\\)|\band\b|\\text\s*\{\s*and\s*\})*"
+)
 
 _worker: subprocess.Popen | None = None
 _worker_owner_pid: int | None = None  # a forked child must not talk over its parent's pipes
 _worker_lock = threading.Lock()  # one request at a time on the pipes, whatever the thread
+_timed_out = 0  # checks that ended TIMEOUT in this process (timed_out_checks)
+
+
+def _boxes(text: str) -> tuple[list[tuple[int, int, str]], bool]:
+    """Top-level boxes of `text` as (start, end, content), and whether the last one is unclosed.
+
+    `text[start:end]` is the whole `\\boxed{...}`. Escaped braces `\\{ \\}` do not count; a box
+    nested in another box belongs to it; an unclosed box swallows the rest of the text.
+    """
+    boxes, start = [], 0
+    while (match := _BOXED.search(text, start)) is not None:
+        end = _closing_brace(text, match.end())
+        if end is None:
+            return boxes, True
+        boxes.append((match.start(), end + 1, text[match.end() : end]))
+        start = end + 1
+    return boxes, False
 
 
 def last_boxed(text: str) -> str | None:
@@ -150,13 +185,34 @@ def last_boxed(text: str) -> str | None:
     >>> last_boxed("so \\boxed{1} or rather \\boxed{\\frac{1}{2}}.")
     '\\frac{1}{2}'
     """
-    content, start = None, 0
-    while (match := _BOXED.search(text, start)) is not None:
-        end = _closing_brace(text, match.end())
-        if end is None:
-            return None
-        content, start = text[match.end() : end], end + 1
-    return content
+    boxes, unclosed = _boxes(text)
+    if unclosed or not boxes:
+        return None
+    return boxes[-1][2]
+
+
+def final_answer(text: str) -> str | None:
+    r"""The answer a completion gives: its last box, with the boxes listed just before it.
+
+    The parse rule: the last top-level `\boxed{}` is the final answer (an earlier box that the
+    model went on to correct, `\boxed{2} hmm, no: \boxed{3}`, does not count), except that an
+    answer written box by box, `\boxed{1}, \boxed{2}` or `$\boxed{1}$ and $\boxed{2}$`, is one
+    answer: the boxes separated from the last one only by commas, semicolons, "and" and
+    spaces are joined as the list `1, 2`. So a tuple or a set of solutions boxed part by part
+    is read whole (it matches a gold `(1, 2)` or `1, 2`), and hedging over several boxes for a
+    single-valued gold is read as the list it is and not paid. None: no box, or the last box is
+    unclosed (a truncated completion).
+
+    >>> final_answer(r"so \boxed{2} hmm, no: \boxed{3}, \boxed{4}")
+    '3, 4'
+    """
+    boxes, unclosed = _boxes(text)
+    if unclosed or not boxes:
+        return None
+    first = len(boxes) - 1
+    while first > 0 and _BOX_LIST_SEPARATOR.fullmatch(text[boxes[first - 1][1] : boxes[first][0]]):
+        first -= 1
+    return ", ".join(content for _, _, content in boxes[first:])
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -175,10 +231,11 @@ def _closing_brace(text: str, start: int) -> int | None:
 
 
 def math_reward(completion: str, gold: str) -> float:
-    r"""1.0 if the last `\boxed{}` of `completion` equals `gold` under math-verify, else 0.0.
+    r"""1.0 if the final answer of `completion` equals `gold`, else 0.0 (see `math_checks`).
 
-    No box or an empty box is 0.0. Never raises on any strings and never hangs, on any thread:
-    a check that runs past `MATH_TIMEOUT_S` counts as 0.0.
+    The final answer is the last `\boxed{}` (boxes listed just before it join it: see
+    `final_answer`). No box or an empty box is 0.0. Never raises on any strings and never hangs,
+    on any thread: a check that runs past `MATH_TIMEOUT_S` counts as 0.0.
     """
     return math_rewards([completion], [gold])[0]
 
@@ -188,45 +245,87 @@ def math_rewards(
 ) -> list[float]:
     """`math_reward` of each (completion, gold) pair, with at most `timeout` s spent on each.
 
-    Answers without a box, or whose box is the gold text up to spaces, are settled here; the rest
-    go to the worker process one by one, and it caches parses and verdicts, so the G samples of a
-    prompt that agree on an answer cost one check.
+    1.0 where `math_checks` finds RIGHT, else 0.0 (a timed-out check included: use
+    `math_checks` to count those). Raises ValueError on lists of different lengths, TypeError
+    on anything but strings.
+    """
+    return [float(status == RIGHT) for status in math_checks(completions, golds, timeout)]
+
+
+def math_checks(
+    completions: list[str], golds: list[str], timeout: float = MATH_TIMEOUT_S
+) -> list[str]:
+    r"""What checking each completion's final answer against its gold found: RIGHT, WRONG or
+    TIMEOUT, with at most `timeout` s (caller's wall clock) spent on each.
+
+    Equal means, after normalising both texts (below), that math-verify finds the two equal AND
+    that every numeric comparison it accepted holds exactly: both values exact numbers ->
+    exact arithmetic (rationals compared as fractions, other constants to 30 significant
+    digits); a decimal involved -> agreement to 6 significant digits (within half a unit of
+    the 6th), besides math-verify's own 6 decimal places, so `1e-30` and `2e-30` differ;
+    expressions with variables -> their exact difference simplifies to 0. Only the LaTeX
+    reading of the whole answer counts: an answer that does not parse as LaTeX (or parses
+    only in part, like `4\sqrt(2)`) is WRONG unless it is the gold text up to spaces.
+
+    Normalised before parsing, on both sides: a trailing period or spacing at the end
+    (`\frac{14}{3}.`); digit groups written with a thin space, a backslash-space or a space
+    (`1\,000`, `1\ 000`, `1 000` are 1000; `1,000`, `1{,}000` and `10,\!000` already are);
+    upright constants `\mathrm{e}`, `\mathrm{i}`. A percent sign is notation: with one on
+    both sides or on neither, numbers compare as written; with one on one side only, the
+    other side may give the number or the fraction (`12.5\%` equals `12.5` and `0.125`).
+
+    TIMEOUT: the worker's `WORKER_DEADLINE_S` or the caller's `timeout` ran out (a slow check,
+    or a machine too busy to finish it). It is never cached, so the same pair is checked
+    afresh next time. Raises ValueError on lists of different lengths, TypeError on anything
+    but strings.
     """
     if len(completions) != len(golds):
         raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
     for text in [*completions, *golds]:
         if not isinstance(text, str):
             raise TypeError(f"completions and gold answers must be str, got {type(text).__name__}")
+    global _timed_out
     with _worker_lock:
-        return [_score(completion, gold, timeout) for completion, gold in zip(completions, golds)]
+        statuses = [_check(answer, gold, timeout) for answer, gold in zip(completions, golds)]
+        _timed_out += statuses.count(TIMEOUT)
+    return statuses
 
 
-def _score(completion: str, gold: str, timeout: float) -> float:
-    answer = last_boxed(completion)
+def timed_out_checks() -> int:
+    """How many checks of `math_checks` (hence `math_reward(s)`) timed out in this process so far.
+
+    A running total, so that a caller of `math_rewards` can count the timeouts of one batch as
+    the difference before and after it.
+    """
+    return _timed_out
+
+
+def _check(completion: str, gold: str, timeout: float) -> str:
+    answer = final_answer(completion)
     if answer is None or not answer.strip():
-        return 0.0
+        return WRONG
     if "".join(answer.split()) == "".join(gold.split()):
-        return 1.0
+        return RIGHT
     return _ask_worker(gold, answer, timeout)
 
 
-def _ask_worker(gold: str, answer: str, timeout: float) -> float:
+def _ask_worker(gold: str, answer: str, timeout: float) -> str:
     """Send one check to the worker and wait `timeout` s; kill the worker when it runs over."""
     worker = _running_worker()
     try:
-        worker.stdin.write(json.dumps([gold, answer]) + "\n")
+        worker.stdin.write(json.dumps([gold, answer, WORKER_DEADLINE_S]) + "\n")
         worker.stdin.flush()
         readable, _, _ = select.select([worker.stdout], [], [], timeout)
-        reply = worker.stdout.readline() if readable else ""
+        reply = worker.stdout.readline().strip() if readable else ""
     except OSError:  # a broken pipe: the worker died (out of memory, say)
         reply = ""
     except BaseException:  # interrupted mid-request: a late reply would answer the next one
         _stop_worker()
         raise
-    if reply.strip() not in ("0", "1"):  # over time or dead: the answer counts as wrong
+    if reply not in (RIGHT, WRONG, TIMEOUT):  # over time or dead: kill, and say it timed out
         _stop_worker()
-        return 0.0
-    return float(reply)
+        return TIMEOUT
+    return reply
 
 
 def _running_worker() -> subprocess.Popen:
@@ -268,41 +367,159 @@ atexit.register(_stop_worker)
 # The worker process: `python reward.py`, fed by _ask_worker
 # ---------------------------------------------------------------------------------------------
 
+# A period or spacing that ends the answer (a sentence's end, typed inside the box).
+_TRAILING = re.compile(r"(?:\s|\\[,;:! ]|\\quad|\\qquad|(?<!\\)\.)+$")
+# A digit-group separator: a thin, medium or thick space, a backslash-space, `~`, a plain or
+# Unicode thin / no-break space, between a digit and exactly three digits. LaTeX math ignores
+# spaces, so `1\,000` and `1 000` both print 1000; math-verify reads them as 1 x 000 = 0.
+_DIGIT_GROUP = re.compile(
+    r"(?<=\d)(?:\\[,;: ]|\\thinspace|~|[ \u00a0\u2009\u202f])+(?=\d{3}(?!\d))"
+)
+_UPRIGHT_CONSTANT = re.compile(r"\\mathrm\s*\{\s*([ei])\s*\}")  # math-verify drops `\mathrm{e}`
+_PERCENT = re.compile(r"\\text\s*\{\s*\\?%\s*\}|\\?%")
+
+
+class _Deadline(BaseException):
+    """The worker's SIGALRM: a BaseException, so that math-verify's and sympy's `except
+    Exception` handlers let it through instead of turning it into "not equal"."""
+
+
+def _on_alarm(signum, frame):
+    raise _Deadline
+
+
+def _normalise(latex: str) -> str:
+    latex = _TRAILING.sub("", latex.strip())
+    latex = _DIGIT_GROUP.sub("", latex)
+    return _UPRIGHT_CONSTANT.sub(r"\1", latex)
+
 
 @functools.lru_cache(maxsize=4096)
 def _parse(latex: str) -> list:
+    """math-verify's LaTeX reading of the whole answer: sympy objects only, [] if none.
+
+    Wrapped in $...$: a raw `\\left( 3, \\frac{\\pi}{2} \\right)` otherwise parses as 3. Only
+    the LaTeX extractor: math-verify's plain-expression fallback reads a leading number of
+    text it cannot parse (`4\\sqrt(2)` -> 4), and its text fallback compares normalised
+    strings (`\\mathrm{e}` dropped), so neither can vouch for an answer. No internal timeout:
+    the check's SIGALRM bounds it, and a _Deadline raised here is not cached.
+    """
     import math_verify
 
-    # Wrapped in $...$: a raw `\left( 3, \frac{\pi}{2} \right)` otherwise parses as 3.
-    return math_verify.parse(f"${latex}$", parsing_timeout=_WORKER_ITEM_TIMEOUT_S)
+    parsed = math_verify.parse(
+        f"${latex}$",
+        extraction_config=[math_verify.LatexExtractionConfig()],
+        parsing_timeout=None,
+    )
+    return [item for item in parsed if not isinstance(item, str)]
 
 
 @functools.lru_cache(maxsize=65536)
 def _equivalent(gold: str, answer: str) -> bool:
+    """Whether `answer` equals `gold` under the rules of `math_checks`; raises _Deadline."""
     import math_verify
 
-    try:  # gold first: math-verify's comparison is not symmetric
-        return math_verify.verify(
-            _parse(gold), _parse(answer), timeout_seconds=_WORKER_ITEM_TIMEOUT_S
-        )
-    except Exception:  # math-verify failing on odd LaTeX is a wrong answer, not a crash
+    def equal(gold: str, answer: str) -> bool:
+        parsed_gold, parsed_answer = _parse(_normalise(gold)), _parse(_normalise(answer))
+        if not parsed_gold or not parsed_answer:
+            return False
+        try:  # gold first: math-verify's comparison is not symmetric
+            return math_verify.verify(parsed_gold, parsed_answer, timeout_seconds=None)
+        except Exception:  # math-verify failing on odd LaTeX is a wrong answer, not a crash
+            return False
+
+    gold_percent, answer_percent = bool(_PERCENT.search(gold)), bool(_PERCENT.search(answer))
+    if equal(_PERCENT.sub("", gold), _PERCENT.sub("", answer)):
+        return True
+    if gold_percent == answer_percent:
         return False
+    # A percent sign on one side only: its number may also stand for the fraction, 25% = 0.25.
+    # (The replacement is a function so that its backslashes are taken literally.)
+    fraction = r"\cdot\frac{1}{100}"
+    return equal(_PERCENT.sub(lambda _: fraction, gold), _PERCENT.sub(lambda _: fraction, answer))
+
+
+def _check_within(gold: str, answer: str, seconds: float) -> str:
+    """RIGHT, WRONG or TIMEOUT for one pair, with a SIGALRM after `seconds` (main thread)."""
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return RIGHT if _equivalent(gold, answer) else WRONG
+    except _Deadline:  # raised out of the lru_caches: neither the parse nor the verdict is kept
+        return TIMEOUT
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+# ----- Confirming math-verify's numeric "equal" ----------------------------------------------
+# math-verify's leaf test for two values (grader.sympy_numeric_eq) rounds decimals to 6 places
+# and accepts any difference that evalf(chop=True) at 15 digits turns into 0. Both are absolute
+# tolerances: 1/2004! = 1/2006!, 2^-98 = 2^-99, and 1/(3 2^2006) = (2^2005 + 1)/(3 2^2006)
+# (the difference, 1/6, is chopped next to terms of size 2^2005). The library has no hook for
+# it, so in this worker process its leaf test is wrapped: an "equal" from it must also pass
+# _same_value. Sets, tuples, intervals, matrices and equations reach their values through the
+# same leaf test, so they are confirmed element by element.
+
+
+def _same_value(a, b) -> bool:
+    """Whether two sympy values math-verify called equal are equal by the rules of math_checks."""
+    import sympy
+
+    if isinstance(a, sympy.MatrixBase) or isinstance(b, sympy.MatrixBase):
+        if not (isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase)):
+            return False
+        return a.shape == b.shape and all(_same_value(x, y) for x, y in zip(a, b))
+    a, b = sympy.sympify(a).doit(), sympy.sympify(b).doit()  # 2^{10}, 4! and 25% evaluated
+    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)):
+        return True  # not a value (a boolean, say): math-verify's verdict stands
+    decimal = a.has(sympy.Float) or b.has(sympy.Float)
+    if a.free_symbols or b.free_symbols:  # expressions: decimals read as the fractions written
+        difference = sympy.nsimplify(a - b, rational=True) if decimal else a - b
+        return sympy.simplify(difference) == 0
+    if not decimal and a.is_Rational and b.is_Rational:
+        return a == b
+    size = max(abs(sympy.N(a, 50)), abs(sympy.N(b, 50)))
+    difference = abs(sympy.N(a - b, 50))  # evaluated as one: no cancellation between roundings
+    if not (difference.is_number and size.is_number):
+        return False
+    if decimal:  # within half a unit of the 6th significant digit of the larger
+        return bool(size == 0 or difference <= 5 * 10 ** (sympy.floor(sympy.log(size, 10)) - 6))
+    return bool(difference <= size * sympy.Rational(1, 10**30))
+
+
+def _confirm_numeric_comparisons() -> None:
+    """Wrap math-verify's numeric leaf test with _same_value (see the comment above)."""
+    from math_verify import grader
+
+    loose = grader.sympy_numeric_eq
+
+    def confirmed(a, b, float_rounding: int, numeric_precision: int) -> bool:
+        return loose(a, b, float_rounding, numeric_precision) and _same_value(a, b)
+
+    grader.sympy_numeric_eq = confirmed
 
 
 def _serve() -> None:
-    """Worker loop: one JSON `[gold, answer]` per stdin line, one `1` or `0` per stdout line.
+    """Worker loop: one JSON `[gold, answer, deadline_s]` per stdin line, one status per stdout
+    line (`right`, `wrong` or `timeout`).
 
-    Here math-verify runs on the main thread, so its own signal timeouts work and stop most slow
-    checks without losing the worker; the caller's kill covers what a signal cannot interrupt.
+    math-verify runs on the main thread with its own timeouts off; one SIGALRM per check
+    bounds the whole check (a _Deadline out of any `except Exception`), and the caller's kill
+    covers what a signal cannot interrupt (a long computation inside one C call).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; we exit on EOF
+    signal.signal(signal.SIGALRM, _on_alarm)
     replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout notices are expected
-    _equivalent("1", r"\frac{2}{2}")  # math-verify's lazy imports, before "ready": not charged
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": we bound it
+    _confirm_numeric_comparisons()
+    _check_within("1", r"\frac{2}{2}", _WORKER_START_TIMEOUT_S)  # lazy imports, not charged
     print("ready", file=replies, flush=True)
     for line in sys.stdin:
-        gold, answer = json.loads(line)
-        print(int(_equivalent(gold, answer)), file=replies, flush=True)
+        gold, answer, seconds = json.loads(line)
+        try:
+            status = _check_within(gold, answer, seconds)
+        except _Deadline:  # the alarm went off between the check's end and its disarming
+            status = TIMEOUT
+        print(status, file=replies, flush=True)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,22 @@ from reward import parse_ranking, self_rewards, to_original
 class Completion:
     """One sampled continuation of a prompt."""
     token_ids: list[int]  # generated tokens, ending with EOS if finish_reason == "eos"
-    text: str  # token_ids decoded, special tokens (EOS included) left out
+    text: str  # token_ids decoded by completion_text: every token but EOS and padding
     finish_reason: str  # "eos": the model stopped; "length": max_new_tokens ran out
     logprobs: list[float] | None  # log p_T of each token of token_ids; None for greedy
+
+
+def completion_text(tokenizer, token_ids: list[int], stop_ids=()) -> str:
+    """The text of generated `token_ids`, with only end-of-sequence and padding left out.
+
+    Dropped: the tokenizer's eos and pad tokens and `stop_ids` (the engine's own stop tokens, a
+    chat model's end-of-turn). Every other special token stays: a tokenizer may register the
+    verdict tags `<answer>`, `</answer>` or `<think>` as special tokens, and decoding with
+    skip_special_tokens would strip them, leaving no referee verdict to parse.
+    """
+    dropped = {tokenizer.eos_token_id, tokenizer.pad_token_id, *stop_ids} - {None}
+    return tokenizer.decode([token for token in token_ids if token not in dropped],
+                            skip_special_tokens=False)
 
 
 class HFEngine:
@@ -159,7 +172,7 @@ class HFEngine:
             token_ids = row_tokens[:length]
             completions.append(Completion(
                 token_ids=token_ids,
-                text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                text=completion_text(self.tokenizer, token_ids, self.eos_ids),
                 finish_reason="length" if stop is None else "eos",
                 logprobs=new_logprobs[row][:length] if new_logprobs is not None else None))
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -310,7 +323,7 @@ def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list
 # The vLLM engine and the log-prob gap guard
 # ---------------------------------------------------------------------------------------------
 # `VLLMEngine` has HFEngine's interface (generate, load_weights) and conventions (EOS kept in
-# `token_ids`, `text` without special tokens, log p_T of each sampled token, None when greedy).
+# `token_ids`, `text` without EOS and padding, log p_T of each sampled token, None when greedy).
 # One in-process engine per rank: with torchrun every rank owns a full, unsharded copy and
 # samples its own share of the prompts (tensor parallel 1, vLLM's "external_launcher" backend,
 # a seed per rank). Nothing is served over a socket and no second process is started, so the
@@ -432,7 +445,8 @@ class VLLMEngine:
                 token_ids = list(sample.token_ids)  # a stop token stays in: the trainer learns it
                 completions.append(Completion(
                     token_ids=token_ids,
-                    text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                    text=completion_text(self.tokenizer, token_ids,
+                                         token_ids[-1:] if sample.finish_reason == "stop" else ()),
                     finish_reason="eos" if sample.finish_reason == "stop" else "length",
                     logprobs=list(sample.logprobs.logprobs) if temperature > 0 else None))
             results.append(completions)

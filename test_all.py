@@ -251,6 +251,237 @@ def test_math_reward_kills_and_restarts_a_stuck_worker():
     assert reward.math_reward(r"\boxed{2}", r"\frac{4}{2}") == 1.0  # a fresh worker answers
 
 
+# Issue 14: what the math reward pays. Each case's value is the mathematical truth, checked by
+# hand: the listed 1.0s are equal values, the listed 0.0s differ (math-verify alone paid them).
+@pytest.mark.parametrize(
+    "answer, gold",
+    [
+        # values that differ below an absolute rounding (math-verify: 6 places, evalf chop)
+        (r"\frac{1}{2006!}", r"\frac{1}{2004!}"),  # differ by a factor 2005 * 2006
+        (r"\frac{1}{2^{98}}", r"\frac{1}{2^{99}}"),  # a factor 2
+        (r"\frac{1}{3\cdot 2^{2006}}", r"\frac{2^{2005}+1}{3\cdot 2^{2006}}"),  # ~0 vs ~1/6
+        ("0.00000001", "0.00000002"),  # decimals: 1e-8 vs 2e-8
+        (r"\frac{1}{2006!}", "0"),
+        # ... inside tuples, sets, matrices and equations: the same leaf test
+        (r"(\frac{1}{2^{98}}, 1)", r"(\frac{1}{2^{99}}, 1)"),
+        (r"\{2^{-98}, 1\}", r"\{2^{-99}, 1\}"),
+        (r"\begin{pmatrix} 2^{-98} \\ 1 \end{pmatrix}",
+         r"\begin{pmatrix} 2^{-99} \\ 1 \end{pmatrix}"),
+        ("x = 2^{-98}", "x = 2^{-99}"),
+        (r"\frac{x}{2^{98}}", r"\frac{x}{2^{99}}"),
+        # a part of the answer read as the whole (math-verify's fallbacks)
+        (r"1+\frac{1}{\mathrm{e}}", r"1-\frac{1}{\mathrm{e}}"),  # both were read as 1
+        (r"4\sqrt(2)", "4"),  # malformed \sqrt: read as 4
+        # digit groups are not products: 1\,000 is 1000, not 1 x 000 = 0
+        (r"1\,000", "0"),
+        (r"2\,5", "25"),  # not a group of three digits: stays a product, 10
+        ("0.33", r"\frac{1}{3}"),
+        (r"12.5\%", "12.6"),
+        (r"50\%", "5"),  # a percent is the number or the fraction, never a tenth of it
+        ("(0, 1]", "[0, 1)"),
+    ],
+)
+def test_math_reward_pays_no_wrong_answer(answer, gold):
+    assert reward.math_reward(rf"so \boxed{{{answer}}}", gold) == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [
+        # true equivalences the exact confirmation must keep
+        ("0.5", r"\frac{1}{2}"),
+        (r"\frac{1}{2}", "0.5"),
+        (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}"),
+        ("2^{10}", "1024"),
+        ("1024", "2^{10}"),
+        ("1+x^2", "x^{2}+1"),
+        ("2^{-99}", r"\frac{1}{2^{99}}"),
+        (r"\frac{1}{2^{99}}", "2^{-99}"),
+        (r"\sqrt{3+2\sqrt{2}}", r"1+\sqrt{2}"),  # equal irrationals, not equal as written
+        ("0.333333", r"\frac{1}{3}"),  # a decimal agrees to its 6 significant digits
+        ("0.707107", r"\frac{\sqrt{2}}{2}"),
+        ("0.5x", r"\frac{x}{2}"),
+        (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),  # tuples
+        ("[0, 1)", "[0,1)"),  # intervals
+        (r"\begin{pmatrix} \frac{1}{2} \\ 1 \end{pmatrix}",
+         r"\begin{pmatrix} 0.5 \\ 1 \end{pmatrix}"),
+        ("x=5", "5"),
+        (r"\dfrac{1}{2}", r"\frac12"),
+        # notation normalised before parsing: percentages, either way round
+        (r"12.5\%", "12.5"),
+        ("12.5", r"12.5\%"),
+        (r"12.5 \%", "12.5"),
+        (r"12.5\text{\%}", "12.5"),
+        (r"25\%", "25"),
+        (r"25\%", "0.25"),  # one side only: its number may stand for the fraction
+        (r"12.5\%", r"\frac{1}{8}"),
+        # digit groups: thin, medium, thick and backslash spaces, ~; commas keep working
+        (r"1\,000", "1000"),
+        (r"1\ 000", "1000"),
+        (r"1\;000", "1000"),
+        ("1~000", "1000"),
+        (r"1\,234\,567", "1234567"),
+        ("1,000", "1000"),
+        ("1000", "1,000"),
+        ("1{,}000", "1000"),
+        (r"10,\!000", "10000"),
+        # a sentence's period typed inside the box; the upright constant e
+        (r"\frac{14}{3}.", r"\frac{14}{3}"),
+        (r"\pi.", r"\pi"),
+        ("(1, 2).", "(1,2)"),
+        (r"1-\frac{1}{\mathrm{e}}", r"1-\frac{1}{e}"),
+        (r"\mathrm{e}^{2}", "e^2"),
+    ],
+)
+def test_math_reward_pays_equal_answers(answer, gold):
+    assert reward.math_reward(rf"so \boxed{{{answer}}}", gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"\boxed{1}, \boxed{2}", "1, 2"),
+        (r"$\boxed{1}$ and $\boxed{2}$", "1, 2"),
+        (r"\boxed{1}; \boxed{2}, \boxed{3}", "1, 2, 3"),
+        (r"\boxed{2} hmm, no: \boxed{3}", "3"),  # a correction: words between the boxes
+        (r"\boxed{2} \boxed{3}", "3"),  # no comma, semicolon or "and": the last box
+        (r"\boxed{1}, \boxed{2", None),  # truncated
+        ("no box", None),
+    ],
+)
+def test_final_answer_joins_boxes_listed_together(text, expected):
+    assert reward.final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        (r"\boxed{1}, \boxed{2}", "(1, 2)", 1.0),  # a tuple boxed part by part
+        (r"\boxed{1}, \boxed{2}", "1, 2", 1.0),  # two solutions
+        (r"$\boxed{3}$ and $\boxed{\frac{\pi}{2}}$", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+        (r"\boxed{2}, \boxed{1}", "(1, 2)", 0.0),  # a tuple's order matters
+        (r"\boxed{2}, \boxed{3}", "3", 0.0),  # hedging over boxes is a list, not the answer
+        (r"\boxed{2} hmm, no: \boxed{3}", "3", 1.0),
+    ],
+)
+def test_math_reward_several_boxes(completion, gold, expected):
+    assert reward.math_reward(completion, gold) == expected
+
+
+def test_math_checks_statuses_and_timeout_count():
+    before = reward.timed_out_checks()
+    completions = [r"\boxed{\frac{6}{8}}", r"\boxed{0.7}", "no box", r"\boxed{9^{9^{9^{9}}}}"]
+    golds = [r"\frac{3}{4}", r"\frac{3}{4}", "1", "1"]
+    # the power tower cannot finish: the worker's SIGALRM, or the caller's kill, ends it
+    assert reward.math_checks(completions, golds) == [
+        reward.RIGHT, reward.WRONG, reward.WRONG, reward.TIMEOUT]
+    assert reward.timed_out_checks() - before == 1
+    parens = r"\boxed{" + "(" * 460 + "7" + ")" * 460 + "}"  # ~1 s: over the caller's 0.3 s
+    assert reward.math_checks([parens], ["7"], timeout=0.3) == [reward.TIMEOUT]  # killed
+    assert reward.timed_out_checks() - before == 2
+    assert reward.math_rewards([parens], ["7"], timeout=0.3) == [0.0]
+
+
+def test_math_check_that_timed_out_is_not_cached(monkeypatch):
+    """A stall (here: a worker deadline far too short for any check) gives TIMEOUT, not WRONG,
+    and the same worker checks the same pair afresh next time: no lasting 0."""
+    completion, gold = r"\boxed{\frac{14}{26}}", r"\frac{7}{13}"  # in no other test: uncached
+    reward.math_reward(r"\boxed{1}", "2")  # the worker is up before the deadline is shortened
+    worker = reward._worker
+    monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 1e-4)  # parsing alone takes milliseconds
+    assert reward.math_checks([completion], [gold]) == [reward.TIMEOUT]
+    assert reward.math_reward(completion, gold) == 0.0
+    monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 3.0)
+    assert reward.math_checks([completion], [gold]) == [reward.RIGHT]
+    assert reward._worker is worker  # the same worker, its caches intact: nothing was killed
+
+
+def test_timeouts_counted_by_training_step_and_eval_report(monkeypatch):
+    """train.score counts the step's timed-out checks; eval's reasoning report counts them."""
+    monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 1e-4)
+    record = {"task": "verifiable", "answer": r"\frac{5}{11}"}
+    texts = [r"\boxed{\frac{10}{22}}", r"\boxed{\frac{15}{33}}", r"\frac{5}{11}",
+             r"\boxed{\frac{5}{11}}"]
+    group = train.Group(record, [1], completions=[Completion([1], t, "eos", None) for t in texts])
+    tally = train.Tally()
+    train.score([group], None, tiny_cfg(group_size=4), random.Random(0), tally)
+    # two checks reach the worker and time out; no box is wrong; the gold text itself is right
+    assert group.rewards == [0.0, 0.0, 0.0, 1.0]
+    assert tally.sums["count/math_timeouts/verifiable"] == 2.0
+
+    class Engine:
+        context_len = 10**6
+
+        def generate(self, prompt_ids, n, temperature, max_new_tokens):
+            return [[Completion([1], t, "eos", None) for t in texts[:n]] for _ in prompt_ids]
+
+    tokenizer = tiny_tokenizer()
+    problem = {"id": "p", "messages": [{"role": "user", "content": "x?"}], "meta": {},
+               "answer": r"\frac{6}{13}", "task": "verifiable", "source": "test"}
+    items = evaluation.reasoning_items(Engine(), tokenizer, [problem], 4, samples=2,
+                                       temperature=1.0)
+    assert items[0]["rewards"] == [0.0, 0.0] and items[0]["timeouts"] == [True, True]
+    assert evaluation.reasoning_metrics(items)["timeouts"] == 2
+    items[0].pop("timeouts")  # an item written before this count was kept
+    assert evaluation.reasoning_metrics(items)["timeouts"] == 0
+
+
+# =============================================================================================
+# reward.py: what the parsers read (rollout.completion_text)
+# =============================================================================================
+
+VERDICT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def test_completion_text_keeps_special_verdict_tags():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VERDICT_TAGS})
+    ids = tokenizer.encode("<think>ok</think><answer>[2] > [1]</answer>", add_special_tokens=False)
+    assert set(tokenizer.convert_tokens_to_ids(VERDICT_TAGS)) <= set(ids)  # one token each
+    # the old decoding: skip_special_tokens drops the tags, and the verdict with them
+    assert parse_ranking(tokenizer.decode(ids, skip_special_tokens=True), 2) is None
+    text = rollout.completion_text(tokenizer, ids + [tokenizer.eos_token_id])
+    assert text == "<think>ok</think><answer>[2] > [1]</answer>"  # EOS dropped, tags kept
+    assert parse_ranking(text, 2) == [1, 0]
+    assert rollout.completion_text(tokenizer, ids[:3] + [tokenizer.pad_token_id]) == \
+        tokenizer.decode(ids[:3])
+    assert rollout.completion_text(tokenizer, ids + [7], stop_ids=[7]) == text  # an end-of-turn
+
+
+class ScriptedLogits(torch.nn.Module):
+    """A model whose every forward pass puts all probability on the next token of `script`: the
+    real engine then samples exactly those tokens, through its own decode path."""
+
+    def __init__(self, model, script):
+        super().__init__()
+        self.model, self.script, self.calls, self.config = model, script, 0, model.config
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        logits = torch.full_like(out.logits, -1e4)
+        logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
+        self.calls += 1
+        out.logits = logits
+        return out
+
+
+def test_hf_engine_text_keeps_special_verdict_tags(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VERDICT_TAGS})
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer = model_lib.load_tokenizer(str(tmp_path))
+    verdict = "<think>ok</think><answer>[2] > [1]</answer>"
+    script = tokenizer.encode(verdict, add_special_tokens=False) + [tokenizer.eos_token_id]
+    engine = HFEngine(str(tmp_path), tokenizer, seed=0)
+    engine.model = ScriptedLogits(engine.model, script)
+    prompt = chat_ids(tokenizer, [{"role": "user", "content": "rank [1] and [2]"}])
+    (completion,), = engine.generate([prompt], n=1, temperature=0.0, max_new_tokens=len(script) + 5)
+    assert completion.token_ids == script and completion.finish_reason == "eos"
+    assert completion.text == verdict
+    assert parse_ranking(completion.text, 2) == [1, 0]
+
+
 # =============================================================================================
 # grpo.py: advantages
 # =============================================================================================
@@ -1139,7 +1370,9 @@ def test_engine_shapes_logprobs_and_determinism(tiny_dir, tmp_path):
             assert stops == [len(c.token_ids) - 1]
         else:
             assert stops == [] and len(c.token_ids) == 8
-        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        # only EOS, the stop tokens and padding are left out of the text (rollout.completion_text)
+        kept = [t for t in c.token_ids if t not in {*engine.eos_ids, tokenizer.pad_token_id}]
+        assert c.text == tokenizer.decode(kept, skip_special_tokens=False)
         assert tokenizer.pad_token_id not in c.token_ids
 
     # Same seed, same calls: same samples; another seed: other samples.
@@ -2280,7 +2513,9 @@ def test_generate_returns_completions_that_end_like_hf_engine_ones(tiny_qwen):
     assert set(reasons) == {"eos", "length"}
     for c in completions:
         assert len(c.logprobs) == len(c.token_ids)
-        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        # only the stop tokens (EOS, padding) are left out of the text (rollout.completion_text)
+        kept = [t for t in c.token_ids if t not in stops]
+        assert c.text == tokenizer.decode(kept, skip_special_tokens=False)
         if c.finish_reason == "eos":  # ends with one of the two stop tokens, kept
             assert c.token_ids[-1] in stops and not stops & set(c.token_ids[:-1])
         else:

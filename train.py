@@ -49,7 +49,7 @@ import model as model_lib
 import rollout
 from grpo import group_advantages, grpo_loss, truncated_is_weights
 from data import TASKS
-from reward import math_rewards, parse_ranking, ranking_reward, to_original
+from reward import math_rewards, parse_ranking, ranking_reward, timed_out_checks, to_original
 
 @dataclass
 class Config:
@@ -329,7 +329,12 @@ def score(groups: list[Group], judge_engine, cfg: Config, rng: random.Random, ta
     # Verifiable: math-verify on the last \boxed{} against the gold answer (a worker pool, bounded time).
     texts = [c.text for g in by_task["verifiable"] for c in g.completions]
     golds = [g.record["answer"] for g in by_task["verifiable"] for _ in g.completions]
+    timed_out = timed_out_checks()
     flat = math_rewards(texts, golds)
+    # A check that ran out of time scores 0 without the answer being wrong: count them, a
+    # machine too busy for math-verify shows here before it shows as a lower reward.
+    if texts:
+        tally.add("count/math_timeouts/verifiable", timed_out_checks() - timed_out)
     for i, g in enumerate(by_task["verifiable"]):
         g.rewards = flat[i * cfg.group_size:(i + 1) * cfg.group_size]
 
