@@ -411,12 +411,16 @@ You are an impartial judge. Below is a conversation between a user and an AI ass
 Rank all {k} candidates from best to worst as the assistant's next reply: prefer the reply \
 that is more helpful, correct, honest and harmless. Do not let the order in which they are \
 shown, or their length, sway you.
-First explain your judgement briefly inside <think></think>. Then write the full ranking, best \
-first, inside <answer></answer>: each of the labels {labels} exactly once, separated by ">", \
-with no ties and no other words.
+{instruction} inside <answer></answer>: each of the labels {labels} exactly once, separated by \
+">", with no ties and no other words.
 For {k} candidates the format looks like this (the order here is only an example):
-<think>A few sentences comparing the candidates.</think>
-<answer>{example}</answer>"""
+{example}"""
+# The verdict with brief reasoning first (the paper's generative referee), or the ranking alone
+# (`think=False`: for small token budgets and small models; our option, not the paper's).
+THINK_INSTRUCTION = ("First explain your judgement briefly inside <think></think>. Then write "
+                     "the full ranking, best first,")
+RANKING_INSTRUCTION = "Write the full ranking, best first,"
+EXAMPLE_THINKING = "A few sentences comparing the candidates."
 
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -435,8 +439,10 @@ def player_prompt(example: dict) -> list[dict]:
                      "referee_prompt(example['messages'], example['responses'], order)")
 
 
-def referee_prompt(messages: list[dict], responses: list[str], order: list[int]) -> list[dict]:
+def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
+                   think: bool = True) -> list[dict]:
     """One user turn asking to rank the candidates; label [j+1] shows responses[order[j]].
+    With `think`, the verdict asked for opens with brief reasoning in <think></think>.
 
     Example: responses ["4", "5"] with order [1, 0] show "### Candidate [1]" followed by "5",
     then "### Candidate [2]" followed by "4"; a parsed ranking [0, 1] (shown positions, best
@@ -451,9 +457,49 @@ def referee_prompt(messages: list[dict], responses: list[str], order: list[int])
                              for j, shown in enumerate(order))
     text = REFEREE_TEMPLATE.format(
         k=k, conversation=conversation, candidates=candidates,
+        instruction=THINK_INSTRUCTION if think else RANKING_INSTRUCTION,
         labels=", ".join(f"[{j}]" for j in range(1, k + 1)),
-        example=" > ".join(f"[{j}]" for j in range(k, 0, -1)))
+        example=referee_verdict(list(range(k - 1, -1, -1)), EXAMPLE_THINKING if think else None))
     return [{"role": "user", "content": text}]
+
+
+def referee_verdict(shown_ranking: list[int], thinking: str | None = None) -> str:
+    """A verdict in the format the referee is asked for, which reward.parse_ranking reads back:
+    `shown_ranking` holds 0-based shown positions, best first; [1, 0] gives
+    "<answer>[2] > [1]</answer>", preceded by "<think>thinking</think>\n" when given."""
+    answer = "<answer>" + " > ".join(f"[{j + 1}]" for j in shown_ranking) + "</answer>"
+    return answer if thinking is None else f"<think>{thinking}</think>\n{answer}"
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
+
+
+def gold_target(record: dict, rng: random.Random, think: bool = True) -> tuple[list[dict], str] | None:
+    """A supervised example in the output format of the record's role, for the cold start
+    (train.py, --warmup_steps): (prompt messages, target text), or None if the record has none.
+
+    - preference: the referee prompt with the candidates in a random order, and the gold ranking
+      written as a verdict (with `think`, after an empty <think></think>: there is no gold
+      reasoning to imitate);
+    - verifiable with a worked solution (meta["reference"]): the player prompt, and the solution
+      ending in \\boxed{gold}: GSM8K's calculator annotations dropped and its "#### N" line
+      written as "The answer is \\boxed{N}."; a solution that already boxes its answer as it is;
+    - open: None (an instruction has no gold answer to imitate).
+    """
+    if record["task"] == "preference":
+        order = rng.sample(range(len(record["responses"])), len(record["responses"]))
+        shown_ranking = [order.index(candidate) for candidate in record["ranking"]]
+        prompt = referee_prompt(record["messages"], record["responses"], order, think)
+        return prompt, referee_verdict(shown_ranking, "" if think else None)
+    solution = record["meta"].get("reference") if record["task"] == "verifiable" else None
+    if not solution:
+        return None
+    if "####" in solution:
+        steps = _CALCULATOR.sub("", solution.split("####")[0]).strip()
+        solution = f"{steps}\nThe answer is \\boxed{{{record['answer']}}}."
+    elif last_boxed(solution) is None:
+        return None
+    return player_prompt(record), solution
 
 
 # --- The mixture: which prompts each rank rolls out at each step ---

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt, referee_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
-from reward import RIGHT, TIMEOUT, math_checks, parse_ranking, ranking_reward, to_original
+from reward import RIGHT, TIMEOUT, last_boxed, math_checks, parse_ranking, ranking_reward, to_original
 from rollout import fits, make_engine
 
 # RewardBench v1 sections (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
@@ -164,9 +164,9 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
     """Accuracy (pass@1: the mean reward over each problem's samples, then over problems), per
-    subject and level where the data has them, the share of answers cut by the token limit, and
-    `timeouts`: answers whose check ran out of time (scored 0, right or not; items from before
-    this count was kept have none)."""
+    subject and level where the data has them, the share of answers with a \\boxed{} (boxed_rate)
+    and cut by the token limit, and `timeouts`: answers whose check ran out of time (scored 0,
+    right or not; items from before this count was kept have none)."""
     items, skipped = scored(items)
     metrics = {"accuracy": mean(mean(item["rewards"]) for item in items)}
     for key in ("subject", "level"):
@@ -175,7 +175,8 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
             if item.get(key) is not None:
                 groups[item[key]].append(mean(item["rewards"]))
         metrics.update({f"{key}/{name}": mean(v) for name, v in sorted(groups.items(), key=str)})
-    metrics.update(truncation_rate=mean(t for item in items for t in item["truncated"]),
+    metrics.update(boxed_rate=mean(last_boxed(text) is not None for item in items for text in item["texts"]),
+                   truncation_rate=mean(t for item in items for t in item["truncated"]),
                    mean_tokens=mean(n for item in items for n in item["tokens"]),
                    timeouts=sum(sum(item.get("timeouts", [])) for item in items), n=len(items),
                    skipped_long_prompts=skipped)
@@ -243,18 +244,19 @@ def generate_fitting(engine, prompts: list[list[int]], n: int, temperature: floa
 
 
 def referee_verdicts(engine, tokenizer, conversations, candidates, orders,
-                     max_new_tokens) -> list[tuple | None]:
+                     max_new_tokens, think: bool = True) -> list[tuple | None]:
     """One greedy referee verdict per (conversation, candidates, shown order), with the referee
-    template of training: (ranking in original indices or None if invalid, generated text), or
-    None where the prompt did not fit in the engine's context."""
-    prompts = [chat_ids(tokenizer, referee_prompt(messages, responses, order))
+    template of training (`think`: reasoning before the ranking): (ranking in original indices
+    or None if invalid, generated text), or None where the prompt did not fit in the engine's
+    context."""
+    prompts = [chat_ids(tokenizer, referee_prompt(messages, responses, order, think))
                for messages, responses, order in zip(conversations, candidates, orders)]
     outputs = generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)
     return [None if out is None else (to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
             for out, order in zip(outputs, orders)]
 
 
-def referee_items(engine, tokenizer, records, max_new_tokens, seed) -> list[dict]:
+def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) -> list[dict]:
     """Judge each preference record twice: in a random order seeded by (seed, record id), so it
     does not depend on batching or resumption, then in the reversed order."""
     orders = []
@@ -264,7 +266,7 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed) -> list[dict
         orders += [order, order[::-1]]
     twice = [record for record in records for _ in range(2)]
     verdicts = referee_verdicts(engine, tokenizer, [r["messages"] for r in twice],
-                                [r["responses"] for r in twice], orders, max_new_tokens)
+                                [r["responses"] for r in twice], orders, max_new_tokens, think)
     items = []
     for i, r in enumerate(records):
         item = dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
@@ -302,7 +304,7 @@ def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, tempe
 
 
 def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, judge_tokenizer,
-                      referee_max_new_tokens) -> list[dict]:
+                      referee_max_new_tokens, think=True) -> list[dict]:
     """Answer each instruction greedily, then let the judge compare the answer with the
     record's reference (meta["reference"]) in both orders."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
@@ -311,7 +313,8 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, 
     twice = [(record, answer.text) for record, answer in answered for _ in range(2)]
     verdicts = iter(referee_verdicts(judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
                                      [[text, r["meta"]["reference"]] for r, text in twice],
-                                     [[0, 1], [1, 0]] * len(answered), referee_max_new_tokens))
+                                     [[0, 1], [1, 0]] * len(answered), referee_max_new_tokens,
+                                     think))
     items = []
     for r, a in zip(records, answers):
         item = dict(id=r["id"], instruction=r["messages"][-1]["content"],
@@ -328,16 +331,16 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, 
 
 def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
                    referee_max_new_tokens: int, seed: int = 0, samples: int = 1,
-                   temperature: float = 0.0, judge=None) -> list[dict]:
+                   temperature: float = 0.0, judge=None, think: bool = True) -> list[dict]:
     """The items of one batch of records of one kind; `judge` is the (engine, tokenizer) that
-    judges open answers (default: the evaluated model itself)."""
+    judges open answers (default: the evaluated model itself); `think`: verdicts with reasoning."""
     if kind == "preference":
-        return referee_items(engine, tokenizer, records, referee_max_new_tokens, seed)
+        return referee_items(engine, tokenizer, records, referee_max_new_tokens, seed, think)
     if kind == "verifiable":
         return reasoning_items(engine, tokenizer, records, max_new_tokens, samples, temperature)
     judge_engine, judge_tokenizer = judge or (engine, tokenizer)
     return instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine,
-                             judge_tokenizer, referee_max_new_tokens)
+                             judge_tokenizer, referee_max_new_tokens, think)
 
 
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
@@ -346,17 +349,19 @@ METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
 # (skipped_long_prompts: items not generated, over the engine's context; train.py sums it)
 TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate",
                                    "skipped_long_prompts"],
-                    "verifiable": ["accuracy", "truncation_rate", "skipped_long_prompts"],
+                    "verifiable": ["accuracy", "boxed_rate", "truncation_rate", "skipped_long_prompts"],
                     "open": ["win_rate", "invalid_rate", "avg_length", "skipped_long_prompts"]}
 
 
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
-                             seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+                             seed: int = 0, batch_size: int = 16, think: bool = True,
+                             referee_max_new_tokens: int | None = None) -> dict[str, float]:
     """Held-out metrics with the live engine, flat and named `<set>/<metric>` for train.py's
-    metrics line, all greedy with `max_new_tokens` per answer or verdict: a preference set gives
-    referee accuracy, position consistency and invalid rate; a verifiable set accuracy and
-    truncation rate; an open set (records with meta["reference"]) a win rate against the
-    reference, judged by the model itself.
+    metrics line, all greedy with `max_new_tokens` per answer and `referee_max_new_tokens` per
+    verdict (None: the same; `think`: verdicts with reasoning): a preference set gives referee accuracy, position consistency and invalid rate;
+    a verifiable set accuracy, the share of answers with a \\boxed{} and truncation rate; an
+    open set (records with meta["reference"]) a win rate against the reference, judged by the
+    model itself. Every kind also gives skipped_long_prompts (items over the engine's context).
     Example: {"gsm8k": [...], "hh_rlhf": [...]} -> {"gsm8k/accuracy": 0.25, ...,
     "hh_rlhf/position_consistency": 0.5, ...}."""
     metrics = {}
@@ -369,10 +374,63 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
         items = []
         for start in range(0, len(records), batch_size):
             items += evaluate_items(kind, engine, tokenizer, records[start:start + batch_size],
-                                    max_new_tokens, max_new_tokens, seed)
+                                    max_new_tokens, referee_max_new_tokens or max_new_tokens, seed,
+                                    think=think)
         values = METRICS[kind](items)
         metrics.update({f"{name}/{key}": float(values[key]) for key in TRAINING_METRICS[kind]})
     return metrics
+
+
+# ====================================================================================== curves
+CURVES = [  # (panel title, metrics.jsonl key prefixes drawn in it)
+    ("reward per task", ["reward/"]),
+    ("referee invalid rate", ["referee/invalid_rate/"]),
+    ("groups that carry a gradient", ["nonzero_adv_share/"]),
+    ("loss", ["loss"]),
+]
+
+
+def plot_run(metrics_path: str, out_path: str) -> str:
+    """Draw a run's curves from its metrics.jsonl into one PNG and return its path: reward per
+    task, referee invalid rate, the share of groups whose rewards differ, the loss, and the
+    held-out metrics (referee sets, then player sets) against the step. Step 0 holds the
+    evaluation before any training. Raises ValueError when the file has no step line."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in lines if "step" in line]
+    if not lines:
+        raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's metrics.jsonl?")
+    keys = sorted({key for line in lines for key in line})
+    held_out = [key for key in keys if key.startswith("eval/") and not key.endswith("skipped_long_prompts")]
+    referee_sets = {key.split("/")[1] for key in held_out if key.endswith("/position_consistency")}
+    panels = [(title, [k for k in keys if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)])
+              for title, prefixes in CURVES]
+    panels += [("held-out referee", [k for k in held_out if k.split("/")[1] in referee_sets]),
+               ("held-out player", [k for k in held_out if k.split("/")[1] not in referee_sets])]
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for axis, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            points = [(line["step"], line[name]) for line in lines
+                      if isinstance(line.get(name), (int, float)) and math.isfinite(line[name])]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3,
+                          label=name.removeprefix("eval/"))
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+        else:
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
+    figure.suptitle(os.path.dirname(os.path.abspath(metrics_path)))
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return out_path
 
 
 # ======================================================================================== CLI
@@ -444,7 +502,7 @@ def task_settings(args, task: str) -> dict:
     if kind != "preference":
         settings.update(max_new_tokens=args.max_new_tokens)
     if kind != "verifiable":
-        settings.update(referee_max_new_tokens=args.referee_max_new_tokens)
+        settings.update(referee_max_new_tokens=args.referee_max_new_tokens, think=args.referee_think)
     if kind == "verifiable":
         settings.update(samples=args.samples,
                         temperature=args.temperature if args.samples > 1 else 0.0)
@@ -538,6 +596,9 @@ def parse_args(argv=None):
                         help="generator name in model_outputs.json (default: the model's folder)")
     parser.add_argument("--annotations", default=None,
                         help="alpaca_eval annotations.json to score instead of generating")
+    parser.add_argument("--referee_think", action=argparse.BooleanOptionalAction, default=True,
+                        help="referee verdicts open with reasoning in <think></think> (--no-referee_think "
+                             "for a model trained with train.py's default, which ranks without it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown orders and sampling")
     parser.add_argument("--out", default="results.json", help="results file (resumable)")
     return parser.parse_args(argv)
@@ -583,7 +644,7 @@ def main(argv=None):
             evaluate_items, kind, engine, tokenizer, max_new_tokens=args.max_new_tokens,
             referee_max_new_tokens=args.referee_max_new_tokens, seed=args.seed,
             samples=args.samples, temperature=args.temperature,
-            judge=(judge_engine, judge_tokenizer))
+            judge=(judge_engine, judge_tokenizer), think=args.referee_think)
         metrics = run_task(results, task, data[task], make_items, METRICS[kind], args.batch_size)
         if task == "alpaca_eval":
             write_model_outputs(results, args)

@@ -274,14 +274,15 @@ class JudgeResult:
 
 def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
                num_orders: int, temperature: float, max_new_tokens: int,
-               rng: random.Random) -> JudgeResult:
+               rng: random.Random, think: bool = True) -> JudgeResult:
     """Rank each group of answers with `engine` as the referee, in `num_orders` random orders.
 
     Group g holds the K = len(answers[g]) answers to conversations[g]. Each order is an
     independent shuffle from `rng`; each referee prompt gets one generation. A valid ranking
     gives the answer at position p the score (K - 1 - p) / (K - 1); an answer's reward is its
     mean score over the group's valid rankings (reward.self_rewards). URPO passes the policy's
-    own engine; the baseline arm passes a frozen referee's engine (with its tokenizer).
+    own engine; the baseline arm passes a frozen referee's engine (with its tokenizer). `think`
+    asks for brief reasoning before the ranking (data.referee_prompt).
 
     Example: answers ["a", "b"], two orders [1, 0] and [0, 1], referee outputs
     "<answer>[1] > [2]</answer>" both times: rankings [1, 0] and [0, 1] -> rewards [0.5, 0.5]
@@ -298,7 +299,7 @@ def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list
         for _ in range(num_orders):
             order = list(range(len(group_answers)))
             rng.shuffle(order)
-            prompt = chat_ids(tokenizer, referee_prompt(messages, group_answers, order))
+            prompt = chat_ids(tokenizer, referee_prompt(messages, group_answers, order, think))
             if not fits(engine, prompt, max_new_tokens):
                 skipped_long += 1
                 continue

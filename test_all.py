@@ -961,6 +961,39 @@ def test_referee_prompt_shows_candidates_in_order():
         data.referee_prompt(messages, ["a"], [0])
 
 
+def test_referee_prompt_without_thinking_asks_for_the_ranking_alone():
+    messages = [{"role": "user", "content": "2+2?"}]
+    text = data.referee_prompt(messages, ["four", "five"], [1, 0], think=False)[0]["content"]
+    assert "<think>" not in text and "Write the full ranking, best first, inside <answer></answer>" in text
+    assert text.endswith("For 2 candidates the format looks like this (the order here is only an "
+                         "example):\n<answer>[2] > [1]</answer>")
+    assert data.referee_verdict([2, 0, 1]) == "<answer>[3] > [1] > [2]</answer>"
+    assert data.referee_verdict([1, 0], "short") == "<think>short</think>\n<answer>[2] > [1]</answer>"
+
+
+def test_gold_targets_of_the_cold_start():
+    gsm8k = {"task": "verifiable", "messages": [{"role": "user", "content": "Q?"}], "answer": "72",
+             "meta": {"reference": "Half of 48 is 48/2 = <<48/2=24>>24.\n48+24 = <<48+24=72>>72\n#### 72"}}
+    prompt, target = data.gold_target(gsm8k, random.Random(0))
+    assert prompt == data.player_prompt(gsm8k)
+    assert target == "Half of 48 is 48/2 = 24.\n48+24 = 72\nThe answer is \\boxed{72}."
+    assert reward.math_reward(target, gsm8k["answer"]) == 1.0
+    math = dict(gsm8k, answer="\\frac{1}{2}", meta={"reference": "So it is $\\boxed{\\frac{1}{2}}$."})
+    assert data.gold_target(math, random.Random(0))[1] == "So it is $\\boxed{\\frac{1}{2}}$."
+    assert data.gold_target(dict(gsm8k, meta={}), random.Random(0)) is None
+    assert data.gold_target(dict(gsm8k, meta={"reference": "no final answer"}), random.Random(0)) is None
+    assert data.gold_target({"task": "open", "messages": [], "meta": {"reference": "x"}}, random.Random(0)) is None
+    pair = {"task": "preference", "messages": [{"role": "user", "content": "Hi"}],
+            "responses": ["good", "bad", "worst"], "ranking": [0, 1, 2], "meta": {}}
+    for seed in range(4):  # whatever order the candidates are shown in, the verdict is the gold ranking
+        for think in (True, False):
+            (turn,), verdict = data.gold_target(pair, random.Random(seed), think)
+            shown = [turn["content"].index(f"\n{r}\n") for r in pair["responses"]]
+            order = sorted(range(3), key=lambda i: shown[i])  # order[j]: the response shown as [j + 1]
+            assert reward.to_original(parse_ranking(verdict, 3), order) == [0, 1, 2]
+            assert verdict.startswith("<think></think>\n<answer>") == think and ("<think>" in turn["content"]) == think
+
+
 # ---------------------------------------------------------------------------------------------
 # The mixture
 # ---------------------------------------------------------------------------------------------
@@ -1939,6 +1972,7 @@ def run_args(model_dir, out_dir, *extra):
     return ["train.py", "--model", model_dir, "--out_dir", str(out_dir), "--steps", "4", "--save_every", "2",
             "--group_size", "2", "--prompts_per_step", "6", "--max_new_tokens", "6", "--judge_max_new_tokens", "8",
             "--max_prompt_tokens", "300", "--data_limit", "30", "--lr", "1e-3", "--skip_zero_advantage", "--samples_every", "0",
+            "--cold_start_steps", "0", "--no-eval_start_end", "--no-plot",  # test_cold_start_... runs those
             # a tiny BPE spends a token on every few bytes: no UltraFeedback pair fits in 300 tokens
             "--task_weights", "verifiable=1,preference=0,open=1", *extra]
 
@@ -2060,6 +2094,55 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     saved = load_checkpoint_dict(checkpoint)["model"]
     for name, tensor in exported.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], atol=0, rtol=0)
+
+
+def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
+    # Gold-formatted targets (worked solutions ending in a box); the loop's own update with
+    # advantage 1 has the NLL's gradient, so the NLL of the targets must fall.
+    policy = model_lib.shard_model(model_lib.load_model(tiny_dir), torch.device("cpu"))
+    tokenizer = model_lib.load_tokenizer(tiny_dir)
+    sources = {"verifiable": data.load("gsm8k:samples/gsm8k/train.first200.jsonl", limit=40),
+               "open": data.load("ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=2)}
+    cfg = tiny_cfg(max_new_tokens=150, max_prompt_tokens=1000, cold_start_steps=8, cold_start_batch=2,
+                   cold_start_lr=3e-3)
+    summary = train.cold_start(policy, sources, tokenizer, cfg, torch.device("cpu"))
+    assert summary["cold_start/nll_last"] < summary["cold_start/nll_first"] - 0.5, summary
+    with pytest.raises(SystemExit, match="no preference record or worked solution fits"):
+        train.cold_start(policy, sources, tokenizer, dataclasses_replace(cfg, max_new_tokens=5), torch.device("cpu"))
+
+
+def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, out, "--steps", "2", "--save_every", "0", "--cold_start_steps", "2",
+                    "--cold_start_batch", "2", "--max_new_tokens", "100", "--judge_max_new_tokens", "8",
+                    "--eval_start_end", "--eval_limit", "2", "--eval_max_new_tokens", "8", "--plot")
+    run = subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]], cwd=HERE,
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert lines[0]["cold_start/nll_first"] > 0 and lines[0]["time/cold_start"] > 0
+    for line in (lines[0], lines[2]):  # held-out sets before the cold start and after the last step
+        assert 0 <= line["eval/gsm8k/boxed_rate"] <= 1 and 0 <= line["eval/hh_rlhf/accuracy"] <= 1
+    assert not any(key.startswith("eval/") for key in lines[1])
+    assert "held-out metric" in run.stdout and "hh_rlhf/accuracy" in run.stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # any run's curves, drawn again by the subcommand; a folder without metrics is refused
+    drawn = subprocess.run([sys.executable, "train.py", "plot", str(out), str(tmp_path / "again.png")],
+                           cwd=HERE, capture_output=True, text=True, check=True)
+    assert drawn.stdout.strip() == str(tmp_path / "again.png") and (tmp_path / "again.png").stat().st_size > 10_000
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    assert refused.returncode != 0 and "RUN_DIR holds a metrics.jsonl" in refused.stderr
+
+
+def test_before_and_after_table(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        {"step": 0, "eval/hh/accuracy": 0.5, "eval/gsm8k/boxed_rate": 0.0},
+        {"step": 1, "loss": 0.1}, {"step": 2, "eval/hh/accuracy": 0.75, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
+    rows = train.before_and_after(str(path)).splitlines()
+    assert rows[0].split() == ["held-out", "metric", "step", "0", "step", "2"]
+    assert rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"] and rows[2].split() == ["hh/accuracy", "0.500", "0.750"]
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
@@ -2317,7 +2400,7 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                            "model_outputs.json", limit=1)}
     metrics = evaluation.evaluate_during_training(engine, tokenizer, sets, max_new_tokens=4,
                                                   batch_size=2)
-    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/truncation_rate", "hh/accuracy",
+    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate", "hh/accuracy",
                             "hh/position_consistency", "hh/invalid_rate", "alpaca/win_rate",
                             "alpaca/invalid_rate", "alpaca/avg_length"} | {
                                 f"{name}/skipped_long_prompts" for name in sets}

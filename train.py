@@ -58,7 +58,7 @@ class Config:
     model: str = model_lib.DEFAULT_MODEL  # hub id or local HF folder of the policy (player and referee)
     trust_remote_code: bool = False  # allow model code from the hub (only for models that need it)
     verifiable_data: str = "gsm8k:samples/gsm8k/train.first200.jsonl"  # data.py spec: registry key or KEY:PATH
-    preference_data: str = "ultrafeedback_binarized:samples/ultrafeedback_binarized/train_prefs.first200.jsonl"  # referee training data
+    preference_data: str = "hh_rlhf:samples/hh_rlhf/helpful-base/test.rows101-1000.jsonl.gz"  # referee training data (disjoint from the held-out rows 1-100)
     open_data: str = "ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl"  # open instructions, self-judged
     data_limit: int = 0  # read at most this many records per source (0: all)
     task_weights: str = "verifiable=1,preference=1,open=1"  # share of each task in a batch
@@ -67,10 +67,11 @@ class Config:
     prompts_per_step: int = 3  # prompts per step across all ranks, each a group of group_size completions
     group_size: int = 4  # G: completions sampled per prompt
     temperature: float = 1.0  # sampling temperature; log-probabilities are taken at the same one
-    max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never truncated
+    max_prompt_tokens: int = 384  # longer prompts are skipped and counted, never truncated
     max_new_tokens: int = 64  # generation budget of trained completions
     referee_orders: int = 2  # M: shuffled orders in which the referee sees each open group
-    judge_max_new_tokens: int = 96  # generation budget of self-judging referee calls
+    judge_max_new_tokens: int = 32  # generation budget of a referee verdict (self-judging and evaluation)
+    referee_think: bool = False  # verdicts open with brief reasoning in <think></think> (off: the ranking alone, for small budgets)
     referee_model: str = ""  # baseline arm: judge open groups with this frozen model instead of the policy
     max_model_len: int = 0  # context of the rollout engines, prompt + generation (0: the model's own); longer referee and eval prompts are skipped and counted
     is_cap: float = 2.0  # vllm rollouts: cap of the truncated importance weight exp(old - sampler logp)
@@ -97,6 +98,9 @@ class Config:
     activation_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     bf16: bool = True  # on CUDA: bf16 compute with fp32 master weights (CPU always runs fp32)
     max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+    cold_start_steps: int = 10  # supervised steps on gold-formatted targets before GRPO (ours, not the paper's; 0: off)
+    cold_start_lr: float = 5e-5  # AdamW learning rate of the cold start (its own optimizer, dropped after)
+    cold_start_batch: int = 4  # examples per cold-start step, all ranks
     dist_timeout_min: int = 60  # collective timeout in minutes: rank 0 alone may download the model or export it, and ranks wait for the slowest rollout
     # run folder, logging, checkpoints, eval
     out_dir: str = "runs/urpo"  # where the run writes everything
@@ -107,8 +111,10 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir
     eval_every: int = 0  # evaluate on held-out sets every N steps (0: never)
     eval_data: str = "gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz"  # held-out sets, comma-separated data.py specs
-    eval_limit: int = 16  # examples per held-out set
-    eval_max_new_tokens: int = 256  # token budget of an answer or a verdict during evaluation
+    eval_limit: int = 12  # examples per held-out set
+    eval_max_new_tokens: int = 96  # token budget of an answer during evaluation (a verdict's: judge_max_new_tokens)
+    eval_start_end: bool = True  # also evaluate before the cold start and the first step, and after the last
+    plot: bool = True  # draw curves.png from metrics.jsonl at the end (python train.py plot RUN draws any run's)
     wandb: str = ""  # wandb project name (logs there too when set and installed)
 
 
@@ -119,11 +125,13 @@ PRESETS = {
         preference_data="ultrafeedback", open_data="ultrafeedback_prompts",
         prompts_per_step=384, group_size=8, max_prompt_tokens=2048, max_new_tokens=2048,
         logprob_gap_max=0.05,  # bf16 engines differ from the fp32 trainer by rounding
-        judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=1000,
+        judge_max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=1000, referee_think=True, cold_start_steps=0,
         micro_batch_tokens=32768, activation_checkpointing=True, save_every=50,
         share_prompt=False,  # 8 long completions behind one prompt: the masked attention would cost more than the prompt saves
         eval_every=50, eval_limit=256, eval_max_new_tokens=2048, samples_every=10,
     ),
+    # The CPU default, run for about an hour on 2 cores: does anything move beyond the start?
+    "cpu_long": dict(steps=120, eval_every=20, eval_limit=24, out_dir="runs/urpo_cpu_long"),
     # Baseline arm, stage 1: a separate referee trained on preference data alone.
     "baseline_referee": dict(task_weights="verifiable=0,preference=1,open=0", out_dir="runs/baseline_referee"),
     # Baseline arm, stage 2: the player trained with that referee frozen (pass --referee_model).
@@ -299,12 +307,12 @@ class Sample:
     sampler_logprobs: list[float] | None = None  # the rollout engine's, for the IS correction
 
 
-def render_prompt(record: dict, tokenizer, order: list[int] | None = None) -> list[int]:
+def render_prompt(record: dict, tokenizer, order: list[int] | None = None, think: bool = True) -> list[int]:
     """Token ids of a record's prompt: the referee template for preference records (candidates
-    shown in `order`), the player template otherwise."""
+    shown in `order`, a verdict with or without reasoning), the player template otherwise."""
     if record["task"] == "preference":
         order = order if order is not None else list(range(len(record["responses"])))
-        return model_lib.chat_ids(tokenizer, data.referee_prompt(record["messages"], record["responses"], order))
+        return model_lib.chat_ids(tokenizer, data.referee_prompt(record["messages"], record["responses"], order, think))
     return model_lib.chat_ids(tokenizer, data.player_prompt(record))
 
 
@@ -314,7 +322,7 @@ def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
     groups = []
     for record in batch:
         order = rng.sample(range(len(record["responses"])), len(record["responses"])) if record["task"] == "preference" else None
-        prompt_ids = render_prompt(record, tokenizer, order)
+        prompt_ids = render_prompt(record, tokenizer, order, cfg.referee_think)
         if len(prompt_ids) > cfg.max_prompt_tokens:  # another order can tokenize a little longer
             tally.add(f"count/skipped_long_prompts/{record['task']}", 1)
             continue
@@ -354,7 +362,7 @@ def score(groups: list[Group], judge_engine, cfg: Config, rng: random.Random, ta
         judged = rollout.self_judge(  # the referee's own tokenizer: the baseline's may be another family
             judge_engine, judge_engine.tokenizer, [g.record["messages"] for g in by_task["open"]],
             [[c.text for c in g.completions] for g in by_task["open"]], cfg.referee_orders,
-            cfg.temperature, cfg.judge_max_new_tokens, rng)
+            cfg.temperature, cfg.judge_max_new_tokens, rng, cfg.referee_think)
         for g, rewards in zip(by_task["open"], judged.rewards):
             g.rewards = rewards
         tally.add("count/dropped_groups/open", judged.dropped)
@@ -538,6 +546,7 @@ def backward_on_batch(model, samples: list[Sample], cfg: Config, pad_id: int, de
                 n = mask.sum()
                 for name, value in metrics.items():
                     tally.add(name, value, n)
+                tally.add("logprob_mean", (logp.detach() * mask).sum() / n, n)  # cold start: minus the NLL
                 if entropy is not None:
                     tally.add("entropy", (entropy * mask).sum() / n, n)
                 if is_weights is not None:
@@ -654,7 +663,7 @@ def load_sources(cfg: Config, tokenizer) -> dict[str, list[dict]]:
         wrong = {r["task"] for r in records} - {task}
         if wrong:
             raise SystemExit(f"--{task}_data {spec!r} holds {sorted(wrong)} records; pick a {task} source")
-        fitting = [r for r in records if len(render_prompt(r, tokenizer)) <= cfg.max_prompt_tokens]
+        fitting = [r for r in records if len(render_prompt(r, tokenizer, think=cfg.referee_think)) <= cfg.max_prompt_tokens]
         if len(fitting) < len(records):
             skipped["prompt over --max_prompt_tokens"] = len(records) - len(fitting)
         if not fitting:
@@ -685,6 +694,83 @@ def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config, step: 
     mean_gap, max_gap = all_reduce([mean_gap, max_gap], dist.ReduceOp.MAX)
     rollout.check_logprob_gap(mean_gap, max_gap, cfg.logprob_gap_max, step)
     return mean_gap, max_gap
+
+
+def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]], cfg: Config, tally: Tally) -> None:
+    """Held-out metrics of this rank's share of every set (eval.evaluate_during_training), into
+    `tally` as eval/<set>/<metric>, weighted by the records each rank scored; items over the
+    engine's context are summed as count/eval/<set>/skipped_long_prompts."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards = {name: records[rank::world] for name, records in eval_sets.items() if records[rank::world]}
+    values = evaluation.evaluate_during_training(
+        engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
+        referee_max_new_tokens=cfg.judge_max_new_tokens)  # a verdict is as long as in training
+    for name, value in values.items():
+        if name.endswith("/skipped_long_prompts"):
+            tally.add(f"count/eval/{name}", value)
+        else:
+            tally.add(f"eval/{name}", value, len(shards[name.split("/")[0]]))
+
+
+def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config, device: torch.device) -> dict:
+    """Supervised steps on gold-formatted targets from the training data, before GRPO: the
+    referee's gold rankings written as verdicts, and worked solutions ending in \\boxed{}
+    (data.gold_target). Our addition, not the paper's: the paper starts from a 7B model that
+    already follows output formats, and a small model that never writes a valid verdict or a box
+    gives GRPO nothing to compare. The loss is the GRPO loss with advantage 1 and ratio 1, whose
+    gradient is that of the token-mean negative log-likelihood, so the update is the loop's own
+    (backward_on_batch); the optimizer is its own AdamW at --cold_start_lr, dropped afterwards.
+    Tasks alternate within each batch; targets longer than --max_new_tokens are left out.
+    Returns the summary for the step-0 metrics line (NLL of the first and last step, time)."""
+    started = time.perf_counter()
+    rng = random.Random(f"{cfg.seed}/cold_start")
+    pools = []
+    for task in ("preference", "verifiable"):
+        pool = []
+        for record in sources.get(task, []):
+            example = data.gold_target(record, rng, cfg.referee_think)
+            if example is None:
+                continue
+            prompt_ids = model_lib.chat_ids(tokenizer, example[0])
+            target_ids = tokenizer(example[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(prompt_ids) <= cfg.max_prompt_tokens and len(target_ids) <= cfg.max_new_tokens:
+                pool.append(Sample(prompt_ids, target_ids, advantage=1.0))
+        if pool:
+            rng.shuffle(pool)
+            pools.append(pool)
+    if not pools:
+        raise SystemExit("--cold_start_steps: no preference record or worked solution fits in --max_prompt_tokens "
+                         "and --max_new_tokens; lower the steps to 0 or raise the budgets")
+    examples = []  # tasks alternate, each pool cycles
+    for i in range(cfg.cold_start_steps * cfg.cold_start_batch):
+        pool = pools[i % len(pools)]
+        examples.append(pool[i // len(pools) % len(pool)])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, fused=True)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nll = []
+    policy.train()
+    for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=rank != 0, dynamic_ncols=True):
+        batch = examples[step * cfg.cold_start_batch:(step + 1) * cfg.cold_start_batch][rank::world]
+        tally = Tally()
+        for loss in backward_on_batch(policy, batch, cfg, tokenizer.pad_token_id, device, tally):
+            optimizer_step(policy, optimizer, constant, cfg, loss)
+        nll.append(-tally.reduce()["logprob_mean"])
+        print0(f"cold start step {step + 1}: NLL {nll[-1]:.3f} per target token")
+    return {"cold_start/nll_first": nll[0], "cold_start/nll_last": nll[-1], "time/cold_start": time.perf_counter() - started}
+
+
+def before_and_after(metrics_path: str) -> str:
+    """The held-out metrics of the first and the last evaluation of a run, side by side."""
+    with open(metrics_path) as f:
+        evaluated = [line for line in map(json.loads, f) if any(key.startswith("eval/") for key in line)]
+    if not evaluated:
+        return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
+    first, last = evaluated[0], evaluated[-1]
+    rows = [f"{'held-out metric':<40}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
+    for key in sorted(k for k in first if k.startswith("eval/")):
+        rows.append(f"{key.removeprefix('eval/'):<40}{first[key]:>12.3f}{last.get(key, float('nan')):>12.3f}")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -736,7 +822,7 @@ def main(argv=None) -> int:
 
     sources = load_sources(cfg, tokenizer)
     eval_sets = {}
-    if cfg.eval_every:
+    if cfg.eval_every or cfg.eval_start_end:
         for spec in cfg.eval_data.split(","):
             eval_sets[spec.split(":")[0]] = data.load(spec, limit=cfg.eval_limit)
     mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
@@ -768,10 +854,25 @@ def main(argv=None) -> int:
         except ImportError:
             print0("--wandb: wandb is not installed (pip install wandb); logging to metrics.jsonl only")
 
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    metrics_file = open(metrics_path, "a" if start_step else "w") if rank == 0 else None
+    if start_step == 0:
+        # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ----------
+        line = {"step": 0}
+        if cfg.eval_start_end and eval_sets:
+            tally, t = Tally(), time.perf_counter()
+            evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
+            line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
+        if cfg.cold_start_steps:
+            line |= cold_start(policy, sources, tokenizer, cfg, device)
+            if not shared:
+                engine.load_weights(policy.state_dict())
+        if rank == 0 and len(line) > 1:
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
     if guard_ids:
         print0("log-prob gap engine vs trainer at start: mean {:.2e}, max {:.2e}".format(*check_engine(engine, policy, guard_ids, cfg, start_step)))
     stop = StopSignal()
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start_step, desc="URPO", disable=rank != 0, dynamic_ncols=True)
     step = start_step
     while step < cfg.steps:
@@ -827,14 +928,9 @@ def main(argv=None) -> int:
             tally.add("logprob_gap/max", gap_max)
 
         # ---- 9. eval: held-out referee accuracy and reasoning accuracy with the live engine ------
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        if (cfg.eval_every and step % cfg.eval_every == 0) or (cfg.eval_start_end and step == cfg.steps):
             t = time.perf_counter()
-            shards = {name: records[rank::world] for name, records in eval_sets.items() if records[rank::world]}
-            for name, value in evaluation.evaluate_during_training(engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed).items():
-                if name.endswith("/skipped_long_prompts"):  # a count: summed over ranks
-                    tally.add(f"count/eval/{name}", value)
-                else:
-                    tally.add(f"eval/{name}", value, len(shards[name.split("/")[0]]))
+            evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
             seconds["eval"] = time.perf_counter() - t
 
         # ---- 10. log -------------------------------------------------------------------------------
@@ -875,8 +971,12 @@ def main(argv=None) -> int:
     # dtype (bf16 on GPUs, like the original checkpoint), not twice its size in float32.
     final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if rank == 0:
+        metrics_file.close()
         model_lib.export_hf(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"), policy.generation_config)
-        print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {cfg.out_dir}/metrics.jsonl")
+        print0(before_and_after(metrics_path))
+        if cfg.plot:
+            print0(f"curves: {evaluation.plot_run(metrics_path, os.path.join(cfg.out_dir, 'curves.png'))}")
+        print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {metrics_path}")
     dist.barrier()
     for e in {id(engine): engine, id(judge_engine): judge_engine}.values():
         e.close()  # after the last collective: vLLM's teardown also ends torchrun's process group
@@ -919,6 +1019,12 @@ if __name__ == "__main__":
         if len(sys.argv) != 4:
             raise SystemExit("usage: python train.py export CHECKPOINT_DIR OUT_DIR")
         sys.exit(export_checkpoint(sys.argv[2], sys.argv[3]))
+    if sys.argv[1:2] == ["plot"]:  # python train.py plot RUN_DIR [OUT.png]
+        if len(sys.argv) not in (3, 4) or not os.path.isfile(os.path.join(sys.argv[2], "metrics.jsonl")):
+            raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]  (RUN_DIR holds a metrics.jsonl)")
+        out = sys.argv[3] if len(sys.argv) == 4 else os.path.join(sys.argv[2], "curves.png")
+        print(evaluation.plot_run(os.path.join(sys.argv[2], "metrics.jsonl"), out))
+        sys.exit(0)
     try:
         code = main()
     finally:
