@@ -346,11 +346,12 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
            "open": instruction_metrics}
 # what evaluate_during_training reports of each kind of held-out set
-# (skipped_long_prompts: items not generated, over the engine's context; train.py sums it)
-TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate",
-                                   "skipped_long_prompts"],
-                    "verifiable": ["accuracy", "boxed_rate", "truncation_rate", "skipped_long_prompts"],
-                    "open": ["win_rate", "invalid_rate", "avg_length", "skipped_long_prompts"]}
+# (n: items scored, skipped_long_prompts: items over the engine's context, timeouts: math checks
+# that ran out of time; train.py weights the means by n and sums these counts over ranks)
+TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate"],
+                    "verifiable": ["accuracy", "boxed_rate", "truncation_rate", "timeouts"],
+                    "open": ["win_rate", "invalid_rate", "avg_length"]}
+TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 
 
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
@@ -361,7 +362,8 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
     verdict (None: the same; `think`: verdicts with reasoning): a preference set gives referee accuracy, position consistency and invalid rate;
     a verifiable set accuracy, the share of answers with a \\boxed{} and truncation rate; an
     open set (records with meta["reference"]) a win rate against the reference, judged by the
-    model itself. Every kind also gives skipped_long_prompts (items over the engine's context).
+    model itself. Every kind also gives n (items scored) and skipped_long_prompts (items over
+    the engine's context, not scored); a verifiable set timeouts (checks out of time).
     Example: {"gsm8k": [...], "hh_rlhf": [...]} -> {"gsm8k/accuracy": 0.25, ...,
     "hh_rlhf/position_consistency": 0.5, ...}."""
     metrics = {}
@@ -377,7 +379,8 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
                                     max_new_tokens, referee_max_new_tokens or max_new_tokens, seed,
                                     think=think)
         values = METRICS[kind](items)
-        metrics.update({f"{name}/{key}": float(values[key]) for key in TRAINING_METRICS[kind]})
+        keys = TRAINING_METRICS[kind] + ["n", "skipped_long_prompts"]
+        metrics.update({f"{name}/{key}": float(values[key]) for key in keys})
     return metrics
 
 
@@ -502,7 +505,9 @@ def task_settings(args, task: str) -> dict:
     if kind != "preference":
         settings.update(max_new_tokens=args.max_new_tokens)
     if kind != "verifiable":
-        settings.update(referee_max_new_tokens=args.referee_max_new_tokens, think=args.referee_think)
+        settings.update(referee_max_new_tokens=args.referee_max_new_tokens)
+        if not args.referee_think:  # absent when True: results files from before the flag still match
+            settings.update(think=False)
     if kind == "verifiable":
         settings.update(samples=args.samples,
                         temperature=args.temperature if args.samples > 1 else 0.0)
@@ -566,9 +571,10 @@ def write_model_outputs(results: Results, args):
     path = os.path.splitext(args.out)[0] + ".model_outputs.json"
     with open(path, "w") as f:
         json.dump(outputs, f, indent=1)
-    empty = sum(not item.get("output") for item in results.items["alpaca_eval"])
+    skipped = sum(bool(item.get("skipped")) for item in results.items["alpaca_eval"])
     print(f"alpaca_eval: {len(outputs)} answers written to {path}"
-          + (f" ({empty} empty: prompt over the engine's context)" if empty else ""))
+          + (f" ({skipped} not generated and written empty: prompt over the engine's context; "
+             "alpaca_eval counts them as losses)" if skipped else ""))
 
 
 def parse_args(argv=None):
@@ -596,16 +602,30 @@ def parse_args(argv=None):
                         help="generator name in model_outputs.json (default: the model's folder)")
     parser.add_argument("--annotations", default=None,
                         help="alpaca_eval annotations.json to score instead of generating")
-    parser.add_argument("--referee_think", action=argparse.BooleanOptionalAction, default=True,
-                        help="referee verdicts open with reasoning in <think></think> (--no-referee_think "
-                             "for a model trained with train.py's default, which ranks without it)")
+    parser.add_argument("--referee_think", action=argparse.BooleanOptionalAction, default=None,
+                        help="referee verdicts open with reasoning in <think></think> (default: as the "
+                             "model was trained, read from the run's config.json next to a train.py "
+                             "final/ folder; else on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown orders and sampling")
     parser.add_argument("--out", default="results.json", help="results file (resumable)")
     return parser.parse_args(argv)
 
 
+def trained_referee_think(model: str) -> bool:
+    """Whether the referee of `model` was trained to reason before its ranking: the run's
+    `referee_think` when `model` is a train.py output (RUN/final, with RUN/config.json), else the
+    referee template's default (True)."""
+    run_config = os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")
+    if os.path.isdir(model) and os.path.isfile(run_config):
+        with open(run_config) as f:
+            return json.load(f).get("referee_think", True)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.referee_think is None:
+        args.referee_think = trained_referee_think(args.model)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks or any(task not in TASKS for task in tasks):
         raise SystemExit(f"unknown task in --tasks {args.tasks!r}: choose from {', '.join(TASKS)}")

@@ -2350,6 +2350,14 @@ def test_cli_writes_every_task_and_a_rerun_continues(tmp_path, monkeypatch, tiny
         evaluation.main(cli_args(model, out, "--tasks", "gsm8k", "--seed", "1"))
 
 
+def test_eval_judges_with_the_verdict_format_the_run_trained(tmp_path, tiny_dir):
+    (tmp_path / "final").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"referee_think": False}))
+    assert evaluation.trained_referee_think(str(tmp_path / "final")) is False
+    assert evaluation.trained_referee_think(tiny_dir) is True  # not a train.py run: the template's default
+    assert evaluation.trained_referee_think("HuggingFaceTB/SmolLM2-135M-Instruct") is True
+
+
 def test_cli_scores_an_annotation_file_without_a_model(tmp_path):
     out = str(tmp_path / "r.json")
     evaluation.main(["--tasks", "alpaca_eval", "--annotations", FUSECHAT_ANNOTATIONS, "--out", out])
@@ -2400,11 +2408,12 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                            "model_outputs.json", limit=1)}
     metrics = evaluation.evaluate_during_training(engine, tokenizer, sets, max_new_tokens=4,
                                                   batch_size=2)
-    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate", "hh/accuracy",
-                            "hh/position_consistency", "hh/invalid_rate", "alpaca/win_rate",
+    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate", "gsm8k/timeouts",
+                            "hh/accuracy", "hh/position_consistency", "hh/invalid_rate", "alpaca/win_rate",
                             "alpaca/invalid_rate", "alpaca/avg_length"} | {
-                                f"{name}/skipped_long_prompts" for name in sets}
+                                f"{name}/{count}" for name in sets for count in ("n", "skipped_long_prompts")}
     assert all(metrics[f"{name}/skipped_long_prompts"] == 0 for name in sets)
+    assert (metrics["gsm8k/n"], metrics["hh/n"], metrics["alpaca/n"], metrics["gsm8k/timeouts"]) == (3, 2, 1, 0)
     assert metrics["gsm8k/accuracy"] == 0.0 and metrics["gsm8k/truncation_rate"] == 1.0
     # a random model never writes a valid verdict: every one counts 0.5, none is consistent
     assert metrics["hh/invalid_rate"] == 1.0 and metrics["hh/accuracy"] == 0.5
@@ -2418,7 +2427,19 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     short = HFEngine(tiny_dir, tokenizer, context_len=sorted(lengths["gsm8k"])[1] + 4)
     metrics = evaluation.evaluate_during_training(short, tokenizer, sets, max_new_tokens=4)
     assert metrics["gsm8k/skipped_long_prompts"] == 1 and metrics["gsm8k/accuracy"] == 0.0
+    assert metrics["gsm8k/n"] == 2 and metrics["hh/n"] == 0
     assert metrics["hh/skipped_long_prompts"] == 2 and math.isnan(metrics["hh/accuracy"])
+    # train.py's reduction: means weighted by the items scored, a set with none left out, counts summed
+    if not dist.is_initialized():
+        train.init_distributed()
+    tally = train.Tally()
+    cfg = tiny_cfg(eval_max_new_tokens=4, judge_max_new_tokens=4)
+    short.rng.seed(5)
+    train.evaluate_held_out(short, tokenizer, sets, cfg, tally)
+    assert short.rng.random() == random.Random(5).random()  # evaluation leaves the sampling state alone
+    reduced = tally.reduce()
+    assert reduced["count/eval/hh/skipped_long_prompts"] == 2 and reduced["count/eval/gsm8k/n"] == 2
+    assert "eval/hh/accuracy" not in reduced and reduced["eval/gsm8k/accuracy"] == 0.0
     assert metrics["alpaca/skipped_long_prompts"] == 1
 
 

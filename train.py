@@ -185,6 +185,10 @@ def check_config(cfg: Config) -> None:
         problems.append("--referee_orders must be >= 1")
     if cfg.updates_per_batch < 1 or cfg.steps < 1:
         problems.append("--steps and --updates_per_batch must be >= 1")
+    if cfg.cold_start_steps < 0 or cfg.cold_start_batch < 1:
+        problems.append("--cold_start_steps must be >= 0 (0: no cold start) and --cold_start_batch >= 1")
+    if cfg.max_model_len < 0 or cfg.dist_timeout_min <= 0:
+        problems.append("--max_model_len must be >= 0 (0: the model's own) and --dist_timeout_min > 0")
     try:
         weights = task_weights(cfg)
         if sum(weights.values()) <= 0:
@@ -698,18 +702,24 @@ def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config, step: 
 
 def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]], cfg: Config, tally: Tally) -> None:
     """Held-out metrics of this rank's share of every set (eval.evaluate_during_training), into
-    `tally` as eval/<set>/<metric>, weighted by the records each rank scored; items over the
-    engine's context are summed as count/eval/<set>/skipped_long_prompts."""
+    `tally`: means as eval/<set>/<metric>, weighted by the items each rank scored; counts (items
+    scored, items over the engine's context, math checks out of time) summed as
+    count/eval/<set>/<count>. The engine's sampling state is left as it was, so evaluating does
+    not change the training run (evaluation is greedy, but every call draws a seed)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     shards = {name: records[rank::world] for name, records in eval_sets.items() if records[rank::world]}
+    engine_rng = engine.rng.getstate()
     values = evaluation.evaluate_during_training(
         engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
         referee_max_new_tokens=cfg.judge_max_new_tokens)  # a verdict is as long as in training
+    engine.rng.setstate(engine_rng)
     for name, value in values.items():
-        if name.endswith("/skipped_long_prompts"):
+        set_name, metric = name.split("/", 1)
+        scored = values[f"{set_name}/n"]
+        if metric in evaluation.TRAINING_COUNTS:
             tally.add(f"count/eval/{name}", value)
-        else:
-            tally.add(f"eval/{name}", value, len(shards[name.split("/")[0]]))
+        elif scored > 0:  # a rank whose items were all over the context has no mean to add
+            tally.add(f"eval/{name}", value, scored)
 
 
 def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config, device: torch.device) -> dict:
@@ -720,7 +730,9 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config, d
     gives GRPO nothing to compare. The loss is the GRPO loss with advantage 1 and ratio 1, whose
     gradient is that of the token-mean negative log-likelihood, so the update is the loop's own
     (backward_on_batch); the optimizer is its own AdamW at --cold_start_lr, dropped afterwards.
-    Tasks alternate within each batch; targets longer than --max_new_tokens are left out.
+    Tasks alternate within each batch; targets longer than --max_new_tokens are left out. The KL
+    reference (--kl_coef > 0) stays the model as loaded, before the cold start (so a resumed run
+    has the same one).
     Returns the summary for the step-0 metrics line (NLL of the first and last step, time)."""
     started = time.perf_counter()
     rng = random.Random(f"{cfg.seed}/cold_start")
@@ -864,7 +876,9 @@ def main(argv=None) -> int:
             evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
             line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
         if cfg.cold_start_steps:
+            engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
             line |= cold_start(policy, sources, tokenizer, cfg, device)
+            engine.wake_up()
             if not shared:
                 engine.load_weights(policy.state_dict())
         if rank == 0 and len(line) > 1:
@@ -973,9 +987,13 @@ def main(argv=None) -> int:
     if rank == 0:
         metrics_file.close()
         model_lib.export_hf(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"), policy.generation_config)
-        print0(before_and_after(metrics_path))
-        if cfg.plot:
-            print0(f"curves: {evaluation.plot_run(metrics_path, os.path.join(cfg.out_dir, 'curves.png'))}")
+        try:  # a report that fails must not keep the other ranks waiting at the barrier below
+            print0(before_and_after(metrics_path))
+            if cfg.plot:
+                print0(f"curves: {evaluation.plot_run(metrics_path, os.path.join(cfg.out_dir, 'curves.png'))}")
+        except Exception as error:
+            print0(f"could not draw the run's report ({type(error).__name__}: {error}); "
+                   f"python train.py plot {cfg.out_dir} draws it again")
         print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {metrics_path}")
     dist.barrier()
     for e in {id(engine): engine, id(judge_engine): judge_engine}.values():
