@@ -89,7 +89,7 @@ class Config:
     # optimisation
     steps: int = 10  # training steps: one rollout batch each, then updates_per_batch optimizer steps
     updates_per_batch: int = 1  # mu: optimizer steps per rollout batch (old log-probs taken once)
-    lr: float = 2e-6  # AdamW learning rate
+    lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps
     max_grad_norm: float = 1.0  # gradient clipping
@@ -98,7 +98,7 @@ class Config:
     activation_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     bf16: bool = True  # on CUDA: bf16 compute with fp32 master weights (CPU always runs fp32)
     max_bad_steps: int = 3  # stop after this many non-finite steps in a row
-    cold_start_steps: int = 10  # supervised steps on gold-formatted targets before GRPO (ours, not the paper's; 0: off)
+    cold_start_steps: int = 6  # supervised steps on gold-formatted targets before GRPO (ours, not the paper's; 0: off)
     cold_start_lr: float = 5e-5  # AdamW learning rate of the cold start (its own optimizer, dropped after)
     cold_start_batch: int = 4  # examples per cold-start step, all ranks
     dist_timeout_min: int = 60  # collective timeout in minutes: rank 0 alone may download the model or export it, and ranks wait for the slowest rollout
@@ -111,7 +111,7 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in out_dir
     eval_every: int = 0  # evaluate on held-out sets every N steps (0: never)
     eval_data: str = "gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz"  # held-out sets, comma-separated data.py specs
-    eval_limit: int = 12  # examples per held-out set
+    eval_limit: int = 8  # examples per held-out set (the first ones whose prompt fits in max_prompt_tokens)
     eval_max_new_tokens: int = 96  # token budget of an answer during evaluation (a verdict's: judge_max_new_tokens)
     eval_start_end: bool = True  # also evaluate before the cold start and the first step, and after the last
     plot: bool = True  # draw curves.png from metrics.jsonl at the end (python train.py plot RUN draws any run's)
@@ -131,7 +131,7 @@ PRESETS = {
         eval_every=50, eval_limit=256, eval_max_new_tokens=2048, samples_every=10,
     ),
     # The CPU default, run for about an hour on 2 cores: does anything move beyond the start?
-    "cpu_long": dict(steps=120, eval_every=20, eval_limit=24, out_dir="runs/urpo_cpu_long"),
+    "cpu_long": dict(steps=80, eval_every=20, eval_limit=16, out_dir="runs/urpo_cpu_long"),
     # Baseline arm, stage 1: a separate referee trained on preference data alone.
     "baseline_referee": dict(task_weights="verifiable=0,preference=1,open=0", out_dir="runs/baseline_referee"),
     # Baseline arm, stage 2: the player trained with that referee frozen (pass --referee_model).
@@ -834,9 +834,13 @@ def main(argv=None) -> int:
 
     sources = load_sources(cfg, tokenizer)
     eval_sets = {}
-    if cfg.eval_every or cfg.eval_start_end:
+    if cfg.eval_every or cfg.eval_start_end:  # the first eval_limit records whose prompt fits, as in training
         for spec in cfg.eval_data.split(","):
-            eval_sets[spec.split(":")[0]] = data.load(spec, limit=cfg.eval_limit)
+            records = [r for r in data.load(spec) if len(render_prompt(r, tokenizer, think=cfg.referee_think))
+                       <= cfg.max_prompt_tokens]
+            eval_sets[spec.split(":")[0]] = records[:cfg.eval_limit]
+            print0(f"held-out {spec.split(':')[0]}: {len(eval_sets[spec.split(':')[0]])} records "
+                   f"(the first whose prompt fits in --max_prompt_tokens)")
     mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
                            cfg.prompts_per_step, cfg.seed, rank, world)
     # fused: one kernel per step; the default foreach path holds a temporary the size of the model
