@@ -474,7 +474,8 @@ def referee_verdict(shown_ranking: list[int], thinking: str | None = None) -> st
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
-def gold_target(record: dict, rng: random.Random, think: bool = True) -> tuple[list[dict], str] | None:
+def gold_target(record: dict, rng: random.Random,
+                think: bool = True) -> tuple[list[dict], str] | None:
     """A supervised example in the output format of the record's role, for the cold start
     (train.py, --warmup_steps): (prompt messages, target text), or None if the record has none.
 

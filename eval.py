@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt, referee_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
-from reward import RIGHT, TIMEOUT, last_boxed, math_checks, parse_ranking, ranking_reward, to_original
+from reward import (RIGHT, TIMEOUT, last_boxed, math_checks, parse_ranking, ranking_reward,
+                    to_original)
 from rollout import fits, make_engine
 
 # RewardBench v1 sections (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
@@ -175,7 +176,8 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
             if item.get(key) is not None:
                 groups[item[key]].append(mean(item["rewards"]))
         metrics.update({f"{key}/{name}": mean(v) for name, v in sorted(groups.items(), key=str)})
-    metrics.update(boxed_rate=mean(last_boxed(text) is not None for item in items for text in item["texts"]),
+    metrics.update(boxed_rate=mean(last_boxed(text) is not None
+                                   for item in items for text in item["texts"]),
                    truncation_rate=mean(t for item in items for t in item["truncated"]),
                    mean_tokens=mean(n for item in items for n in item["tokens"]),
                    timeouts=sum(sum(item.get("timeouts", [])) for item in items), n=len(items),
@@ -252,7 +254,8 @@ def referee_verdicts(engine, tokenizer, conversations, candidates, orders,
     prompts = [chat_ids(tokenizer, referee_prompt(messages, responses, order, think))
                for messages, responses, order in zip(conversations, candidates, orders)]
     outputs = generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)
-    return [None if out is None else (to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
+    return [None if out is None
+            else (to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
             for out, order in zip(outputs, orders)]
 
 
@@ -308,13 +311,14 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, 
     """Answer each instruction greedily, then let the judge compare the answer with the
     record's reference (meta["reference"]) in both orders."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
-    answers = [outs and outs[0] for outs in generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)]
+    answers = [outs and outs[0]
+               for outs in generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)]
     answered = [(r, a) for r, a in zip(records, answers) if a is not None]
     twice = [(record, answer.text) for record, answer in answered for _ in range(2)]
-    verdicts = iter(referee_verdicts(judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
-                                     [[text, r["meta"]["reference"]] for r, text in twice],
-                                     [[0, 1], [1, 0]] * len(answered), referee_max_new_tokens,
-                                     think))
+    verdicts = iter(referee_verdicts(
+        judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
+        [[text, r["meta"]["reference"]] for r, text in twice], [[0, 1], [1, 0]] * len(answered),
+        referee_max_new_tokens, think))
     items = []
     for r, a in zip(records, answers):
         item = dict(id=r["id"], instruction=r["messages"][-1]["content"],
@@ -359,11 +363,12 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
                              referee_max_new_tokens: int | None = None) -> dict[str, float]:
     """Held-out metrics with the live engine, flat and named `<set>/<metric>` for train.py's
     metrics line, all greedy with `max_new_tokens` per answer and `referee_max_new_tokens` per
-    verdict (None: the same; `think`: verdicts with reasoning): a preference set gives referee accuracy, position consistency and invalid rate;
-    a verifiable set accuracy, the share of answers with a \\boxed{} and truncation rate; an
-    open set (records with meta["reference"]) a win rate against the reference, judged by the
-    model itself. Every kind also gives n (items scored) and skipped_long_prompts (items over
-    the engine's context, not scored); a verifiable set timeouts (checks out of time).
+    verdict (None: the same; `think`: verdicts with reasoning): a preference set gives referee
+    accuracy, position consistency and invalid rate; a verifiable set accuracy, the share of
+    answers with a \\boxed{} and truncation rate; an open set (records with meta["reference"])
+    a win rate against the reference, judged by the model itself. Every kind also gives n (items
+    scored) and skipped_long_prompts (items over the engine's context, not scored); a
+    verifiable set timeouts (checks out of time).
     Example: {"gsm8k": [...], "hh_rlhf": [...]} -> {"gsm8k/accuracy": 0.25, ...,
     "hh_rlhf/position_consistency": 0.5, ...}."""
     metrics = {}
@@ -406,12 +411,16 @@ def plot_run(metrics_path: str, out_path: str) -> str:
         lines = [json.loads(line) for line in f if line.strip()]
     lines = [line for line in lines if "step" in line]
     if not lines:
-        raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's metrics.jsonl?")
+        raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's "
+                         "metrics.jsonl?")
     keys = sorted({key for line in lines for key in line})
-    held_out = [key for key in keys if key.startswith("eval/") and not key.endswith("skipped_long_prompts")]
+    held_out = [key for key in keys  # means only, not the counts
+                if key.startswith("eval/") and key.split("/")[-1] not in TRAINING_COUNTS]
     referee_sets = {key.split("/")[1] for key in held_out if key.endswith("/position_consistency")}
-    panels = [(title, [k for k in keys if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)])
-              for title, prefixes in CURVES]
+    def drawn(prefixes):  # a prefix ending in "/" takes every key under it, else the key itself
+        return [k for k in keys
+                if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)]
+    panels = [(title, drawn(prefixes)) for title, prefixes in CURVES]
     panels += [("held-out referee", [k for k in held_out if k.split("/")[1] in referee_sets]),
                ("held-out player", [k for k in held_out if k.split("/")[1] not in referee_sets])]
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
@@ -506,7 +515,7 @@ def task_settings(args, task: str) -> dict:
         settings.update(max_new_tokens=args.max_new_tokens)
     if kind != "verifiable":
         settings.update(referee_max_new_tokens=args.referee_max_new_tokens)
-        if not args.referee_think:  # absent when True: results files from before the flag still match
+        if not args.referee_think:  # absent when True: older results files still match
             settings.update(think=False)
     if kind == "verifiable":
         settings.update(samples=args.samples,

@@ -431,7 +431,8 @@ def full_state_dict(model, dtype: torch.dtype | None = None, rank0_only: bool = 
     one copy, not one per rank. Collective: all ranks call it, and iterate the same names in
     the same order. (The weight sync does not go through here: load_full_state_dict takes the
     sharded state dict itself, without any full copy on the host.)"""
-    keep = not rank0_only or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    distributed = torch.distributed.is_initialized()
+    keep = not rank0_only or not distributed or torch.distributed.get_rank() == 0
     full = {}
     for name, tensor in model.state_dict().items():
         tensor = _gathered(tensor).detach()
@@ -457,9 +458,11 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     aliases = {name: names for names in names_of.values() for name in names}
-    missing = [name for name in targets if not any(alias in state_dict for alias in aliases.get(name, [name]))]
+    missing = [name for name in targets
+               if not any(alias in state_dict for alias in aliases.get(name, [name]))]
     unexpected = [name for name in state_dict if name not in targets]
-    wrong_shape = [name for name in state_dict if name in targets and tuple(state_dict[name].shape) != tuple(targets[name].shape)]
+    wrong_shape = [name for name in state_dict
+                   if name in targets and tuple(state_dict[name].shape) != tuple(targets[name].shape)]
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"state dict does not match the model: missing {missing[:5]} ({len(missing)}), "

@@ -93,7 +93,8 @@ class HFEngine:
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
         # The positions the model was trained for, unless told otherwise (as vLLM's max_model_len)
-        self.context_len = context_len or getattr(self.model.config, "max_position_embeddings", None) or 2**31
+        self.context_len = (context_len or getattr(self.model.config, "max_position_embeddings", None)
+                            or 2**31)
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
         # models often end a turn with a token other than the tokenizer's eos).
         configured = self.model.generation_config.eos_token_id
@@ -232,8 +233,8 @@ def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torc
     """The rollout engine named by --rollout; `context_len` (None: the model's own) bounds
     prompt + generated tokens of one sequence (vLLM's max_model_len)."""
     if kind == "hf":
-        return HFEngine(model_path, tokenizer, dtype, device, seed, trust_remote_code=trust_remote_code,
-                        context_len=context_len)
+        return HFEngine(model_path, tokenizer, dtype, device, seed,
+                        trust_remote_code=trust_remote_code, context_len=context_len)
     if kind == "vllm":
         return VLLMEngine(model_path, tokenizer, dtype, device, seed, max_model_len=context_len,
                           trust_remote_code=trust_remote_code, **vllm_options)
@@ -373,9 +374,10 @@ class VLLMEngine:
     (`sleep()` / `wake_up()`, CUDA only); vLLM has one sleep-mode allocator per process, so a
     second engine in the same process (the baseline arm's frozen referee) must not ask for it.
     `max_model_len` (None: the model's own context) bounds prompt + generated tokens; it is
-    `context_len` afterwards, and callers skip prompts that do not fit (`fits`). On CPU the KV cache gets `cpu_kv_cache_gib` and the
-    engine runs eagerly. `rng` is the engine's whole random state: every call draws one seed
-    per prompt from it, so sampling is reproducible for a seed and resumable from a checkpoint.
+    `context_len` afterwards, and callers skip prompts that do not fit (`fits`). On CPU the KV
+    cache gets `cpu_kv_cache_gib` and the engine runs eagerly. `rng` is the engine's whole random
+    state: every call draws one seed per prompt from it, so sampling is reproducible for a seed
+    and resumable from a checkpoint.
     """
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
@@ -422,7 +424,7 @@ class VLLMEngine:
             enforce_eager=on_cpu,  # no graph capture on CPU; CUDA graphs on GPU
             kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30) if on_cpu else None,
         )
-        self.context_len = self.llm.llm_engine.model_config.max_model_len  # max_model_len, or the model's
+        self.context_len = self.llm.llm_engine.model_config.max_model_len  # as given, or the model's
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:

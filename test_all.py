@@ -2115,7 +2115,8 @@ def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_
     out = tmp_path / "run"
     args = run_args(tiny_dir, out, "--steps", "2", "--save_every", "0", "--cold_start_steps", "2",
                     "--cold_start_batch", "2", "--max_new_tokens", "100", "--judge_max_new_tokens", "8",
-                    "--eval_start_end", "--eval_limit", "2", "--eval_max_new_tokens", "8", "--plot")
+                    "--eval_start_end", "--eval_limit", "2", "--eval_max_new_tokens", "8", "--plot",
+                    "--max_prompt_tokens", "1500")  # the tiny BPE's hh-rlhf prompts are long
     run = subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]], cwd=HERE,
                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -2149,7 +2150,8 @@ def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
     referee = tiny_model_dir(tmp_path / "referee", seed=1)
     out = tmp_path / "run"
     assert launch(run_args(tiny_dir, out, "--steps", "1", "--referee_model", referee, "--eval_every", "1",
-                           "--eval_limit", "2", "--eval_max_new_tokens", "8", "--task_weights", "verifiable=1,preference=0,open=1"), 1).wait() == 0
+                           "--eval_limit", "2", "--eval_max_new_tokens", "8", "--task_weights", "verifiable=1,preference=0,open=1",
+                           "--max_prompt_tokens", "1500"), 1).wait() == 0  # held-out hh-rlhf prompts fit the tiny BPE
     (line,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert "referee/invalid_rate/open" in line and "reward/preference" not in line
     assert os.path.exists(out / "final" / "config.json")
