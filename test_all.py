@@ -1993,6 +1993,23 @@ def test_bench_grpo_step_prints_its_table(tiny_dir):
     assert result.stdout.count("ours step 0") == 2  # one measured step in each of 2 rounds
 
 
+def test_bench_rollout_prints_its_table(tiny_dir):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_rollout.py", "--model", tiny_dir, "--no_vllm", "--no_trim",
+         "--data", "hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz",
+         "--max_prompt_tokens", "900", "--prompts", "1", "--n", "2", "--max_new_tokens", "4",
+         "--rounds", "1", "--warmup", "0", "--calls", "1"],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("hf", "hf-no-trim"):
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name} |"))
+        cells = [float(cell.strip().rstrip("%")) for cell in row.strip("|").split("|")[1:]]
+        tokens_per_s, seconds, tokens, sys_share, faults, rss = cells
+        assert tokens_per_s > 0 and seconds > 0 and 2 <= tokens <= 8  # 2 samples x <= 4 tokens
+        assert 0 <= sys_share <= 100 and faults >= 0 and rss > 0
+        assert result.stdout.count(f"{name} call 0") == 1  # one measured call, no warm-up
+
+
 def test_bench_mfu_runs_the_trainer_path():
     result = subprocess.run(
         [sys.executable, "benchmarks/bench_mfu.py", "--shape", "tiny", "--batch", "2", "--seq", "32",
