@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from data import referee_prompt
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model, release_freed_memory
@@ -48,6 +49,47 @@ class Completion:
     text: str  # token_ids decoded, special tokens (EOS included) left out
     finish_reason: str  # "eos": the model stopped; "length": max_new_tokens ran out
     logprobs: list[float] | None  # log p_T of each token of token_ids; None for greedy
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """One decoder layer's KV cache, in buffers of the generate call's final length.
+
+    transformers' DynamicLayer grows its keys and values by concatenation: every decoding step
+    allocates both anew, one token longer, in every layer, and frees the old ones. On CPU such
+    buffers are large enough to be freshly mapped memory, so every step faults them in page by
+    page (system time) and gives them back. This layer allocates [b, kv_heads, capacity, head_dim]
+    once, writes each step's keys and values into place, and exposes `keys` / `values` as views
+    of the filled part: to the model (and to DynamicLayer's other methods) it looks like a
+    DynamicLayer. It is built from the prefill's cache of the p prompts, copying prompt i's
+    entries straight into its n rows i*n .. i*n+n-1 (no repeat_interleave copy in between).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+        super().__init__()
+        self.key_buffer = self._filled(keys, repeats, capacity)  # [b, h, capacity, d]
+        self.value_buffer = self._filled(values, repeats, capacity)
+        self.length = keys.shape[-2]
+        self.keys = self.key_buffer[:, :, :self.length]  # [b, h, P, d]: views, no copies
+        self.values = self.value_buffer[:, :, :self.length]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    @staticmethod
+    def _filled(prompt_states: torch.Tensor, repeats: int, capacity: int) -> torch.Tensor:
+        p, heads, length, dim = prompt_states.shape  # [p, h, P, d]
+        buffer = prompt_states.new_empty(p * repeats, heads, capacity, dim)  # [b, h, capacity, d]
+        buffer.view(p, repeats, heads, capacity, dim)[:, :, :, :length] = prompt_states[:, None]
+        return buffer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:
+            raise RuntimeError(f"KV cache full: {end} positions of {self.key_buffer.shape[2]}")
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
 
 
 class HFEngine:
@@ -122,10 +164,18 @@ class HFEngine:
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(n)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)  # [b, P]
+        capacity = width + max_new_tokens - 1  # the last drawn token is never fed back
+        for index, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:  # full attention: into buffers of the final length
+                cache.layers[index] = _PreallocatedLayer(layer.keys, layer.values, n, capacity)
+            else:  # other layer kinds (sliding windows, ...) keep their own cache, repeated
+                layer.batch_repeat_interleave(n)
+        # The mask, too, is allocated once at its final width; each step takes a view of it.
+        full_mask = attention_mask.new_ones(len(prompts) * n, capacity)  # [b, P + L - 1]
+        full_mask[:, :width] = attention_mask.repeat_interleave(n, dim=0)
         next_position = position_ids[:, -1:].repeat_interleave(n, dim=0) + 1  # [b, 1]
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b, V]
+        del out
 
         # 2. Decode: draw a token per row, feed it back; rows that stopped carry padding until
         #    every row has stopped or the budget is spent.
@@ -140,8 +190,8 @@ class HFEngine:
             stopped |= torch.isin(token, eos)
             if step == max_new_tokens - 1 or bool(stopped.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+            out = self.model(input_ids=token[:, None], position_ids=next_position,
+                             attention_mask=full_mask[:, :width + step + 1],  # [b, P + step + 1]
                              past_key_values=cache, use_cache=True)
             next_position = next_position + 1
             logits = out.logits[:, -1]  # [b, V]

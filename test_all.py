@@ -1119,21 +1119,26 @@ def test_engine_shapes_logprobs_and_determinism(tiny_dir, tmp_path):
     other = HFEngine(tiny_dir, tokenizer, seed=4, max_batch=4).generate(prompts, n=4, temperature=0.8, max_new_tokens=8)
     assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in out]
 
-    # The engine's log-probs are the trainer's log-probs of the same tokens at the same T.
-    width = max(len(p) + len(c.token_ids) for p, g in zip(prompts, out) for c in g)
-    rows = [(p, c) for p, g in zip(prompts, out) for c in g]
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [N, T], right-padded
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids)
-    for row, (prompt, c) in enumerate(rows):
-        input_ids[row, :len(prompt) + len(c.token_ids)] = torch.tensor(prompt + c.token_ids)
-        attention_mask[row, :len(prompt) + len(c.token_ids)] = 1
-        completion_mask[row, len(prompt):len(prompt) + len(c.token_ids)] = 1
-    with torch.no_grad():
-        trainer_logp, _ = completion_logprobs(engine.model, input_ids, attention_mask, completion_mask, 0.8)
-    for row, (prompt, c) in enumerate(rows):
-        expected = trainer_logp[row, len(prompt):len(prompt) + len(c.token_ids)]
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+    # The engine's log-probs are the trainer's log-probs of the same tokens at the same T, the
+    # trainer being a model of its own (transformers' sdpa attention, no KV cache).
+    trainer_model = load_model(tiny_dir)
+    hotter = engine.generate(prompts, n=4, temperature=1.3, max_new_tokens=8)
+    for temperature, samples in [(0.8, out), (1.3, hotter)]:
+        width = max(len(p) + len(c.token_ids) for p, g in zip(prompts, samples) for c in g)
+        rows = [(p, c) for p, g in zip(prompts, samples) for c in g]
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [N, T], right-padded
+        attention_mask = torch.zeros_like(input_ids)
+        completion_mask = torch.zeros_like(input_ids)
+        for row, (prompt, c) in enumerate(rows):
+            input_ids[row, :len(prompt) + len(c.token_ids)] = torch.tensor(prompt + c.token_ids)
+            attention_mask[row, :len(prompt) + len(c.token_ids)] = 1
+            completion_mask[row, len(prompt):len(prompt) + len(c.token_ids)] = 1
+        with torch.no_grad():
+            trainer_logp, _ = completion_logprobs(trainer_model, input_ids, attention_mask,
+                                                  completion_mask, temperature)
+        for row, (prompt, c) in enumerate(rows):
+            expected = trainer_logp[row, len(prompt):len(prompt) + len(c.token_ids)]
+            assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
 
 
 def test_greedy_stops_at_generation_config_eos(tiny_dir, tmp_path):
@@ -1164,12 +1169,36 @@ def test_greedy_equals_transformers_generate(tiny_dir):
     assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
     engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
     ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
+    reference = load_model(tiny_dir)  # transformers' own cache and sdpa attention
     for prompt, group in zip(prompts, ours):
-        expected = engine.model.generate(
+        expected = reference.generate(
             input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids, pad_token_id=tokenizer.pad_token_id)
         expected = expected[0, len(prompt):].tolist()
         assert [c.token_ids for c in group] == [expected, expected]
+
+
+def test_preallocated_cache_fills_its_buffers_in_place():
+    # Built from a prefill of 2 prompts (3 cached positions), repeated to n = 2 rows each; every
+    # update writes into the same buffers, and keys / values read like a concatenated cache.
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)  # [p, kv_heads, P, d]
+    layer = rollout._PreallocatedLayer(keys, values, repeats=2, capacity=5)
+    expected_keys = keys.repeat_interleave(2, dim=0)
+    expected_values = values.repeat_interleave(2, dim=0)
+    assert torch.equal(layer.keys, expected_keys) and layer.get_seq_length() == 3
+    pointers = (layer.keys.data_ptr(), layer.values.data_ptr())
+    for _ in range(2):
+        new_keys, new_values = torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4)  # one decoding step
+        returned_keys, returned_values = layer.update(new_keys, new_values)
+        expected_keys = torch.cat([expected_keys, new_keys], dim=2)
+        expected_values = torch.cat([expected_values, new_values], dim=2)
+        assert torch.equal(returned_keys, expected_keys)
+        assert torch.equal(returned_values, expected_values)
+        assert (returned_keys.data_ptr(), returned_values.data_ptr()) == pointers  # no new buffer
+    assert layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        layer.update(new_keys, new_values)
 
 
 def test_draw_samples_softmax_at_temperature():
