@@ -34,8 +34,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model, release_freed_memory
@@ -49,6 +51,33 @@ class Completion:
     text: str  # token_ids decoded, special tokens (EOS included) left out
     finish_reason: str  # "eos": the model stopped; "length": max_new_tokens ran out
     logprobs: list[float] | None  # log p_T of each token of token_ids; None for greedy
+
+
+def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention, except that a decoding step (one query per row) shares each
+    key/value head among its query heads inside torch's kernel (enable_gqa) instead of copying it.
+
+    With grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads) and a padding mask,
+    transformers' sdpa path materialises the keys and values repeated to every query head
+    (repeat_kv) in every layer at every step: two [b, heads, cached tokens, head_dim] copies,
+    which dominated the decode step on CPU. The single query of a step attends every cached
+    position its mask allows, so causality plays no part, and the result is the same attention.
+    Everything else (the prefill, the trainer's scoring) goes through transformers' own sdpa.
+    """
+    if (query.shape[2] != 1 or key.shape[1] == query.shape[1] or dropout
+            or kwargs.get("softcap") or kwargs.get("s_aux") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)  # [b, h, 1, d]
+    return out.transpose(1, 2).contiguous(), None  # [b, 1, h, d], as transformers' sdpa returns
+
+
+DECODE_ATTENTION = "urpo_decode_sdpa"
+AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # masks built as for sdpa
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -119,6 +148,8 @@ class HFEngine:
         self.shares_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
+        if self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(DECODE_ATTENTION)  # see _decode_sdpa
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
         # models often end a turn with a token other than the tokenizer's eos).
         configured = self.model.generation_config.eos_token_id

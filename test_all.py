@@ -1170,6 +1170,8 @@ def test_greedy_equals_transformers_generate(tiny_dir):
     engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
     ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
     reference = load_model(tiny_dir)  # transformers' own cache and sdpa attention
+    assert reference.config._attn_implementation == "sdpa"
+    assert engine.model.config._attn_implementation == rollout.DECODE_ATTENTION
     for prompt, group in zip(prompts, ours):
         expected = reference.generate(
             input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
