@@ -28,6 +28,7 @@ Conventions, shared by every engine:
   agree. Greedy decoding (temperature 0) returns logprobs None.
 """
 
+import inspect
 import logging
 import os
 import random
@@ -150,6 +151,9 @@ class HFEngine:
         self.model.requires_grad_(False)
         if self.model.config._attn_implementation == "sdpa":
             self.model.set_attn_implementation(DECODE_ATTENTION)  # see _decode_sdpa
+        # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns)
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
         # models often end a turn with a token other than the tokenizer's eos).
         configured = self.model.generation_config.eos_token_id
@@ -194,7 +198,7 @@ class HFEngine:
         #    rows (prompt i -> rows i*n .. i*n+n-1).
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
         capacity = width + max_new_tokens - 1  # the last drawn token is never fed back
         for index, layer in enumerate(cache.layers):
             if type(layer) is DynamicLayer:  # full attention: into buffers of the final length
@@ -223,7 +227,7 @@ class HFEngine:
                 break
             out = self.model(input_ids=token[:, None], position_ids=next_position,
                              attention_mask=full_mask[:, :width + step + 1],  # [b, P + step + 1]
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{self._cache_argument: cache})
             next_position = next_position + 1
             logits = out.logits[:, -1]  # [b, V]
 
