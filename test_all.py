@@ -1180,27 +1180,38 @@ def test_greedy_equals_transformers_generate(tiny_dir):
         assert [c.token_ids for c in group] == [expected, expected]
 
 
-def test_preallocated_cache_fills_its_buffers_in_place():
-    # Built from a prefill of 2 prompts (3 cached positions), repeated to n = 2 rows each; every
-    # update writes into the same buffers, and keys / values read like a concatenated cache.
+def test_shared_prompt_cache_attends_like_a_full_cache_and_fills_in_place():
+    # 2 prompts of 3 positions (the first left-padded by one), n = 2 rows each, 4 query heads on
+    # 2 key/value heads: every decoding step's attention equals sdpa over the concatenated cache
+    # [prompt repeated to its rows, generated tokens], with the padding masked out.
     torch.manual_seed(0)
-    keys, values = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)  # [p, kv_heads, P, d]
-    layer = rollout._PreallocatedLayer(keys, values, repeats=2, capacity=5)
-    expected_keys = keys.repeat_interleave(2, dim=0)
-    expected_values = values.repeat_interleave(2, dim=0)
-    assert torch.equal(layer.keys, expected_keys) and layer.get_seq_length() == 3
-    pointers = (layer.keys.data_ptr(), layer.values.data_ptr())
-    for _ in range(2):
-        new_keys, new_values = torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4)  # one decoding step
-        returned_keys, returned_values = layer.update(new_keys, new_values)
-        expected_keys = torch.cat([expected_keys, new_keys], dim=2)
-        expected_values = torch.cat([expected_values, new_values], dim=2)
-        assert torch.equal(returned_keys, expected_keys)
-        assert torch.equal(returned_values, expected_values)
-        assert (returned_keys.data_ptr(), returned_values.data_ptr()) == pointers  # no new buffer
-    assert layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
+    p, n, kv_heads, heads, length, dim = 2, 2, 2, 4, 3, 8
+    prompt_keys = torch.randn(p, kv_heads, length, dim)
+    prompt_values = torch.randn(p, kv_heads, length, dim)
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    layer = rollout._SharedPromptLayer(prompt_keys, prompt_values, prompt_mask, n, capacity=2)
+    keys = prompt_keys.repeat_interleave(n, dim=0)  # [b, kv, P, d]: the cache as rows see it
+    values = prompt_values.repeat_interleave(n, dim=0)
+    mask = prompt_mask.bool().repeat_interleave(n, dim=0)  # [b, P]
+    buffers = (layer.new_keys.data_ptr(), layer.new_values.data_ptr())
+    for step in range(2):
+        new_keys = torch.randn(p * n, kv_heads, 1, dim)  # one decoding step
+        new_values = torch.randn(p * n, kv_heads, 1, dim)
+        assert layer.update(new_keys, new_values) == (layer, layer)
+        keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+        mask = torch.cat([mask, torch.ones(p * n, 1, dtype=torch.bool)], dim=1)
+        assert layer.get_seq_length() == length + step + 1
+        query = torch.randn(p * n, heads, 1, dim)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys.repeat_interleave(heads // kv_heads, dim=1),
+            values.repeat_interleave(heads // kv_heads, dim=1), attn_mask=mask[:, None, None, :],
+            scale=0.3)
+        assert torch.allclose(layer.attend(query, scaling=0.3), expected.transpose(1, 2), atol=1e-6)
+    assert (layer.new_keys.data_ptr(), layer.new_values.data_ptr()) == buffers  # written in place
     with pytest.raises(RuntimeError, match="KV cache full"):
         layer.update(new_keys, new_values)
+    with pytest.raises(ValueError, match="one token per row"):
+        layer.update(torch.randn(p * n, kv_heads, 2, dim), torch.randn(p * n, kv_heads, 2, dim))
 
 
 def test_draw_samples_softmax_at_temperature():
