@@ -41,7 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt
-from model import chat_ids, completion_logprobs, load_full_state_dict, load_model, release_freed_memory
+from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
 from reward import parse_ranking, self_rewards, to_original
 
 
@@ -218,7 +218,8 @@ class HFEngine:
             torch.manual_seed(self.rng.getrandbits(63))
             for start in range(0, len(prompt_ids), per_batch):
                 groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
-        release_freed_memory(self.device)  # the KV caches are gone: give their pages back to the OS
+        # No heap trimming here (model.release_freed_memory): the next call allocates buffers of
+        # the same sizes again, and a trim made it fault every page of them back in.
         return groups
 
     def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,

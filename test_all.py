@@ -2037,13 +2037,13 @@ def test_bench_grpo_step_prints_its_table(tiny_dir):
 
 def test_bench_rollout_prints_its_table(tiny_dir):
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_rollout.py", "--model", tiny_dir, "--no_vllm", "--no_trim",
+        [sys.executable, "benchmarks/bench_rollout.py", "--model", tiny_dir, "--no_vllm", "--trim",
          "--data", "hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz",
          "--max_prompt_tokens", "900", "--prompts", "1", "--n", "2", "--max_new_tokens", "4",
          "--rounds", "1", "--warmup", "0", "--calls", "1"],
         cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("hf", "hf-no-trim"):
+    for name in ("hf", "hf-trim"):
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name} |"))
         cells = [float(cell.strip().rstrip("%")) for cell in row.strip("|").split("|")[1:]]
         tokens_per_s, seconds, tokens, sys_share, faults, rss = cells

@@ -4,10 +4,11 @@
     python benchmarks/bench_rollout.py --help   # every setting
 
 What it runs, each in its own subprocess (peak RSS and page faults are per process), alternating
-in --rounds (hf, vllm, hf, vllm, ...):
+in --rounds (hf, [hf-trim,] vllm, hf, ...):
   hf    rollout.HFEngine in this python
   vllm  rollout.VLLMEngine (in-process engine core) in the vLLM virtualenv's python (--vllm_python,
         default .venv-vllm/bin/python, which .ci/run builds); without it, hf is measured alone
+  hf-trim  (--trim) HFEngine with glibc's heap trimmed after every call, as it was before
 The prompts are referee prompts (a preference record's conversation and its two answers, rendered
 with data.referee_prompt and the chat template), the longest rollouts of a URPO step. Every call
 gets prompts of its own (--prompts of them, n samples each), the same ones for both engines, so
@@ -53,8 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=2, help="measured calls per process")
     p.add_argument("--vllm_python", default=VLLM_PYTHON, help="python of the vLLM virtualenv")
     p.add_argument("--no_vllm", action="store_true", help="measure the HF engine alone")
-    p.add_argument("--no_trim", action="store_true",
-                   help="also measure hf-no-trim: HFEngine with model.release_freed_memory a no-op")
+    p.add_argument("--trim", action="store_true", help="also measure hf-trim: HFEngine with the "
+                   "heap trimmed after every call (model.release_freed_memory), as it was before")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: hf | vllm
     p.add_argument("--prompt_file", default="", help=argparse.SUPPRESS)  # internal: ids per call
     return p.parse_args(argv)
@@ -69,10 +70,17 @@ def run_worker(args) -> dict:
 
     calls = json.load(open(args.prompt_file))  # per call: its prompts' token ids
     tokenizer = model_lib.load_tokenizer(args.model)
-    if args.worker == "hf-no-trim":  # what trimming the heap after every call costs and saves
-        rollout.release_freed_memory = lambda device: None
     kind = rollout.VLLMEngine if args.worker == "vllm" else rollout.HFEngine
     engine = kind(args.model, tokenizer, torch.float32, "cpu", 0)
+    if args.worker == "hf-trim":  # what trimming the heap after every call costs and saves
+        generate = engine.generate
+
+        def generate_and_trim(*a, **k):
+            groups = generate(*a, **k)
+            model_lib.release_freed_memory(torch.device("cpu"))
+            return groups
+
+        engine.generate = generate_and_trim
     measured = []
     for index, prompt_ids in enumerate(calls):
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
     with os.fdopen(descriptor, "w") as f:
         json.dump(calls, f)
 
-    engines = {"hf": sys.executable} | ({"hf-no-trim": sys.executable} if args.no_trim else {})
+    engines = {"hf": sys.executable} | ({"hf-trim": sys.executable} if args.trim else {})
     if not args.no_vllm:
         if os.path.exists(args.vllm_python):
             engines["vllm"] = args.vllm_python
