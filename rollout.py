@@ -245,7 +245,7 @@ class HFEngine:
             if type(layer) is DynamicLayer and shared_attention:  # full attention: see the class
                 cache.layers[index] = _SharedPromptLayer(layer.keys, layer.values, attention_mask,
                                                          n, capacity)
-            else:  # other layer kinds (sliding windows, ...) keep transformers' cache, repeated
+            else:  # sliding-window layers, or attention other than sdpa: transformers' cache
                 layer.batch_repeat_interleave(n)
         # The mask (for layers that keep transformers' cache) is allocated once, too, at its final
         # width; each step takes a view of it.
