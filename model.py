@@ -401,12 +401,13 @@ def release_freed_memory(device: torch.device) -> None:
     Freed tensors stay in glibc's heap, still mapped and counted in the process's resident
     memory, and the next phase's differently sized tensors do not always fit in the holes, so
     the heap keeps growing past what is live. Called where a phase has just freed a lot: after
-    each micro-batch's backward (train.py) and after each generation call (rollout.py: the KV
-    caches). On SmolLM2-135M (8 GSM8K groups of 4) trimming after backward took the backward
-    phase's peak RSS from 2.46 to 2.17 GB; trimming after generation lowers the RSS that training
-    starts from by 0.5 GB (2.47 -> 1.96 GB; the step's peak, inside the backward, stays where it
-    is). It costs some system time to fault pages back in. A no-op on GPU and where the C library
-    has no malloc_trim."""
+    each micro-batch's backward (train.py). On SmolLM2-135M (8 GSM8K groups of 4) trimming after
+    backward took the backward phase's peak RSS from 2.46 to 2.17 GB. Every trim costs system
+    time: what the process allocates next is faulted in page by page. So generation does not
+    trim after each call (it did): HFEngine's next call allocates the same buffers again, the
+    trim saved no peak memory (the step's peak is inside the backward, which trims) and cost the
+    rollouts time and page faults (README, "Rollouts against vLLM"). A no-op on GPU and where the
+    C library has no malloc_trim."""
     if device.type == "cpu" and _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

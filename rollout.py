@@ -29,16 +29,20 @@ Conventions, shared by every engine:
   agree. Greedy decoding (temperature 0) returns logprobs None.
 """
 
+import inspect
 import logging
 import os
 import random
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt
-from model import chat_ids, completion_logprobs, load_full_state_dict, load_model, release_freed_memory
+from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
 from reward import parse_ranking, self_rewards, to_original
 
 
@@ -64,12 +68,119 @@ def completion_text(tokenizer, token_ids: list[int], stop_ids=()) -> str:
                             skip_special_tokens=False)
 
 
+def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The HF engine's attention function: transformers' sdpa, except in decoding steps.
+
+    - Layers cached in a `_SharedPromptLayer` (full attention, the usual case) attend through
+      it: each prompt's keys and values read once for its n rows.
+    - Other decoding steps (one query per row; e.g. sliding-window layers, which keep
+      transformers' cache) share each key/value head among its query heads inside torch's kernel
+      (enable_gqa). With grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads)
+      and a padding mask, transformers' sdpa instead copies the keys and values to every query
+      head (repeat_kv) in every layer at every step: two fresh [b, heads, cached tokens,
+      head_dim] tensors, which dominated the decoding step on CPU. One query attends every
+      position its mask allows, so there is nothing causal to lose.
+    Everything else (the prefill, scoring with the engine's model) goes to transformers' sdpa.
+    """
+    unsupported = dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None
+    if isinstance(key, _SharedPromptLayer):  # the engine's decoding cache: see there
+        if unsupported:
+            raise NotImplementedError("HFEngine's shared-prompt decoding supports plain softmax "
+                                      "attention only (no dropout, soft-capping or sinks)")
+        return key.attend(query, module.scaling if scaling is None else scaling), None
+    if query.shape[2] != 1 or key.shape[1] == query.shape[1] or unsupported:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)  # [b, h, 1, d]
+    return out.transpose(1, 2).contiguous(), None  # [b, 1, h, d], as transformers' sdpa returns
+
+
+DECODE_ATTENTION = "urpo_decode_sdpa"
+AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # masks built as for sdpa
+
+
+class _SharedPromptLayer(DynamicLayer):
+    """One decoder layer's KV cache for decoding n samples of each of p prompts: each prompt's
+    keys and values held once, the generated tokens' in buffers of the call's final length.
+
+    transformers' DynamicLayer grows its keys and values by concatenation: every decoding step
+    allocates both anew, one token longer, in every layer, and frees the old ones. On CPU such
+    buffers are large enough to be freshly mapped memory, so every step faulted them in page by
+    page (system time). And with the prompt's cache copied to its n rows, every step read each
+    prompt's keys and values n times. Here the prefill's [p, kv_heads, P, head_dim] stays as it is
+    (prompt i serves rows i*n .. i*n+n-1), and the generated tokens go into [b, kv_heads,
+    capacity, head_dim] buffers allocated once and written in place.
+
+    `update` returns the layer itself as keys and values: the engine's attention function
+    (`_decode_sdpa`) recognises it and calls `attend`, which computes the same attention as over
+    the concatenated cache [prompt (padding masked out), generated tokens] (a decoding step has
+    one query per row, so there is nothing causal to mask), reading each prompt's cache once for
+    its n x heads queries. Only decoding steps (one new token per row) are accepted.
+    """
+
+    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor,
+                 prompt_mask: torch.Tensor, repeats: int, capacity: int):
+        super().__init__()
+        p, kv_heads, _, dim = prompt_keys.shape  # [p, kv, P, d]
+        self.prompt_keys, self.prompt_values = prompt_keys, prompt_values
+        self.prompt_mask = prompt_mask.bool()[:, None, None, :]  # [p, 1, 1, P]: False on padding
+        self.new_keys = prompt_keys.new_empty(p * repeats, kv_heads, capacity, dim)  # [b, kv, L, d]
+        self.new_values = prompt_values.new_empty(p * repeats, kv_heads, capacity, dim)
+        self.repeats, self.generated = repeats, 0
+        self.keys, self.values = prompt_keys, prompt_values  # what DynamicLayer's methods look at
+        self.dtype, self.device = prompt_keys.dtype, prompt_keys.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.prompt_keys.shape[2] + self.generated
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a decoding step feeds one token per row, got {key_states.shape[2]}")
+        if self.generated == self.new_keys.shape[2]:
+            raise RuntimeError(f"KV cache full: {self.generated} generated tokens already")
+        self.new_keys[:, :, self.generated] = key_states[:, :, 0]
+        self.new_values[:, :, self.generated] = value_states[:, :, 0]
+        self.generated += 1
+        return self, self
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """softmax(q k^T * scaling) v over [prompt, generated] for query [b, heads, 1, d]; returns
+        [b, 1, heads, d] (transformers' attention output layout). Scores in the model's dtype,
+        softmax in float32, as transformers' eager attention."""
+        p, kv_heads, _, dim = self.prompt_keys.shape
+        b, heads, n, t = query.shape[0], query.shape[1], self.repeats, self.generated
+        group = heads // kv_heads  # query heads per key/value head
+        q = query.reshape(p, n, kv_heads, group, dim)  # row i*n + j, head h*group + g
+        q_prompt = q.transpose(1, 2).reshape(p, kv_heads, n * group, dim)  # a prompt's queries
+        prompt_scores = q_prompt @ self.prompt_keys.transpose(2, 3) * scaling  # [p, kv, n*g, P]
+        prompt_scores = prompt_scores.masked_fill(~self.prompt_mask, float("-inf"))
+        new_keys = self.new_keys[:, :, :t].reshape(p, n, kv_heads, t, dim)
+        new_scores = q @ new_keys.transpose(3, 4) * scaling  # [p, n, kv, g, t]
+        new_scores = new_scores.transpose(1, 2).reshape(p, kv_heads, n * group, t)
+        probs = torch.cat([prompt_scores, new_scores], dim=-1).softmax(-1, dtype=torch.float32)
+        probs = probs.to(query.dtype)  # [p, kv, n*g, P + t]
+        out = probs[..., :-t] @ self.prompt_values  # [p, kv, n*g, d]
+        new_probs = probs[..., -t:].reshape(p, kv_heads, n, group, t).transpose(1, 2)
+        new_values = self.new_values[:, :, :t].reshape(p, n, kv_heads, t, dim)
+        out = out.reshape(p, kv_heads, n, group, dim).transpose(1, 2) + new_probs @ new_values
+        return out.reshape(b, 1, heads, dim)  # [p, n, kv, g, d] -> [b, 1, h, d]
+
+
 class HFEngine:
     """Rollouts with a hand-written sampling loop over a transformers model.
 
     The loop owns what `generate` would hide, for speed and for exactness:
-    - each prompt is prefilled once and its KV cache copied to its n samples (a GRPO group
-      shares its prompt), instead of prefilling the same prompt n times;
+    - each prompt is prefilled once and its KV cache shared by its n samples (a GRPO group
+      shares its prompt), instead of prefilling the same prompt n times and decoding over n
+      copies of its cache (`_SharedPromptLayer`);
+    - the generated tokens' keys and values go into buffers allocated once per call, and a
+      decoding step's attention shares each key/value head among its query heads without
+      copying it (`_decode_sdpa`): no per-token allocations;
     - tokens are drawn from softmax(logits / T) by inverse CDF (one uniform per row), and
       log p_T of each drawn token is kept as it is drawn: no [batch, steps, vocab] scores;
     - pure temperature sampling (no top-k, top-p or repetition penalty), so the sampled
@@ -95,6 +206,11 @@ class HFEngine:
         # The positions the model was trained for, unless told otherwise (as vLLM's max_model_len)
         self.context_len = (context_len or getattr(self.model.config, "max_position_embeddings", None)
                             or 2**31)
+        if self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(DECODE_ATTENTION)  # see _decode_sdpa
+        # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns)
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
         # models often end a turn with a token other than the tokenizer's eos).
         configured = self.model.generation_config.eos_token_id
@@ -120,7 +236,8 @@ class HFEngine:
             torch.manual_seed(self.rng.getrandbits(63))
             for start in range(0, len(prompt_ids), per_batch):
                 groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
-        release_freed_memory(self.device)  # the KV caches are gone: give their pages back to the OS
+        # No heap trimming here (model.release_freed_memory): the next call allocates buffers of
+        # the same sizes again, and a trim made it fault every page of them back in.
         return groups
 
     def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,
@@ -135,15 +252,26 @@ class HFEngine:
         # Positions count real tokens only (as the trainer's), so left padding does not shift them.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [p, P]
 
-        # 1. Prefill: each prompt once, then its KV cache, mask and last logits copied to its n
-        #    rows (prompt i -> rows i*n .. i*n+n-1).
+        # 1. Prefill: each prompt once; its KV cache then serves its n rows (prompt i -> rows
+        #    i*n .. i*n+n-1), its mask and last logits are copied to them.
         cache = DynamicCache(config=self.model.config)
+        shared_attention = self.model.config._attn_implementation == DECODE_ATTENTION
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(n)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)  # [b, P]
+                         use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        capacity = max_new_tokens - 1  # generated tokens fed back: the last one drawn never is
+        for index, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer and shared_attention:  # full attention: see the class
+                cache.layers[index] = _SharedPromptLayer(layer.keys, layer.values, attention_mask,
+                                                         n, capacity)
+            else:  # sliding-window layers, or attention other than sdpa: transformers' cache
+                layer.batch_repeat_interleave(n)
+        # The mask (for layers that keep transformers' cache) is allocated once, too, at its final
+        # width; each step takes a view of it.
+        full_mask = attention_mask.new_ones(len(prompts) * n, width + capacity)  # [b, P + L - 1]
+        full_mask[:, :width] = attention_mask.repeat_interleave(n, dim=0)
         next_position = position_ids[:, -1:].repeat_interleave(n, dim=0) + 1  # [b, 1]
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b, V]
+        del out
 
         # 2. Decode: draw a token per row, feed it back; rows that stopped carry padding until
         #    every row has stopped or the budget is spent.
@@ -158,9 +286,9 @@ class HFEngine:
             stopped |= torch.isin(token, eos)
             if step == max_new_tokens - 1 or bool(stopped.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                             past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=token[:, None], position_ids=next_position,
+                             attention_mask=full_mask[:, :width + step + 1],  # [b, P + step + 1]
+                             use_cache=True, **{self._cache_argument: cache})
             next_position = next_position + 1
             logits = out.logits[:, -1]  # [b, V]
 
@@ -212,8 +340,9 @@ class HFEngine:
         return True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy the trainer's full state dict into the engine's model (strict; of tied
-        weights, one name suffices)."""
+        """Copy the trainer's weights into the engine's model: a full state dict, or an FSDP2
+        model's own sharded one, gathered one tensor at a time (collective: every rank calls it).
+        Strict; of tied weights, one name suffices (model.load_full_state_dict)."""
         load_full_state_dict(self.model, state_dict)
 
     # Nothing to free or shut down: the engine is a plain model in this process (vLLM's has these).

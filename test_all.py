@@ -1414,21 +1414,26 @@ def test_engine_shapes_logprobs_and_determinism(tiny_dir, tmp_path):
     other = HFEngine(tiny_dir, tokenizer, seed=4, max_batch=4).generate(prompts, n=4, temperature=0.8, max_new_tokens=8)
     assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in out]
 
-    # The engine's log-probs are the trainer's log-probs of the same tokens at the same T.
-    width = max(len(p) + len(c.token_ids) for p, g in zip(prompts, out) for c in g)
-    rows = [(p, c) for p, g in zip(prompts, out) for c in g]
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [N, T], right-padded
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids)
-    for row, (prompt, c) in enumerate(rows):
-        input_ids[row, :len(prompt) + len(c.token_ids)] = torch.tensor(prompt + c.token_ids)
-        attention_mask[row, :len(prompt) + len(c.token_ids)] = 1
-        completion_mask[row, len(prompt):len(prompt) + len(c.token_ids)] = 1
-    with torch.no_grad():
-        trainer_logp, _ = completion_logprobs(engine.model, input_ids, attention_mask, completion_mask, 0.8)
-    for row, (prompt, c) in enumerate(rows):
-        expected = trainer_logp[row, len(prompt):len(prompt) + len(c.token_ids)]
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+    # The engine's log-probs are the trainer's log-probs of the same tokens at the same T, the
+    # trainer being a model of its own (transformers' sdpa attention, no KV cache).
+    trainer_model = load_model(tiny_dir)
+    hotter = engine.generate(prompts, n=4, temperature=1.3, max_new_tokens=8)
+    for temperature, samples in [(0.8, out), (1.3, hotter)]:
+        width = max(len(p) + len(c.token_ids) for p, g in zip(prompts, samples) for c in g)
+        rows = [(p, c) for p, g in zip(prompts, samples) for c in g]
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [N, T], right-padded
+        attention_mask = torch.zeros_like(input_ids)
+        completion_mask = torch.zeros_like(input_ids)
+        for row, (prompt, c) in enumerate(rows):
+            input_ids[row, :len(prompt) + len(c.token_ids)] = torch.tensor(prompt + c.token_ids)
+            attention_mask[row, :len(prompt) + len(c.token_ids)] = 1
+            completion_mask[row, len(prompt):len(prompt) + len(c.token_ids)] = 1
+        with torch.no_grad():
+            trainer_logp, _ = completion_logprobs(trainer_model, input_ids, attention_mask,
+                                                  completion_mask, temperature)
+        for row, (prompt, c) in enumerate(rows):
+            expected = trainer_logp[row, len(prompt):len(prompt) + len(c.token_ids)]
+            assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
 
 
 def test_greedy_stops_at_generation_config_eos(tiny_dir, tmp_path):
@@ -1459,12 +1464,49 @@ def test_greedy_equals_transformers_generate(tiny_dir):
     assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
     engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
     ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
+    reference = load_model(tiny_dir)  # transformers' own cache and sdpa attention
+    assert reference.config._attn_implementation == "sdpa"
+    assert engine.model.config._attn_implementation == rollout.DECODE_ATTENTION
     for prompt, group in zip(prompts, ours):
-        expected = engine.model.generate(
+        expected = reference.generate(
             input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids, pad_token_id=tokenizer.pad_token_id)
         expected = expected[0, len(prompt):].tolist()
         assert [c.token_ids for c in group] == [expected, expected]
+
+
+def test_shared_prompt_cache_attends_like_a_full_cache_and_fills_in_place():
+    # 2 prompts of 3 positions (the first left-padded by one), n = 2 rows each, 4 query heads on
+    # 2 key/value heads: every decoding step's attention equals sdpa over the concatenated cache
+    # [prompt repeated to its rows, generated tokens], with the padding masked out.
+    torch.manual_seed(0)
+    p, n, kv_heads, heads, length, dim = 2, 2, 2, 4, 3, 8
+    prompt_keys = torch.randn(p, kv_heads, length, dim)
+    prompt_values = torch.randn(p, kv_heads, length, dim)
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    layer = rollout._SharedPromptLayer(prompt_keys, prompt_values, prompt_mask, n, capacity=2)
+    keys = prompt_keys.repeat_interleave(n, dim=0)  # [b, kv, P, d]: the cache as rows see it
+    values = prompt_values.repeat_interleave(n, dim=0)
+    mask = prompt_mask.bool().repeat_interleave(n, dim=0)  # [b, P]
+    buffers = (layer.new_keys.data_ptr(), layer.new_values.data_ptr())
+    for step in range(2):
+        new_keys = torch.randn(p * n, kv_heads, 1, dim)  # one decoding step
+        new_values = torch.randn(p * n, kv_heads, 1, dim)
+        assert layer.update(new_keys, new_values) == (layer, layer)
+        keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+        mask = torch.cat([mask, torch.ones(p * n, 1, dtype=torch.bool)], dim=1)
+        assert layer.get_seq_length() == length + step + 1
+        query = torch.randn(p * n, heads, 1, dim)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys.repeat_interleave(heads // kv_heads, dim=1),
+            values.repeat_interleave(heads // kv_heads, dim=1), attn_mask=mask[:, None, None, :],
+            scale=0.3)
+        assert torch.allclose(layer.attend(query, scaling=0.3), expected.transpose(1, 2), atol=1e-6)
+    assert (layer.new_keys.data_ptr(), layer.new_values.data_ptr()) == buffers  # written in place
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        layer.update(new_keys, new_values)
+    with pytest.raises(ValueError, match="one token per row"):
+        layer.update(torch.randn(p * n, kv_heads, 2, dim), torch.randn(p * n, kv_heads, 2, dim))
 
 
 def test_draw_samples_softmax_at_temperature():
@@ -2461,6 +2503,23 @@ def test_bench_grpo_step_prints_its_table(tiny_dir):
     assert step > 0 and min(generation, logprobs, backward, optimizer) >= 0 and rss > 0 and tokens_per_s > 0
     assert sync == 0.0  # the engine shares the policy's weights: nothing to copy
     assert result.stdout.count("ours step 0") == 2  # one measured step in each of 2 rounds
+
+
+def test_bench_rollout_prints_its_table(tiny_dir):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_rollout.py", "--model", tiny_dir, "--no_vllm", "--trim",
+         "--data", "hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz",
+         "--max_prompt_tokens", "900", "--prompts", "1", "--n", "2", "--max_new_tokens", "4",
+         "--rounds", "1", "--warmup", "0", "--calls", "1"],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("hf", "hf-trim"):
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name} |"))
+        cells = [float(cell.strip().rstrip("%")) for cell in row.strip("|").split("|")[1:]]
+        tokens_per_s, seconds, tokens, sys_share, faults, rss = cells
+        assert tokens_per_s > 0 and seconds > 0 and 2 <= tokens <= 8  # 2 samples x <= 4 tokens
+        assert 0 <= sys_share <= 100 and faults >= 0 and rss > 0
+        assert result.stdout.count(f"{name} call 0") == 1  # one measured call, no warm-up
 
 
 def test_bench_mfu_runs_the_trainer_path():
