@@ -2318,17 +2318,20 @@ def test_annotation_win_rate_reproduces_the_leaderboard_on_fusechat():
 
 def test_reasoning_metrics_per_subject_and_level():
     items = [dict(subject="Algebra", level=1, rewards=[1.0, 0.0], truncated=[False, True],
-                  tokens=[10, 20]),
+                  tokens=[10, 20], texts=["so \\boxed{1}", "no box"]),
              dict(subject="Geometry", level=1, rewards=[1.0, 1.0], truncated=[False, False],
-                  tokens=[30, 40]),
+                  tokens=[30, 40], texts=["\\boxed{2}", "\\boxed{3"]),  # unclosed: no box
              dict(subject=None, level=None, rewards=[0.0, 0.0], truncated=[True, True],
-                  tokens=[50, 50])]
+                  tokens=[50, 50], texts=["", "4"]),
+             dict(subject="Algebra", level=2, skipped="prompt over the context")]
     metrics = evaluation.reasoning_metrics(items)
     assert metrics["accuracy"] == pytest.approx(1.5 / 3)
     assert metrics["subject/Algebra"] == 0.5 and metrics["subject/Geometry"] == 1.0
     assert metrics["level/1"] == 0.75 and "subject/None" not in metrics
     assert metrics["truncation_rate"] == pytest.approx(3 / 6)
     assert metrics["mean_tokens"] == pytest.approx(200 / 6)
+    assert metrics["boxed_rate"] == pytest.approx(2 / 6)
+    assert metrics["n"] == 3 and metrics["skipped_long_prompts"] == 1 and "level/2" not in metrics
 
 
 # ---------------------------------------------------------------------------- the CLI, end to end
