@@ -405,6 +405,7 @@ def plot_run(metrics_path: str, out_path: str) -> str:
     evaluation before any training. Raises ValueError when the file has no step line."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     with open(metrics_path) as f:
@@ -423,7 +424,7 @@ def plot_run(metrics_path: str, out_path: str) -> str:
     panels = [(title, drawn(prefixes)) for title, prefixes in CURVES]
     panels += [("held-out referee", [k for k in held_out if k.split("/")[1] in referee_sets]),
                ("held-out player", [k for k in held_out if k.split("/")[1] not in referee_sets])]
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True, sharex=True)
     for axis, (title, names) in zip(axes.flat, panels):
         for name in names:
             points = [(line["step"], line[name]) for line in lines
@@ -434,12 +435,15 @@ def plot_run(metrics_path: str, out_path: str) -> str:
                           label=name.removeprefix("eval/"))
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.set_xlim(0, max(1, lines[-1]["step"]))
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)
         else:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
-    figure.suptitle(os.path.dirname(os.path.abspath(metrics_path)))
+    figure.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))}: "
+                    f"step {lines[-1]['step']} (step 0: before training)")
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
     return out_path
@@ -587,7 +591,8 @@ def write_model_outputs(results: Results, args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="HF folder or hub id to evaluate")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     for task, (kind, spec, _) in TASKS.items():

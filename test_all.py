@@ -2176,6 +2176,10 @@ def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_
     assert drawn.stdout.strip() == str(tmp_path / "again.png") and (tmp_path / "again.png").stat().st_size > 10_000
     refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
     assert refused.returncode != 0 and "RUN_DIR holds a metrics.jsonl" in refused.stderr
+    (tmp_path / "metrics.jsonl").write_text("")  # a run still in its first evaluation: one line, no traceback
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        f"train.py plot: {tmp_path / 'metrics.jsonl'} has no metrics line: is it a train.py run's metrics.jsonl?"]
 
 
 def test_before_and_after_table(tmp_path):

@@ -16,6 +16,7 @@ Run:
       train.py --preset paper                            # multi-node: same command on each node
   python train.py --help                                 # every flag, with its default
   python train.py export RUN/checkpoints/step_0000100 OUT  # any checkpoint as an HF folder
+  python train.py plot RUN [OUT.png]                     # any run's curves from its metrics.jsonl
 
 Everything a run writes lands in --out_dir: config.json, metrics.jsonl (one line per step),
 samples.jsonl (every --samples_every steps), checkpoints/, and final/ (a plain HF folder).
@@ -53,7 +54,7 @@ from reward import math_rewards, parse_ranking, ranking_reward, timed_out_checks
 
 @dataclass
 class Config:
-    preset: str = "cpu"  # named set of overrides applied before the flags: cpu, paper, baseline_referee, baseline_player
+    preset: str = "cpu"  # named set of overrides applied before the flags: cpu, cpu_long, paper, baseline_referee, baseline_player
     # model and data
     model: str = model_lib.DEFAULT_MODEL  # hub id or local HF folder of the policy (player and referee)
     trust_remote_code: bool = False  # allow model code from the hub (only for models that need it)
@@ -185,10 +186,14 @@ def check_config(cfg: Config) -> None:
         problems.append("--referee_orders must be >= 1")
     if cfg.updates_per_batch < 1 or cfg.steps < 1:
         problems.append("--steps and --updates_per_batch must be >= 1")
-    if cfg.cold_start_steps < 0 or cfg.cold_start_batch < 1:
-        problems.append("--cold_start_steps must be >= 0 (0: no cold start) and --cold_start_batch >= 1")
-    if cfg.max_model_len < 0 or cfg.dist_timeout_min <= 0:
-        problems.append("--max_model_len must be >= 0 (0: the model's own) and --dist_timeout_min > 0")
+    if cfg.cold_start_steps < 0:
+        problems.append(f"--cold_start_steps {cfg.cold_start_steps}: use 0 (no cold start) or more")
+    if cfg.cold_start_batch < 1:
+        problems.append(f"--cold_start_batch {cfg.cold_start_batch}: needs at least 1 example per step")
+    if cfg.max_model_len < 0:
+        problems.append(f"--max_model_len {cfg.max_model_len}: use 0 (the model's own context) or more")
+    if cfg.dist_timeout_min <= 0:
+        problems.append(f"--dist_timeout_min {cfg.dist_timeout_min}: a collective needs a timeout > 0 minutes")
     try:
         weights = task_weights(cfg)
         if sum(weights.values()) <= 0:
@@ -876,9 +881,11 @@ def main(argv=None) -> int:
         # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ----------
         line = {"step": 0}
         if cfg.eval_start_end and eval_sets:
+            print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy, a few minutes on CPU)")
             tally, t = Tally(), time.perf_counter()
             evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
             line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
+            print0("  " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}" for k, v in line.items() if k.startswith("eval/")))
         if cfg.cold_start_steps:
             engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
             line |= cold_start(policy, sources, tokenizer, cfg, device)
@@ -1045,7 +1052,10 @@ if __name__ == "__main__":
         if len(sys.argv) not in (3, 4) or not os.path.isfile(os.path.join(sys.argv[2], "metrics.jsonl")):
             raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]  (RUN_DIR holds a metrics.jsonl)")
         out = sys.argv[3] if len(sys.argv) == 4 else os.path.join(sys.argv[2], "curves.png")
-        print(evaluation.plot_run(os.path.join(sys.argv[2], "metrics.jsonl"), out))
+        try:
+            print(evaluation.plot_run(os.path.join(sys.argv[2], "metrics.jsonl"), out))
+        except ValueError as error:  # an empty metrics file: a run still in its first evaluation
+            raise SystemExit(f"train.py plot: {error}") from None
         sys.exit(0)
     try:
         code = main()
