@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from reward import last_boxed
+from reward import format_verdict, last_boxed
 
 TASKS = ("verifiable", "preference", "open")
 ROLES = ("system", "user", "assistant")
@@ -459,16 +459,8 @@ def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
         k=k, conversation=conversation, candidates=candidates,
         instruction=THINK_INSTRUCTION if think else RANKING_INSTRUCTION,
         labels=", ".join(f"[{j}]" for j in range(1, k + 1)),
-        example=referee_verdict(list(range(k - 1, -1, -1)), EXAMPLE_THINKING if think else None))
+        example=format_verdict(list(range(k - 1, -1, -1)), EXAMPLE_THINKING if think else None))
     return [{"role": "user", "content": text}]
-
-
-def referee_verdict(shown_ranking: list[int], thinking: str | None = None) -> str:
-    """A verdict in the format the referee is asked for, which reward.parse_ranking reads back:
-    `shown_ranking` holds 0-based shown positions, best first; [1, 0] gives
-    "<answer>[2] > [1]</answer>", preceded by "<think>thinking</think>\n" when given."""
-    answer = "<answer>" + " > ".join(f"[{j + 1}]" for j in shown_ranking) + "</answer>"
-    return answer if thinking is None else f"<think>{thinking}</think>\n{answer}"
 
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
@@ -491,7 +483,7 @@ def gold_target(record: dict, rng: random.Random,
         order = rng.sample(range(len(record["responses"])), len(record["responses"]))
         shown_ranking = [order.index(candidate) for candidate in record["ranking"]]
         prompt = referee_prompt(record["messages"], record["responses"], order, think)
-        return prompt, referee_verdict(shown_ranking, "" if think else None)
+        return prompt, format_verdict(shown_ranking, "" if think else None)
     solution = record["meta"].get("reference") if record["task"] == "verifiable" else None
     if not solution:
         return None

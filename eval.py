@@ -6,10 +6,11 @@
   reasoning    accuracy with math_reward on GSM8K, MATH-500 or any set in those schemas
                (greedy, or pass@1 over k samples), per subject and level where the data has them
   instructions AlpacaEval answers, exported as alpaca_eval's model_outputs.json, and a local win
-               rate against the gpt4_1106_preview reference outputs judged by a local model
+               rate against the gpt4_1106_preview reference outputs, judged by a local referee
 
-Referee and judge verdicts use the referee template of training; one that does not parse counts
-0.5 (a coin flip) and shows in `invalid_rate`: a judge that never follows the format gives 0.5
+Every verdict is one call of rollout.referee, training's referee path (template, generation,
+parse); one that does not parse counts 0.5 (a coin flip) and shows in `invalid_rate`: a referee
+that never follows the format gives 0.5
 and a 50% win rate with invalid_rate 1.0, not a crash. An item whose prompt and token budget do
 not fit in the engine's context is not generated: it is kept as a `skipped` item, left out of
 the metrics and counted in `skipped_long_prompts`.
@@ -49,9 +50,8 @@ from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt, referee_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
-from reward import (RIGHT, TIMEOUT, last_boxed, math_checks, parse_ranking, ranking_reward,
-                    to_original)
-from rollout import fits, make_engine
+from reward import RIGHT, TIMEOUT, last_boxed, math_checks
+from rollout import fits, make_engine, referee
 
 # RewardBench v1 sections (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
 SECTIONS = {
@@ -64,7 +64,7 @@ SECTIONS = {
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 # task -> (record kind it needs, default data spec, split passed to data.load)
-TASKS = {
+BENCHMARKS = {
     "rewardbench": ("preference", "rewardbench", None),
     "gsm8k": ("verifiable", "gsm8k", "test"),
     "math500": ("verifiable", "math500", None),
@@ -79,9 +79,12 @@ def mean(values) -> float:
 
 
 def verdict_score(ranking: list[int] | None, gold: list[int]) -> float:
-    """One referee verdict against the gold order; an invalid verdict is a coin flip (0.5), as
-    RewardBench counts an unparsable generative judgement."""
-    return 0.5 if ranking is None else ranking_reward(ranking, gold)
+    """One referee verdict against the gold order, by evaluation's own rule (not the training
+    reward, so an ablation of that reward leaves these numbers alone): 1.0 when the verdict puts
+    the gold-best candidate first, else 0.0, as RewardBench scores a pair (and RewardBench 2 its
+    best-of-4 items); an invalid verdict is a coin flip (0.5), as RewardBench counts an
+    unparsable generative judgement."""
+    return 0.5 if ranking is None else float(ranking[0] == gold[0])
 
 
 def section_scores(accuracy: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
@@ -245,20 +248,6 @@ def generate_fitting(engine, prompts: list[list[int]], n: int, temperature: floa
     return results
 
 
-def referee_verdicts(engine, tokenizer, conversations, candidates, orders,
-                     max_new_tokens, think: bool = True) -> list[tuple | None]:
-    """One greedy referee verdict per (conversation, candidates, shown order), with the referee
-    template of training (`think`: reasoning before the ranking): (ranking in original indices
-    or None if invalid, generated text), or None where the prompt did not fit in the engine's
-    context."""
-    prompts = [chat_ids(tokenizer, referee_prompt(messages, responses, order, think))
-               for messages, responses, order in zip(conversations, candidates, orders)]
-    outputs = generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)
-    return [None if out is None
-            else (to_original(parse_ranking(out[0].text, len(order)), order), out[0].text)
-            for out, order in zip(outputs, orders)]
-
-
 def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) -> list[dict]:
     """Judge each preference record twice: in a random order seeded by (seed, record id), so it
     does not depend on batching or resumption, then in the reversed order."""
@@ -268,8 +257,8 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) 
         random.Random(f"{seed}:{record['id']}").shuffle(order)
         orders += [order, order[::-1]]
     twice = [record for record in records for _ in range(2)]
-    verdicts = referee_verdicts(engine, tokenizer, [r["messages"] for r in twice],
-                                [r["responses"] for r in twice], orders, max_new_tokens, think)
+    verdicts = referee(engine, tokenizer, [r["messages"] for r in twice],
+                       [r["responses"] for r in twice], orders, 0.0, max_new_tokens, think)
     items = []
     for i, r in enumerate(records):
         item = dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
@@ -278,8 +267,7 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) 
         if None in pair:
             items.append(item | dict(skipped=SKIPPED))
             continue
-        items.append(item | dict(rankings=[ranking for ranking, _ in pair],
-                                 texts=[text for _, text in pair]))
+        items.append(item | dict(rankings=[v.ranking for v in pair], texts=[v.text for v in pair]))
     return items
 
 
@@ -306,19 +294,19 @@ def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, tempe
     return items
 
 
-def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, judge_tokenizer,
+def instruction_items(engine, tokenizer, records, max_new_tokens, referee_engine, referee_tokenizer,
                       referee_max_new_tokens, think=True) -> list[dict]:
-    """Answer each instruction greedily, then let the judge compare the answer with the
+    """Answer each instruction greedily, then let the referee compare the answer with the
     record's reference (meta["reference"]) in both orders."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
     answers = [outs and outs[0]
                for outs in generate_fitting(engine, prompts, 1, 0.0, max_new_tokens)]
     answered = [(r, a) for r, a in zip(records, answers) if a is not None]
     twice = [(record, answer.text) for record, answer in answered for _ in range(2)]
-    verdicts = iter(referee_verdicts(
-        judge_engine, judge_tokenizer, [r["messages"] for r, _ in twice],
+    verdicts = iter(referee(
+        referee_engine, referee_tokenizer, [r["messages"] for r, _ in twice],
         [[text, r["meta"]["reference"]] for r, text in twice], [[0, 1], [1, 0]] * len(answered),
-        referee_max_new_tokens, think))
+        0.0, referee_max_new_tokens, think))
     items = []
     for r, a in zip(records, answers):
         item = dict(id=r["id"], instruction=r["messages"][-1]["content"],
@@ -328,23 +316,24 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine, 
             items.append(item | dict(skipped=SKIPPED, output=a.text if a is not None else ""))
             continue
         items.append(item | dict(output=a.text, truncated=a.finish_reason == "length",
-                                 rankings=[ranking for ranking, _ in pair],
-                                 texts=[text for _, text in pair]))
+                                 rankings=[v.ranking for v in pair],
+                                 texts=[v.text for v in pair]))
     return items
 
 
 def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
                    referee_max_new_tokens: int, seed: int = 0, samples: int = 1,
-                   temperature: float = 0.0, judge=None, think: bool = True) -> list[dict]:
-    """The items of one batch of records of one kind; `judge` is the (engine, tokenizer) that
-    judges open answers (default: the evaluated model itself); `think`: verdicts with reasoning."""
+                   temperature: float = 0.0, referee_pair=None, think: bool = True) -> list[dict]:
+    """The items of one batch of records of one kind; `referee_pair` is the (engine, tokenizer)
+    that judges open answers (default: the evaluated model itself); `think`: verdicts with
+    reasoning."""
     if kind == "preference":
         return referee_items(engine, tokenizer, records, referee_max_new_tokens, seed, think)
     if kind == "verifiable":
         return reasoning_items(engine, tokenizer, records, max_new_tokens, samples, temperature)
-    judge_engine, judge_tokenizer = judge or (engine, tokenizer)
-    return instruction_items(engine, tokenizer, records, max_new_tokens, judge_engine,
-                             judge_tokenizer, referee_max_new_tokens, think)
+    referee_engine, referee_tokenizer = referee_pair or (engine, tokenizer)
+    return instruction_items(engine, tokenizer, records, max_new_tokens, referee_engine,
+                             referee_tokenizer, referee_max_new_tokens, think)
 
 
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
@@ -387,6 +376,32 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
         keys = TRAINING_METRICS[kind] + ["n", "skipped_long_prompts"]
         metrics.update({f"{name}/{key}": float(values[key]) for key in keys})
     return metrics
+
+
+def held_out_sets(specs: str, limit: int, fits) -> dict[str, list[dict]]:
+    """train.py's held-out sets: for each comma-separated data.py spec, keyed by its registry
+    key, the first `limit` records for which `fits(record)` (their prompt fits the run's budget).
+    Raises data.DataError on a file or schema problem."""
+    sets = {}
+    for spec in filter(None, specs.split(",")):
+        records, _ = load_with_counts(spec)
+        sets[spec.split(":")[0]] = [record for record in records if fits(record)][:limit]
+    return sets
+
+
+def before_and_after(metrics_path: str) -> str:
+    """The held-out metrics of the first and the last evaluation of a run, side by side."""
+    with open(metrics_path) as f:
+        evaluated = [line for line in map(json.loads, f) if any(k.startswith("eval/") for k in line)]
+    if not evaluated:
+        return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
+    first, last = evaluated[0], evaluated[-1]
+    rows = [f"{'held-out metric':<40}{'step ' + str(first['step']):>12}"
+            f"{'step ' + str(last['step']):>12}"]
+    for key in sorted(k for k in first if k.startswith("eval/")):
+        rows.append(f"{key.removeprefix('eval/'):<40}{first[key]:>12.3f}"
+                    f"{last.get(key, float('nan')):>12.3f}")
+    return "\n".join(rows)
 
 
 # ====================================================================================== curves
@@ -512,7 +527,7 @@ def task_settings(args, task: str) -> dict:
     """What a task's numbers depend on: a rerun continues a task only under the same settings."""
     if task == "alpaca_eval" and args.annotations:
         return {"annotations": args.annotations}
-    kind = TASKS[task][0]
+    kind = BENCHMARKS[task][0]
     settings = dict(model=args.model, data=getattr(args, f"{task}_data"), limit=args.limit,
                     seed=args.seed)
     if kind != "preference":
@@ -525,13 +540,13 @@ def task_settings(args, task: str) -> dict:
         settings.update(samples=args.samples,
                         temperature=args.temperature if args.samples > 1 else 0.0)
     if kind == "open":
-        settings.update(judge_model=args.judge_model or args.model)
+        settings.update(referee_model=args.referee_model or args.model)
     return settings
 
 
 def load_task_data(task: str, spec: str, limit: int | None) -> list[dict]:
     """A task's records, checked to be of the kind the task needs."""
-    kind, _, split = TASKS[task]
+    kind, _, split = BENCHMARKS[task]
     try:
         records, skipped = load_with_counts(spec, split=split, limit=limit)
     except DataError as error:
@@ -594,8 +609,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="HF folder or hub id to evaluate")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    for task, (kind, spec, _) in TASKS.items():
+    parser.add_argument("--tasks", default=",".join(BENCHMARKS), help="comma-separated tasks")
+    for task, (kind, spec, _) in BENCHMARKS.items():
         parser.add_argument(f"--{task}_data", default=spec,
                             help=f"{kind} data: a data.py registry key or KEY:PATH")
     parser.add_argument("--limit", type=int, default=None, help="first N records of each task")
@@ -605,13 +620,13 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=512, help="answer token budget")
     parser.add_argument("--referee_max_new_tokens", type=int, default=256,
-                        help="token budget of a referee (judge) verdict")
+                        help="token budget of a referee verdict")
     parser.add_argument("--samples", type=int, default=1,
                         help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
     parser.add_argument("--temperature", type=float, default=0.6,
                         help="reasoning: sampling temperature when --samples > 1")
-    parser.add_argument("--judge_model", default=None,
-                        help="alpaca_eval judge (default: the evaluated model itself)")
+    parser.add_argument("--referee_model", default=None,
+                        help="the referee of alpaca_eval answers (default: the evaluated model)")
     parser.add_argument("--generator", default=None,
                         help="generator name in model_outputs.json (default: the model's folder)")
     parser.add_argument("--annotations", default=None,
@@ -641,8 +656,8 @@ def main(argv=None):
     if args.referee_think is None:
         args.referee_think = trained_referee_think(args.model)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    if not tasks or any(task not in TASKS for task in tasks):
-        raise SystemExit(f"unknown task in --tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
+    if not tasks or any(task not in BENCHMARKS for task in tasks):
+        raise SystemExit(f"unknown task in --tasks {args.tasks!r}: choose from {', '.join(BENCHMARKS)}")
     if args.annotations and "alpaca_eval" not in tasks:
         raise SystemExit("--annotations scores the alpaca_eval task: add it to --tasks")
 
@@ -663,9 +678,9 @@ def main(argv=None):
             for task in todo if not (task == "alpaca_eval" and annotation_metrics)}
     if data:
         tokenizer, engine = load_engine(args, args.model)
-        judge_tokenizer, judge_engine = tokenizer, engine
-        if "alpaca_eval" in data and args.judge_model not in (None, args.model):
-            judge_tokenizer, judge_engine = load_engine(args, args.judge_model)
+        referee_tokenizer, referee_engine = tokenizer, engine
+        if "alpaca_eval" in data and args.referee_model not in (None, args.model):
+            referee_tokenizer, referee_engine = load_engine(args, args.referee_model)
 
     # ---- run: finished items are kept, so an interrupted task continues where it stopped
     for task in todo:
@@ -673,12 +688,12 @@ def main(argv=None):
         if task not in data:
             results.finish(task, annotation_metrics)
             continue
-        kind = TASKS[task][0]
+        kind = BENCHMARKS[task][0]
         make_items = functools.partial(  # one batch of records -> their items
             evaluate_items, kind, engine, tokenizer, max_new_tokens=args.max_new_tokens,
             referee_max_new_tokens=args.referee_max_new_tokens, seed=args.seed,
             samples=args.samples, temperature=args.temperature,
-            judge=(judge_engine, judge_tokenizer), think=args.referee_think)
+            referee_pair=(referee_engine, referee_tokenizer), think=args.referee_think)
         metrics = run_task(results, task, data[task], make_items, METRICS[kind], args.batch_size)
         if task == "alpaca_eval":
             write_model_outputs(results, args)

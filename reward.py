@@ -4,9 +4,10 @@ Every prompt of a step ends up here after its rollouts:
 - verifiable (math) prompts: `math_reward` / `math_rewards` check the final `\boxed{...}` answer
   of each completion against the gold answer with math-verify, every "equal" it finds confirmed
   exactly (`math_checks` has the rules, and tells a timed-out check from a wrong answer);
-- preference prompts (the model as referee, ground truth known): `parse_ranking` reads the
-  referee's `<answer>[i] > [j] > ...</answer>`, `to_original` undoes the random display order,
-  `ranking_reward` scores it against the gold ranking;
+- preference prompts (the model as referee, ground truth known): `read_verdict` reads the
+  referee's `<answer>[i] > [j] > ...</answer>` (`parse_ranking`) and undoes the random display
+  order (`to_original`), `ranking_reward` scores it against the gold ranking; `format_verdict`
+  writes the same format (the template's example, the cold start's targets);
 - open prompts (the model judges its own answers): `self_rewards` averages `rank_scores` over the
   valid rankings of the M shuffled referee passes.
 
@@ -83,6 +84,22 @@ def to_original(shown: list[int] | None, order: list[int]) -> list[int] | None:
     if shown is None:
         return None
     return [order[position] for position in shown]
+
+
+def format_verdict(shown_ranking: list[int], thinking: str | None = None) -> str:
+    """A verdict in the format that `parse_ranking` reads: `shown_ranking` holds 0-based shown
+    positions, best first; [1, 0] gives "<answer>[2] > [1]</answer>", preceded by
+    "<think>thinking</think>\n" when given. The referee template's example and the cold
+    start's targets are written with it, so the verdict format lives in these two functions."""
+    answer = "<answer>" + " > ".join(f"[{j + 1}]" for j in shown_ranking) + "</answer>"
+    return answer if thinking is None else f"<think>{thinking}</think>\n{answer}"
+
+
+def read_verdict(text: str, order: list[int]) -> list[int] | None:
+    """The ranking a referee wrote for candidates shown in `order`, as original candidate indices,
+    best first; None if the verdict is invalid. `parse_ranking`, then `to_original`: every
+    verdict of training and evaluation is read here."""
+    return to_original(parse_ranking(text, len(order)), order)
 
 
 def ranking_reward(pred: list[int] | None, gold: list[int]) -> float:

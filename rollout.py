@@ -16,9 +16,10 @@ use the trainer's own parameters (`HFEngine.share_weights`: no copy, no sync). P
 and referee prompts go through the same call: one GRPO group is the n completions of one
 prompt, and the HF engine prefills that prompt once for all n.
 
-`self_judge` is URPO's self-referee pass for open instructions: each group of answers is shown
-to a referee (the policy's own engine, or a frozen one for the baseline arm) in M random
-orders; the parsed rankings, mapped back to the original answers, become the group's rewards.
+`referee` is the one referee call of the project (render the template, generate, read the
+verdict back in original indices), used by evaluation and by `self_referee`, URPO's self-referee
+pass for open instructions: each group of answers is shown to a referee (the policy's own engine,
+or a frozen one for the baseline arm) in M random orders, and the rankings become the rewards.
 
 Conventions, shared by every engine:
 - `token_ids` end with the EOS token when the model stopped by itself (finish_reason "eos"):
@@ -43,7 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
-from reward import parse_ranking, self_rewards, to_original
+from reward import read_verdict, self_rewards
 
 
 @dataclass
@@ -379,75 +380,87 @@ def fits(engine, prompt_ids: list[int], max_new_tokens: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The self-referee pass
+# The referee: one call for training's self-referee pass and for evaluation
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class RefereeCall:
-    """One referee generation: a group's answers shown in one order."""
-    group: int  # index of the group in self_judge's input
-    order: list[int]  # label [j+1] showed answer order[j]
+class Verdict:
+    """One referee generation: candidates shown in `order`, what the referee wrote, its ranking."""
+    order: list[int]  # label [j+1] showed candidate order[j]
     text: str  # the referee's output
-    ranking: list[int] | None  # parsed, as original answer indices, best first; None: invalid
+    ranking: list[int] | None  # original candidate indices, best first; None: invalid
     finish_reason: str
     num_tokens: int  # generated tokens (for throughput)
+    group: int = 0  # self_referee: index of the judged group in its input
+
+
+def referee(engine, tokenizer, conversations: list[list[dict]], candidates: list[list[str]],
+            orders: list[list[int]], temperature: float, max_new_tokens: int,
+            think: bool = True) -> list[Verdict | None]:
+    """The referee call: for each (conversation, candidates, shown order), render the referee
+    template (data.referee_prompt), generate one verdict, and read it back in original indices
+    (reward.read_verdict). None where the prompt and `max_new_tokens` do not fit in the engine's
+    context (not generated: see `fits`). Temperature 0 decodes greedily (evaluation)."""
+    prompts = [chat_ids(tokenizer, referee_prompt(messages, shown, order, think))
+               for messages, shown, order in zip(conversations, candidates, orders, strict=True)]
+    fitting = [i for i, ids in enumerate(prompts) if fits(engine, ids, max_new_tokens)]
+    outputs = engine.generate([prompts[i] for i in fitting], n=1, temperature=temperature,
+                              max_new_tokens=max_new_tokens) if fitting else []
+    verdicts = [None] * len(prompts)
+    for i, (output,) in zip(fitting, outputs, strict=True):
+        verdicts[i] = Verdict(orders[i], output.text, read_verdict(output.text, orders[i]),
+                              output.finish_reason, len(output.token_ids))
+    return verdicts
 
 
 @dataclass
-class JudgeResult:
-    """Rewards of each group, and every referee call for metrics and samples."""
+class SelfRefereeResult:
+    """Rewards of each group, and every referee verdict for metrics and samples."""
     rewards: list[list[float] | None]  # per group: one reward per answer; None if dropped
     dropped: int  # groups without any valid ranking (they give no gradient)
-    calls: list[RefereeCall]  # group by group, up to num_orders per group
+    verdicts: list[Verdict]  # group by group, up to num_orders per group
     skipped_long: int = 0  # referee prompts that did not fit in the engine's context (not run)
 
 
-def self_judge(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
-               num_orders: int, temperature: float, max_new_tokens: int,
-               rng: random.Random, think: bool = True) -> JudgeResult:
-    """Rank each group of answers with `engine` as the referee, in `num_orders` random orders.
+def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
+                 num_orders: int, temperature: float, max_new_tokens: int,
+                 rng: random.Random, think: bool = True) -> SelfRefereeResult:
+    """URPO's self-referee pass: rank each group of answers with `engine` as the referee, in
+    `num_orders` random orders, and turn the rankings into the answers' rewards.
 
     Group g holds the K = len(answers[g]) answers to conversations[g]. Each order is an
-    independent shuffle from `rng`; each referee prompt gets one generation. A valid ranking
-    gives the answer at position p the score (K - 1 - p) / (K - 1); an answer's reward is its
-    mean score over the group's valid rankings (reward.self_rewards). URPO passes the policy's
-    own engine; the baseline arm passes a frozen referee's engine (with its tokenizer). `think`
-    asks for brief reasoning before the ranking (data.referee_prompt).
+    independent shuffle from `rng`; each gets one verdict (`referee`). A valid ranking gives the
+    answer at position p the score (K - 1 - p) / (K - 1); an answer's reward is its mean score
+    over the group's valid rankings (reward.self_rewards). URPO passes the policy's own engine;
+    the baseline arm passes a frozen referee's engine (with its tokenizer).
 
     Example: answers ["a", "b"], two orders [1, 0] and [0, 1], referee outputs
     "<answer>[1] > [2]</answer>" both times: rankings [1, 0] and [0, 1] -> rewards [0.5, 0.5]
     (a referee that always prefers the first shown answer earns no one any advantage).
-
-    A referee prompt (the conversation and all K answers) that does not fit in the engine's
-    context with `max_new_tokens` is not run and counts in `skipped_long`; a group left with no
-    valid ranking is dropped, as for invalid verdicts.
+    A referee prompt that does not fit in the engine's context is not run and counts in
+    `skipped_long`; a group left with no valid ranking is dropped, as for invalid verdicts.
     """
-    if num_orders < 1:
-        raise ValueError(f"num_orders must be >= 1, got {num_orders}")
-    orders, prompts, skipped_long = [], [], 0
-    for group, (messages, group_answers) in enumerate(zip(conversations, answers, strict=True)):
+    if num_orders < 1 or len(conversations) != len(answers):
+        raise ValueError(f"need num_orders >= 1 and one conversation per group of answers; got "
+                         f"{num_orders}, {len(conversations)} and {len(answers)}")
+    jobs = []  # (group, shown order), num_orders per group
+    for group, group_answers in enumerate(answers):
         for _ in range(num_orders):
             order = list(range(len(group_answers)))
             rng.shuffle(order)
-            prompt = chat_ids(tokenizer, referee_prompt(messages, group_answers, order, think))
-            if not fits(engine, prompt, max_new_tokens):
-                skipped_long += 1
-                continue
-            orders.append((group, order))
-            prompts.append(prompt)
-    outputs = engine.generate(prompts, n=1, temperature=temperature,
-                              max_new_tokens=max_new_tokens) if prompts else []
-
-    calls = []
-    for (group, order), (output,) in zip(orders, outputs, strict=True):
-        ranking = to_original(parse_ranking(output.text, len(order)), order)
-        calls.append(RefereeCall(group, order, output.text, ranking, output.finish_reason,
-                                 len(output.token_ids)))
-    rewards = []
-    for group, group_answers in enumerate(answers):
-        rankings = [call.ranking for call in calls if call.group == group]
-        rewards.append(self_rewards(rankings, len(group_answers)))
-    return JudgeResult(rewards, sum(r is None for r in rewards), calls, skipped_long)
+            jobs.append((group, order))
+    verdicts = referee(engine, tokenizer, [conversations[g] for g, _ in jobs],
+                       [answers[g] for g, _ in jobs], [order for _, order in jobs], temperature,
+                       max_new_tokens, think)
+    kept = []
+    for (group, _), verdict in zip(jobs, verdicts):
+        if verdict is not None:
+            verdict.group = group
+            kept.append(verdict)
+    rewards = [self_rewards([v.ranking for v in kept if v.group == group], len(group_answers))
+               for group, group_answers in enumerate(answers)]
+    return SelfRefereeResult(rewards, sum(r is None for r in rewards), kept,
+                             len(verdicts) - len(kept))
 
 
 # ---------------------------------------------------------------------------------------------

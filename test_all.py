@@ -42,7 +42,7 @@ import train
 from model import chat_ids, completion_logprobs, export_hf, load_model, load_tokenizer
 from reward import parse_ranking
 from rollout import (Completion, HFEngine, StaleWeightsError, VLLMEngine, check_logprob_gap,
-                     logprob_gap, self_judge, trainer_prompt_logprobs)
+                     logprob_gap, self_referee, trainer_prompt_logprobs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -967,8 +967,10 @@ def test_referee_prompt_without_thinking_asks_for_the_ranking_alone():
     assert "<think>" not in text and "Write the full ranking, best first, inside <answer></answer>" in text
     assert text.endswith("For 2 candidates the format looks like this (the order here is only an "
                          "example):\n<answer>[2] > [1]</answer>")
-    assert data.referee_verdict([2, 0, 1]) == "<answer>[3] > [1] > [2]</answer>"
-    assert data.referee_verdict([1, 0], "short") == "<think>short</think>\n<answer>[2] > [1]</answer>"
+    assert reward.format_verdict([2, 0, 1]) == "<answer>[3] > [1] > [2]</answer>"
+    assert reward.format_verdict([1, 0], "short") == "<think>short</think>\n<answer>[2] > [1]</answer>"
+    assert reward.read_verdict("<answer>[3] > [1] > [2]</answer>", [1, 2, 0]) == [0, 1, 2]
+    assert reward.read_verdict("<answer>[1] = [2]</answer>", [1, 0]) is None
 
 
 def test_gold_targets_of_the_cold_start():
@@ -990,7 +992,7 @@ def test_gold_targets_of_the_cold_start():
             (turn,), verdict = data.gold_target(pair, random.Random(seed), think)
             shown = [turn["content"].index(f"\n{r}\n") for r in pair["responses"]]
             order = sorted(range(3), key=lambda i: shown[i])  # order[j]: the response shown as [j + 1]
-            assert reward.to_original(parse_ranking(verdict, 3), order) == [0, 1, 2]
+            assert reward.read_verdict(verdict, order) == [0, 1, 2]
             assert verdict.startswith("<think></think>\n<answer>") == think and ("<think>" in turn["content"]) == think
 
 
@@ -1634,43 +1636,43 @@ def referee_script(question, shown, count):
     return "<answer>[1] > [2]</answer>"  # q-biased: always the first shown
 
 
-def test_self_judge_rewards_and_bookkeeping():
+def test_self_referee_rewards_and_bookkeeping():
     tokenizer = tiny_tokenizer()
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     answers = [ANSWERS[q] for q in QUESTIONS]
-    result = self_judge(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
+    result = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
                         num_orders=2, temperature=1.0, max_new_tokens=32, rng=random.Random(0))
     assert result.rewards[0] == [1.0, 0.5, 0.0]
     assert result.rewards[1] is None
     assert result.rewards[2] == [0.0, 1.0]  # one valid ranking of two: it alone counts
-    biased_orders = [call.order for call in result.calls if call.group == 3]
+    biased_orders = [call.order for call in result.verdicts if call.group == 3]
     assert result.rewards[3] == [sum(o[0] == i for o in biased_orders) / 2 for i in range(2)]
     assert result.dropped == 1
-    assert [call.group for call in result.calls] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [call.ranking for call in result.calls[:6]] == [[0, 1, 2], [0, 1, 2], None, None, [1, 0], None]
-    assert [call.ranking for call in result.calls[6:]] == biased_orders  # "first shown is best"
-    assert result.calls[2].text == "<answer>[1] = [2]</answer>"
-    assert all(call.finish_reason == "eos" for call in result.calls)
-    assert all(sorted(call.order) == list(range(len(answers[call.group]))) for call in result.calls)
+    assert [call.group for call in result.verdicts] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [call.ranking for call in result.verdicts[:6]] == [[0, 1, 2], [0, 1, 2], None, None, [1, 0], None]
+    assert [call.ranking for call in result.verdicts[6:]] == biased_orders  # "first shown is best"
+    assert result.verdicts[2].text == "<answer>[1] = [2]</answer>"
+    assert all(call.finish_reason == "eos" for call in result.verdicts)
+    assert all(sorted(call.order) == list(range(len(answers[call.group]))) for call in result.verdicts)
     # Same rng seed, same orders.
-    again = self_judge(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
+    again = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
                        num_orders=2, temperature=1.0, max_new_tokens=32, rng=random.Random(0))
-    assert [c.order for c in again.calls] == [c.order for c in result.calls]
+    assert [c.order for c in again.verdicts] == [c.order for c in result.verdicts]
 
 
-def test_self_judge_with_a_real_engine(tiny_dir):
+def test_self_referee_with_a_real_engine(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
     engine = HFEngine(tiny_dir, tokenizer)
-    result = self_judge(engine, tokenizer, [[{"role": "user", "content": "hi"}]], [["a", "b", "c"]],
+    result = self_referee(engine, tokenizer, [[{"role": "user", "content": "hi"}]], [["a", "b", "c"]],
                         num_orders=3, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
-    assert len(result.calls) == 3 and result.rewards == [None] and result.dropped == 1  # random text never parses
+    assert len(result.verdicts) == 3 and result.rewards == [None] and result.dropped == 1  # random text never parses
     assert result.skipped_long == 0 and engine.context_len == 4096  # the model's max_position_embeddings
     # A referee prompt that does not fit in the context with its budget is not run, but counted.
     prompt_len = len(chat_ids(tokenizer, data.referee_prompt([{"role": "user", "content": "hi"}], ["a", "b", "c"], [0, 1, 2])))
     short = HFEngine(tiny_dir, tokenizer, context_len=prompt_len + 3)
-    result = self_judge(short, tokenizer, [[{"role": "user", "content": "hi"}]] * 2, [["a", "b", "c"], ["a", "b"]],
+    result = self_referee(short, tokenizer, [[{"role": "user", "content": "hi"}]] * 2, [["a", "b", "c"], ["a", "b"]],
                         num_orders=2, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
-    assert result.skipped_long == 2 and [call.group for call in result.calls] == [1, 1]
+    assert result.skipped_long == 2 and [call.group for call in result.verdicts] == [1, 1]
     assert result.rewards[0] is None and result.dropped == 2
 
 
@@ -2012,7 +2014,7 @@ def test_a_rank_with_nothing_to_score_still_reduces_every_gradient(tiny_dir, tmp
 
 def run_args(model_dir, out_dir, *extra):
     return ["train.py", "--model", model_dir, "--out_dir", str(out_dir), "--steps", "4", "--save_every", "2",
-            "--group_size", "2", "--prompts_per_step", "6", "--max_new_tokens", "6", "--judge_max_new_tokens", "8",
+            "--group_size", "2", "--prompts_per_step", "6", "--max_new_tokens", "6", "--referee_max_new_tokens", "8",
             "--max_prompt_tokens", "300", "--data_limit", "30", "--lr", "1e-3", "--skip_zero_advantage", "--samples_every", "0",
             "--cold_start_steps", "0", "--no-eval_start_end", "--no-plot",  # test_cold_start_... runs those
             # a tiny BPE spends a token on every few bytes: no UltraFeedback pair fits in 300 tokens
@@ -2156,7 +2158,7 @@ def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_dir, out, "--steps", "2", "--save_every", "0", "--cold_start_steps", "2",
-                    "--cold_start_batch", "2", "--max_new_tokens", "100", "--judge_max_new_tokens", "8",
+                    "--cold_start_batch", "2", "--max_new_tokens", "100", "--referee_max_new_tokens", "8",
                     "--eval_start_end", "--eval_limit", "2", "--eval_max_new_tokens", "8", "--plot",
                     "--max_prompt_tokens", "1500")  # the tiny BPE's hh-rlhf prompts are long
     run = subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]], cwd=HERE,
@@ -2187,7 +2189,7 @@ def test_before_and_after_table(tmp_path):
     path.write_text("\n".join(json.dumps(line) for line in [
         {"step": 0, "eval/hh/accuracy": 0.5, "eval/gsm8k/boxed_rate": 0.0},
         {"step": 1, "loss": 0.1}, {"step": 2, "eval/hh/accuracy": 0.75, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
-    rows = train.before_and_after(str(path)).splitlines()
+    rows = evaluation.before_and_after(str(path)).splitlines()
     assert rows[0].split() == ["held-out", "metric", "step", "0", "step", "2"]
     assert rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"] and rows[2].split() == ["hh/accuracy", "0.500", "0.750"]
 
@@ -2372,7 +2374,7 @@ def test_cli_writes_every_task_and_a_rerun_continues(tmp_path, monkeypatch, tiny
     evaluation.main(cli_args(model, out, "--tasks", "rewardbench,gsm8k,math500,alpaca_eval"))
     with open(out) as f:
         tasks = json.load(f)["tasks"]
-    assert all(tasks[t]["status"] == "done" for t in evaluation.TASKS)
+    assert all(tasks[t]["status"] == "done" for t in evaluation.BENCHMARKS)
     referee = tasks["rewardbench"]["metrics"]
     # the fixture's math-prm pair has an empty answer and is skipped: two pairs remain
     assert referee["n"] == 2 and {"section/Chat", "section/Safety"} <= set(referee)
@@ -2484,7 +2486,7 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     if not dist.is_initialized():
         train.init_distributed()
     tally = train.Tally()
-    cfg = tiny_cfg(eval_max_new_tokens=4, judge_max_new_tokens=4)
+    cfg = tiny_cfg(eval_max_new_tokens=4, referee_max_new_tokens=4)
     short.rng.seed(5)
     train.evaluate_held_out(short, tokenizer, sets, cfg, tally)
     assert short.rng.random() == random.Random(5).random()  # evaluation leaves the sampling state alone
