@@ -48,7 +48,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from data import DataError, load_with_counts, player_prompt, referee_prompt
+from data import DataError, load_with_counts, player_prompt
 from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
 from reward import RIGHT, TIMEOUT, last_boxed, math_checks
 from rollout import fits, make_engine, referee

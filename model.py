@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -522,3 +523,101 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: s
         if os.path.exists(tmp_dir):
             shutil.rmtree(tmp_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches: the samples of a step as model inputs, under a token budget (train.update)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One completion to train on."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    sampler_logprobs: list[float] | None = None  # vLLM's, for the IS correction
+
+
+def row_tokens(row: list[Sample]) -> int:
+    """Length of a row scored as one sequence: the shared prompt, then every completion."""
+    return len(row[0].prompt_ids) + sum(len(s.completion_ids) for s in row)
+
+
+def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> list[list[Sample]]:
+    """The sequences the trainer runs: one per sample, or with `share_prompt` the samples of one
+    prompt packed behind it, as many per row as `token_budget` allows (a GRPO group's prompt then
+    goes through the model once instead of G times: model.shared_prompt_logprobs)."""
+    if not share_prompt:
+        return [[s] for s in samples]
+    by_prompt = {}  # prompt -> its samples, in first-seen order
+    for s in samples:
+        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+    rows = []
+    for group in by_prompt.values():
+        row = []
+        for s in group:
+            if row and row_tokens(row + [s]) > token_budget:
+                rows.append(row)
+                row = []
+            row.append(s)
+        rows.append(row)
+    return rows
+
+
+def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list[Sample]]]:
+    """Pack rows, longest first, so that (padded length x rows) stays within the budget.
+
+    Sorting by length puts rows of similar length together, which cuts padding; a row longer
+    than the budget still gets a micro-batch of its own."""
+    batches, current = [], []
+    for row in sorted(rows, key=row_tokens, reverse=True):
+        if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(row)
+    return batches + [current] if current else batches
+
+
+def collate(rows: list[list[Sample]], pad_id: int, device: torch.device, share_prompt: bool) -> dict:
+    """The tensors of one micro-batch; completion_mask marks the tokens the loss is taken on.
+
+    share_prompt: the rows packed by model.pack_rows, and the loss layout is [S, C], completion
+    tokens only, samples in row order (what model.shared_prompt_logprobs returns).
+    Otherwise one right-padded full sequence per sample: input_ids etc. [B, T], and the loss
+    layout is [B, T] too. `batch_logprobs` scores either layout."""
+    samples = [s for row in rows for s in row]
+    has_sampler = all(s.sampler_logprobs is not None for s in samples)
+    if share_prompt:
+        batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows], device)
+        completion_mask = batch["completion_mask"]  # [S, C]
+        sampler_logprobs = torch.zeros(completion_mask.shape, device=device)  # [S, C]
+        if has_sampler:  # the scored tokens come in sample order, as the samples' log-probs
+            sampler_logprobs[batch["dst_rows"], batch["dst_cols"]] = torch.tensor(
+                [lp for s in samples for lp in s.sampler_logprobs], device=device)
+    else:
+        length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
+        completion_mask = torch.zeros(len(samples), length)  # [B, T]
+        sampler_logprobs = torch.zeros(len(samples), length)  # [B, T]
+        for i, s in enumerate(samples):
+            p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
+            input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
+            attention_mask[i, :n] = 1
+            completion_mask[i, p:n] = 1
+            if has_sampler:
+                sampler_logprobs[i, p:n] = torch.tensor(s.sampler_logprobs)
+        batch = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return batch | dict(completion_mask=completion_mask.to(device),
+                        advantages=torch.tensor([s.advantage for s in samples], device=device),  # [S]
+                        sampler_logprobs=sampler_logprobs.to(device) if has_sampler else None)
+
+
+def batch_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
+    """Log-probabilities (and entropies, or None) of a `collate`d micro-batch's completion
+    tokens, in its layout: [S, C] when packed behind shared prompts, else [B, T]."""
+    if "dst_rows" in batch:
+        return shared_prompt_logprobs(model, batch, temperature, with_entropy)
+    return completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                               batch["completion_mask"], temperature=temperature,
+                               with_entropy=with_entropy)

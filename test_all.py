@@ -397,14 +397,14 @@ def test_math_check_that_timed_out_is_not_cached(monkeypatch):
 
 
 def test_timeouts_counted_by_training_step_and_eval_report(monkeypatch):
-    """train.score counts the step's timed-out checks; eval's reasoning report counts them."""
+    """train.rule_rewards counts the step's timed-out checks; eval's reasoning report counts them."""
     monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 1e-4)
     record = {"task": "verifiable", "answer": r"\frac{5}{11}"}
     texts = [r"\boxed{\frac{10}{22}}", r"\boxed{\frac{15}{33}}", r"\frac{5}{11}",
              r"\boxed{\frac{5}{11}}"]
     group = train.Group(record, [1], completions=[Completion([1], t, "eos", None) for t in texts])
     tally = train.Tally()
-    train.score([group], None, tiny_cfg(group_size=4), random.Random(0), tally)
+    train.rule_rewards([group], tiny_cfg(group_size=4), tally)
     # two checks reach the worker and time out; no box is wrong; the gold text itself is right
     assert group.rewards == [0.0, 0.0, 0.0, 1.0]
     assert tally.sums["count/math_timeouts/verifiable"] == 2.0
@@ -1737,8 +1737,7 @@ def test_loop_learns_a_reward_with_variance(process_group, tiny_dir):
             g.rewards = [sum(t < half for t in c.token_ids) / len(c.token_ids) for c in completions]
         means.append(sum(sum(g.rewards) for g in groups) / (len(groups) * cfg.group_size))
         samples = train.advantages_and_samples(groups, cfg, tally)
-        for loss in train.backward_on_batch(policy, samples, cfg, tokenizer.pad_token_id, torch.device("cpu"), tally):
-            train.optimizer_step(policy, optimizer, scheduler, cfg, loss)
+        train.update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, tally)
         engine.load_weights(model_lib.full_state_dict(policy))
     first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
     assert last > first + 0.2, f"mean reward {first:.3f} -> {last:.3f}: the loop does not learn"
@@ -1776,7 +1775,8 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     # The referee always says "[1] > [2] > [3] > [4]": shown position p gets (3 - p) / 3, so each
     # answer's reward is the mean over the two orders of its shown position's score.
     referee = FixedReferee("<think>ok</think><answer>[1] > [2] > [3] > [4]</answer>", tokenizer)
-    calls = train.score(groups, referee, cfg, rng, tally)
+    train.rule_rewards(groups, cfg, tally)
+    calls = train.self_referee_pass(groups, referee, cfg, rng, tally)
     assert len(calls) == 2 * 2 and len(referee.prompts) == 4
     for index, g in enumerate(groups[2:]):
         expected = [0.0] * 4
@@ -1789,11 +1789,11 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     assert set(groups[1].rewards) <= {0.0, 1.0}  # K = 2: right or wrong (or invalid)
     samples = train.advantages_and_samples(groups, dataclasses_replace(cfg, skip_zero_advantage=False), tally)
     assert len(samples) == sum(len(c.token_ids) > 0 for g in groups for c in g.completions)
-    batch_tensors = train.collate([[s] for s in samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), False)
+    batch_tensors = model_lib.collate([[s] for s in samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), False)
     for i, s in enumerate(samples[:3]):  # the mask covers exactly the completion tokens
         row = batch_tensors["completion_mask"][i]
         assert row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0 and row[len(s.prompt_ids)] == 1
-    packed = train.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)  # one prompt, 3 samples
+    packed = model_lib.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)  # one prompt, 3 samples
     assert packed["input_ids"][0].tolist() == samples[0].prompt_ids + sum((s.completion_ids for s in samples[:3]), [])
     assert packed["completion_mask"].sum(1).tolist() == [len(s.completion_ids) for s in samples[:3]]
     metrics = tally.reduce()
@@ -1805,7 +1805,7 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
 
     # A referee that never gives a valid ranking: every open group is dropped and counted.
     tally = train.Tally()
-    train.score(groups, FixedReferee("[1] and [2] tie", tokenizer), cfg, rng, tally)
+    train.self_referee_pass(groups, FixedReferee("[1] and [2] tie", tokenizer), cfg, rng, tally)
     assert groups[2].rewards is None and groups[3].rewards is None
     assert tally.reduce()["count/dropped_groups/open"] == 2.0
 
@@ -1816,9 +1816,9 @@ def dataclasses_replace(cfg, **changes):
 
 
 def test_micro_batches_respect_the_token_budget():
-    samples = [train.Sample([p] * p, [2] * c, 0.0) for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
-    batches = train.micro_batches(train.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
-    lengths = [[train.row_tokens(row) for row in b] for b in batches]
+    samples = [model_lib.Sample([p] * p, [2] * c, 0.0) for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
+    batches = model_lib.micro_batches(model_lib.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
+    lengths = [[model_lib.row_tokens(row) for row in b] for b in batches]
     # Longest first: 15 and 12 pad to 15 x 2 = 30 <= 30; a third (15 x 3 = 45) opens a new batch.
     assert lengths == [[15, 12], [5, 5, 4]]
     assert sorted(sum(lengths, [])) == sorted(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
@@ -1826,13 +1826,13 @@ def test_micro_batches_respect_the_token_budget():
 
 def test_rows_share_a_prompt_within_the_budget():
     a, b = [7] * 4, [8] * 3
-    samples = [train.Sample(a, [1] * 3, 0.0), train.Sample(b, [1] * 2, 0.0), train.Sample(a, [1] * 5, 0.0),
-               train.Sample(a, [1] * 2, 0.0), train.Sample(b, [1] * 1, 0.0)]
-    rows = train.rows_of(samples, share_prompt=True, token_budget=12)
+    samples = [model_lib.Sample(a, [1] * 3, 0.0), model_lib.Sample(b, [1] * 2, 0.0), model_lib.Sample(a, [1] * 5, 0.0),
+               model_lib.Sample(a, [1] * 2, 0.0), model_lib.Sample(b, [1] * 1, 0.0)]
+    rows = model_lib.rows_of(samples, share_prompt=True, token_budget=12)
     # prompt a: 4 + 3 + 5 = 12 fits, + 2 would not; prompt b: 3 + 2 + 1 = 6.
     assert [[samples.index(s) for s in row] for row in rows] == [[0, 2], [3], [1, 4]]
-    assert [train.row_tokens(row) for row in rows] == [12, 6, 6]
-    assert train.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
+    assert [model_lib.row_tokens(row) for row in rows] == [12, 6, 6]
+    assert model_lib.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
@@ -1844,14 +1844,14 @@ def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group,
         prompt = torch.randint(3, 200, (4 + 3 * group,), generator=generator).tolist()
         for i in range(4):
             completion = torch.randint(3, 200, (1 + (5 * i + group) % 7,), generator=generator).tolist()
-            samples.append(train.Sample(prompt, completion, advantage=float(i) - 1.5,
+            samples.append(model_lib.Sample(prompt, completion, advantage=float(i) - 1.5,
                                         sampler_logprobs=[-2.0] * len(completion)))
     results = []
     for share in (True, False):
         policy = model_lib.load_model(tiny_dir)
         cfg = tiny_cfg(share_prompt=share, micro_batch_tokens=40, loss_agg=agg, rollout="vllm")  # IS weights on
         tally = train.Tally()
-        loss = next(train.backward_on_batch(policy, samples, cfg, 0, torch.device("cpu"), tally))
+        loss = train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg, tally)
         results.append((loss, tally.reduce(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
     (shared_loss, shared_metrics, shared_grads), (loss, metrics, grads) = results
     assert loss != 0 and shared_loss == pytest.approx(loss, abs=1e-6)
@@ -1866,13 +1866,13 @@ def test_backward_on_batch_leaves_the_gradient_of_the_loss(tiny_dir, process_gro
     # -sum(A_b * logp_bt) / tokens; several micro-batches (and gradient buffers made before the
     # first backward) must add up to exactly that.
     generator = torch.Generator().manual_seed(5)
-    samples = [train.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
+    samples = [model_lib.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
                             torch.randint(3, 200, (2 + i % 3,), generator=generator).tolist(), advantage=1.0 - i / 2)
                for i in range(5)]
     policy = model_lib.load_model(tiny_dir)
     cfg = tiny_cfg(micro_batch_tokens=20, share_prompt=False)
-    assert len(train.micro_batches(train.rows_of(samples, False, 20), 20)) > 1
-    next(train.backward_on_batch(policy, samples, cfg, 0, torch.device("cpu"), train.Tally()))
+    assert len(model_lib.micro_batches(model_lib.rows_of(samples, False, 20), 20)) > 1
+    train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg, train.Tally())
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad(set_to_none=True)
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
@@ -1890,7 +1890,7 @@ def test_backward_on_batch_leaves_the_gradient_of_the_loss(tiny_dir, process_gro
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
     # Nothing to train on: no gradient at all, so the optimizer step (momentum included) is a no-op.
     policy.zero_grad(set_to_none=True)
-    assert next(train.backward_on_batch(policy, [], cfg, 0, torch.device("cpu"), train.Tally())) == 0
+    assert train.backward(policy, train.prepare_batch(policy, [], cfg, 0, torch.device("cpu")), cfg, train.Tally()) == 0
     assert all(param.grad is None for param in policy.parameters())
 
 
@@ -1933,13 +1933,14 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     for i in range(7):  # 7 sequences: rank 0 gets 4, rank 1 gets 3 (and one micro-batch fewer)
         prompt = torch.randint(3, 200, (3 + i % 3,), generator=generator).tolist()
         completion = torch.randint(3, 200, (2 + i,), generator=generator).tolist()
-        samples.append(train.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
+        samples.append(model_lib.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
     cfg = tiny_cfg(micro_batch_tokens=20, loss_agg=os.environ.get("AGG", "token-mean"))
     policy = model_lib.shard_model(model_lib.load_model(model_dir), torch.device("cpu"))
     # An engine can use the trainer's parameters only where a shard is the whole tensor.
     assert HFEngine(model_dir, load_tokenizer(model_dir)).share_weights(policy) == (world == 1)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)  # AdamW would hide a gradient off by the world size
-    loss = next(train.backward_on_batch(policy, samples[rank::world], cfg, 0, torch.device("cpu"), train.Tally()))
+    batch = train.prepare_batch(policy, samples[rank::world], cfg, 0, torch.device("cpu"))
+    loss = train.backward(policy, batch, cfg, train.Tally())
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in policy.named_parameters()}
     optimizer.step()
     weights = model_lib.full_state_dict(policy)
@@ -2149,10 +2150,10 @@ def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
                "open": data.load("ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=2)}
     cfg = tiny_cfg(max_new_tokens=150, max_prompt_tokens=1000, cold_start_steps=8, cold_start_batch=2,
                    cold_start_lr=3e-3)
-    summary = train.cold_start(policy, sources, tokenizer, cfg, torch.device("cpu"))
+    summary = train.cold_start(policy, sources, tokenizer, cfg)
     assert summary["cold_start/nll_last"] < summary["cold_start/nll_first"] - 0.5, summary
     with pytest.raises(SystemExit, match="no preference record or worked solution fits"):
-        train.cold_start(policy, sources, tokenizer, dataclasses_replace(cfg, max_new_tokens=5), torch.device("cpu"))
+        train.cold_start(policy, sources, tokenizer, dataclasses_replace(cfg, max_new_tokens=5))
 
 
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
