@@ -57,101 +57,75 @@ def option(default, help: str):
 
 @dataclass
 class Config:
-    """Every setting of a run; each field is a command-line flag (parse_config)."""
-    preset: str = option("cpu", "named set of overrides applied before the flags: "
-                         "cpu, cpu_long, paper, baseline_referee, baseline_player")
+    """Every setting of a run; each field is a flag (parse_config), its help in its metadata."""
+    preset: str = option("cpu", "overrides applied before the flags: " + ", ".join(
+        ["cpu", "cpu_long", "paper", "baseline_referee", "baseline_player"]))
     # model and data
-    model: str = option(model_lib.DEFAULT_MODEL,
-                        "hub id or local HF folder of the policy (player and referee)")
-    trust_remote_code: bool = option(False, "allow model code from the hub (models that need it)")
+    model: str = option(model_lib.DEFAULT_MODEL, "hub id or HF folder: player and referee")
+    trust_remote_code: bool = option(False, "allow model code from the hub")
     verifiable_data: str = option("gsm8k:samples/gsm8k/train.first200.jsonl",
                                   "data.py spec: registry key or KEY:PATH")
-    preference_data: str = option(
-        "hh_rlhf:samples/hh_rlhf/helpful-base/test.rows101-1000.jsonl.gz",
-        "referee training data (disjoint from the held-out rows 1-100)")
-    open_data: str = option(
-        "ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl",
-        "open instructions, rewarded by the self-referee pass")
+    preference_data: str = option("hh_rlhf:samples/hh_rlhf/helpful-base/test.rows101-1000."
+                                  "jsonl.gz", "referee training pairs (not the held-out rows)")
+    open_data: str = option("ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs."
+                            "first200.jsonl", "open instructions (the self-referee pass)")
     data_limit: int = option(0, "read at most this many records per source (0: all)")
-    task_weights: str = option("verifiable=1,preference=1,open=1", "share of each task in a batch")
+    task_weights: str = option("verifiable=1,preference=1,open=1", "each task's share")
     # rollout
-    rollout: str = option("auto", "rollout engine: vllm, hf (a sampling loop over the "
-                          "transformers model), or auto (vllm where installed)")
-    prompts_per_step: int = option(3, "prompts per step across all ranks, each a group of "
-                                   "group_size completions")
+    rollout: str = option("auto", "engine: vllm, hf or auto (vllm where installed)")
+    prompts_per_step: int = option(3, "prompts per step, all ranks; each a group")
     group_size: int = option(4, "G: completions sampled per prompt")
-    temperature: float = option(1.0, "sampling temperature; log-probabilities are taken at it")
+    temperature: float = option(1.0, "sampling temperature (log-probs taken at it)")
     max_prompt_tokens: int = option(384, "longer prompts are skipped and counted, never cut")
     max_new_tokens: int = option(64, "generation budget of trained completions")
-    referee_orders: int = option(2, "M: shuffled orders in which the referee sees each open group")
-    referee_max_new_tokens: int = option(32, "generation budget of a referee verdict "
-                                         "(self-referee pass and evaluation)")
-    referee_think: bool = option(False, "verdicts open with brief reasoning in <think></think> "
-                                 "(off: the ranking alone, for small budgets)")
-    referee_model: str = option("", "baseline arm: rank open groups with this frozen model "
-                                "instead of the policy")
-    max_model_len: int = option(0, "context of the rollout engines, prompt + generation (0: the "
-                                "model's own); longer referee and eval prompts are skipped")
-    is_cap: float = option(2.0, "vllm: cap of the truncated importance weight "
-                           "exp(old - sampler logp)")
+    referee_orders: int = option(2, "M: shuffled orders per self-refereed group")
+    referee_max_new_tokens: int = option(32, "budget of a referee verdict (self-referee, eval)")
+    referee_think: bool = option(False, "verdicts open with reasoning in <think></think>")
+    referee_model: str = option("", "baseline arm: a frozen referee for open groups")
+    max_model_len: int = option(0, "engines' context, prompt + generation (0: the model's)")
+    is_cap: float = option(2.0, "vllm: cap of the truncated IS weight")
     vllm_memory: float = option(0.3, "vllm on GPU: the engine's share of GPU memory")
-    vllm_sleep: bool = option(True, "vllm on GPU: free the engine's memory while the trainer runs")
-    referee_vllm_memory: float = option(0.25, "vllm on GPU, baseline arm: the frozen referee "
-                                        "engine's share of GPU memory (it never sleeps)")
-    logprob_gap_max: float = option(1e-3, "vllm: stop when engine and trainer log-probs differ "
-                                    "more (mean |gap|)")
+    vllm_sleep: bool = option(True, "vllm on GPU: free its memory while the trainer runs")
+    referee_vllm_memory: float = option(0.25, "vllm on GPU: the baseline referee's share")
+    logprob_gap_max: float = option(1e-3, "vllm: stop above this engine-trainer log-prob gap")
     # loss
-    loss_agg: str = option("token-mean", "token-mean (DAPO), seq-mean (GRPO), "
-                           "seq-sum-norm (Dr. GRPO)")
+    loss_agg: str = option("token-mean", "token-mean, seq-mean or seq-sum-norm")
     scale_advantages: bool = option(True, "divide advantages by the group std (off: Dr. GRPO)")
     clip_low: float = option(0.2, "ratio clip below 1 - clip_low")
     clip_high: float = option(0.28, "ratio clip above 1 + clip_high (clip-higher)")
-    kl_coef: float = option(0.0, "k3 KL weight to a frozen reference model (0: none is loaded)")
-    skip_zero_advantage: bool = option(True, "leave groups with all-zero advantages out of the "
-                                       "update (with kl_coef > 0: their KL term too)")
+    kl_coef: float = option(0.0, "k3 KL weight to a frozen reference (0: none loaded)")
+    skip_zero_advantage: bool = option(True, "leave all-zero-advantage groups out (KL too)")
     # optimisation
-    steps: int = option(10, "training steps: one rollout batch each, then updates_per_batch "
-                        "optimizer steps")
-    updates_per_batch: int = option(1, "mu: optimizer steps per rollout batch "
-                                    "(old log-probs taken once)")
+    steps: int = option(10, "training steps: one rollout batch each")
+    updates_per_batch: int = option(1, "mu: optimizer steps per rollout batch")
     lr: float = option(1e-5, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(0, "linear LR warm-up over this many optimizer steps")
+    warmup_steps: int = option(0, "linear LR warm-up, in optimizer steps")
     max_grad_norm: float = option(1.0, "gradient clipping")
-    micro_batch_tokens: int = option(4096, "token budget of one forward/backward "
-                                     "(padded length x sequences)")
-    share_prompt: bool = option(True, "run a group's prompt once, its completions packed "
-                                "behind it in one sequence")
+    micro_batch_tokens: int = option(4096, "padded tokens per forward/backward")
+    share_prompt: bool = option(True, "score a group's prompt once, completions packed behind")
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward")
-    bf16: bool = option(True, "on CUDA: bf16 compute with fp32 master weights (CPU: fp32)")
+    bf16: bool = option(True, "CUDA: bf16 compute, fp32 master weights (CPU: fp32)")
     max_bad_steps: int = option(3, "stop after this many non-finite steps in a row")
-    cold_start_steps: int = option(6, "supervised steps on gold-formatted targets before GRPO "
-                                   "(ours, not the paper's; 0: off)")
-    cold_start_lr: float = option(5e-5, "AdamW learning rate of the cold start "
-                                  "(its own optimizer, dropped after)")
+    cold_start_steps: int = option(6, "supervised steps on gold targets first (ours; 0: off)")
+    cold_start_lr: float = option(5e-5, "AdamW learning rate of the cold start")
     cold_start_batch: int = option(4, "examples per cold-start step, all ranks")
-    dist_timeout_min: int = option(60, "collective timeout in minutes (a download or export on "
-                                   "one rank, the slowest rollout)")
+    dist_timeout_min: int = option(60, "collective timeout in minutes")
     # run folder, logging, checkpoints, eval
     out_dir: str = option("runs/urpo", "where the run writes everything")
     seed: int = option(0, "one seed for data order, shuffles and sampling")
-    samples_every: int = option(5, "write prompts, completions and rewards every N steps "
-                                "(0: never)")
-    save_every: int = option(0, "checkpoint every N steps (0: only at the end and on SIGTERM)")
+    samples_every: int = option(5, "write prompts, completions, rewards every N steps")
+    save_every: int = option(0, "checkpoint every N steps (0: at the end and on SIGTERM)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in out_dir")
-    eval_every: int = option(0, "evaluate on held-out sets every N steps (0: never)")
-    eval_data: str = option("gsm8k:samples/gsm8k/test.first100.jsonl,"
-                            "hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz",
-                            "held-out sets, comma-separated data.py specs")
-    eval_limit: int = option(8, "examples per held-out set (the first whose prompt fits in "
-                             "max_prompt_tokens)")
-    eval_max_new_tokens: int = option(96, "token budget of an answer during evaluation "
-                                      "(a verdict's: referee_max_new_tokens)")
-    eval_start_end: bool = option(True, "also evaluate before the cold start and the first "
-                                  "step, and after the last")
-    plot: bool = option(True, "draw curves.png at the end (python train.py plot RUN: any run)")
-    wandb: str = option("", "wandb project name (logs there too when set and installed)")
+    eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
+    eval_data: str = option("gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/"
+                            "helpful-base/test.first100.jsonl.gz", "held-out sets, comma-separated")
+    eval_limit: int = option(8, "records per held-out set (the first that fit)")
+    eval_max_new_tokens: int = option(96, "budget of an answer during evaluation")
+    eval_start_end: bool = option(True, "also evaluate before the first step and after the last")
+    plot: bool = option(True, "draw curves.png at the end")
+    wandb: str = option("", "wandb project (logs there too when installed)")
 
 
 PRESETS = {
