@@ -1,22 +1,16 @@
-"""Evaluation: URPO's three claims, measured for any checkpoint (URPO.md, "Evaluation").
+"""Evaluation: URPO's three claims, measured for any checkpoint (README.md, "The method").
 
-  referee      RewardBench v1 pairwise accuracy: per subset, per section, the section mean;
-               plus a second pass with every pair swapped (position consistency, accuracy with
-               the chosen answer shown first vs second)
-  reasoning    accuracy with math_reward on GSM8K, MATH-500 or any set in those schemas
-               (greedy, or pass@1 over k samples), per subject and level where the data has them
-  instructions AlpacaEval answers, exported as alpaca_eval's model_outputs.json, and a local win
-               rate against the gpt4_1106_preview reference outputs, judged by a local referee
+  referee       RewardBench v1 pairwise accuracy per subset and section, and the position bias
+                (a second pass with every pair swapped)
+  reasoning     math_reward accuracy on GSM8K, MATH-500 or sets in their schemas (greedy, or
+                pass@1 over k samples), per subject and level where the data has them
+  instructions  AlpacaEval answers as alpaca_eval's model_outputs.json, and a local win rate
+                against the gpt4_1106_preview reference outputs, judged by a local referee
 
-Every verdict is one call of rollout.referee, training's referee path (template, generation,
-parse); one that does not parse counts 0.5 (a coin flip) and shows in `invalid_rate`: a referee
-that never follows the format gives 0.5
-and a 50% win rate with invalid_rate 1.0, not a crash. An item whose prompt and token budget do
-not fit in the engine's context is not generated: it is kept as a `skipped` item, left out of
-the metrics and counted in `skipped_long_prompts`.
-Every evaluator takes an engine (anything with rollout.HFEngine's `generate`) and a tokenizer, so
-the same code serves this command and `evaluate_during_training`, which train.py calls every
---eval_every steps with its live engine.
+Verdicts come from rollout.referee, training's referee path; one that does not parse counts 0.5
+and shows in `invalid_rate` (a referee that never follows the format scores 0.5, not a crash).
+An item whose prompt and token budget exceed the engine's context is skipped and counted in
+`skipped_long_prompts`. train.py's evaluate_during_training runs the same code on its engine.
 
 Run:
   python eval.py --model runs/urpo/final --tasks rewardbench,gsm8k,math500,alpaca_eval
@@ -25,15 +19,17 @@ Run:
       --rewardbench_data hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz \\
       --gsm8k_data gsm8k:samples/gsm8k/test.first100.jsonl \\
       --math500_data math500:samples/math500/test.first100.jsonl \\
-      --alpaca_eval_data alpaca_eval:samples/alpaca_eval/results/gpt4_1106_preview/model_outputs.json
+      --alpaca_eval_data \\
+      alpaca_eval:samples/alpaca_eval/results/gpt4_1106_preview/model_outputs.json
   # the win rate of an alpaca_eval annotation file, no model needed:
-  python eval.py --tasks alpaca_eval --out r.json --annotations \\
-      samples/alpaca_eval/results/FuseChat-Qwen-2.5-7B-Instruct/weighted_alpaca_eval_gpt4_turbo/annotations.json
+  A=samples/alpaca_eval/results/FuseChat-Qwen-2.5-7B-Instruct
+  python eval.py --tasks alpaca_eval --out r.json \\
+      --annotations $A/weighted_alpaca_eval_gpt4_turbo/annotations.json
 
-A task's data is a data.py registry key (read from the hub) or KEY:PATH (a local file in that
-source's upstream schema). --out results.json receives every number as soon as a task finishes;
-finished items go to results.items.jsonl as they are produced, and the AlpacaEval answers to
-results.model_outputs.json. Rerunning with the same --out skips finished tasks and items.
+A task's data is a data.py registry key (from the hub) or KEY:PATH (a local file in that source's
+upstream schema). --out results.json gets each task's numbers when it finishes, items go to
+results.items.jsonl as they are made, AlpacaEval answers to results.model_outputs.json; a rerun
+with the same --out skips finished tasks and items.
 """
 import argparse
 import functools
@@ -79,25 +75,20 @@ def mean(values) -> float:
 
 
 def verdict_score(ranking: list[int] | None, gold: list[int]) -> float:
-    """One referee verdict against the gold order, by evaluation's own rule (not the training
-    reward, so an ablation of that reward leaves these numbers alone): 1.0 when the verdict puts
-    the gold-best candidate first, else 0.0, as RewardBench scores a pair (and RewardBench 2 its
-    best-of-4 items); an invalid verdict is a coin flip (0.5), as RewardBench counts an
-    unparsable generative judgement."""
+    """1.0 when the verdict puts the gold-best candidate first, else 0.0, as RewardBench scores a
+    pair (and RewardBench 2 its best-of-4 items); an invalid verdict (None) is a coin flip, 0.5,
+    as RewardBench counts an unparsable judgement. Not the training reward, so ablating that
+    reward leaves these numbers alone."""
     return 0.5 if ranking is None else float(ranking[0] == gold[0])
 
 
 def section_scores(accuracy: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
-    """RewardBench v1 section scores from per-subset accuracies and item counts.
-
-    A section is the count-weighted mean of its subsets present, except that in Reasoning
-    math-prm weighs as much as all hep-* subsets together: RewardBench's EXAMPLE_COUNTS lists
-    math-prm as 984 = 6 x 164 (its real size is 447), i.e. Reasoning = (math-prm + mean hep) / 2.
-    `score` is the mean of the sections present. Subsets outside RewardBench are not placed in a
-    section; their plain mean is `other`, and it is the score when no RewardBench subset is present.
-    Example: {"alpacaeval-easy": 1.0, "mt-bench-med": 0.5} with counts {100, 40} gives
-    Chat = (100 * 1.0 + 40 * 0.5) / 140 = 0.857.
-    """
+    """RewardBench v1 section scores from per-subset accuracies and item counts: a section is the
+    count-weighted mean of its subsets present, except that math-prm weighs as much as all hep-*
+    together (RewardBench's EXAMPLE_COUNTS lists it as 984 = 6 x 164, not its size), i.e.
+    Reasoning = (math-prm + mean hep) / 2; `score` is the mean of the sections. Subsets outside
+    RewardBench average into `other`, the score when no RewardBench subset is present.
+    Example: {"alpacaeval-easy": 1.0, "mt-bench-med": 0.5}, counts {100, 40}: Chat = 0.857."""
     scores = {}
     for section, subsets in SECTIONS.items():
         weights = {s: counts[s] for s in subsets if s in accuracy}
@@ -125,35 +116,29 @@ def scored(items: list[dict]) -> tuple[list[dict], int]:
 
 
 def referee_metrics(items: list[dict]) -> dict[str, float]:
-    """Referee metrics from judged pairs. Each item holds `gold` (original indices, best first),
-    `orders` (the shown order of the two passes: a seeded random one, then its reverse) and
-    `rankings` (each pass's verdict in original indices, None if invalid).
-
-    The first pass is the headline (RewardBench judges each pair once). Both passes together give
-    the position bias: `position_consistency` is the share of pairs judged the same in both orders
-    (an invalid verdict is never consistent), `accuracy_chosen_first/second` the accuracy when the
-    gold-best answer is shown first/last, `prefers_first_shown` how often a valid verdict picks
-    the first shown answer (0.5 for an unbiased referee on shuffled pairs).
-    """
+    """Metrics of judged pairs (items with `gold`, best first; `orders`, the shown orders of two
+    passes, seeded random then reversed; `rankings`, their verdicts, None if invalid). The first
+    pass is the headline, as RewardBench judges each pair once; both give the position bias:
+    `position_consistency` (same verdict in both orders; never for an invalid one),
+    `accuracy_chosen_first/second` (gold-best shown first/last) and `prefers_first_shown` (share
+    of valid verdicts picking the first shown: 0.5 for an unbiased referee on shuffled pairs)."""
     items, skipped = scored(items)
     first_pass = defaultdict(list)
-    for item in items:
-        first_pass[item["subset"]].append(verdict_score(item["rankings"][0], item["gold"]))
-    accuracy = {subset: mean(scores) for subset, scores in first_pass.items()}
-    sections = section_scores(accuracy, {subset: len(s) for subset, s in first_pass.items()})
-    metrics = {"score": sections.pop("score"),
-               "accuracy": mean(s for scores in first_pass.values() for s in scores)}
-    metrics.update({f"section/{name}": value for name, value in sections.items()})
-    metrics.update({f"subset/{name}": value for name, value in sorted(accuracy.items())})
-
     shown_first, shown_last, verdicts, first_picked = [], [], [], []
     for item in items:
+        first_pass[item["subset"]].append(verdict_score(item["rankings"][0], item["gold"]))
         for order, ranking in zip(item["orders"], item["rankings"]):
             score = verdict_score(ranking, item["gold"])
             verdicts.append(score)
             (shown_first if order[0] == item["gold"][0] else shown_last).append(score)
             if ranking is not None:
                 first_picked.append(ranking[0] == order[0])
+    accuracy = {subset: mean(scores) for subset, scores in first_pass.items()}
+    sections = section_scores(accuracy, {subset: len(s) for subset, s in first_pass.items()})
+    metrics = {"score": sections.pop("score"),
+               "accuracy": mean(s for scores in first_pass.values() for s in scores)}
+    metrics.update({f"section/{name}": value for name, value in sections.items()})
+    metrics.update({f"subset/{name}": value for name, value in sorted(accuracy.items())})
     metrics.update(
         accuracy_both_orders=mean(verdicts),
         position_consistency=mean(r[0] is not None and r[0] == r[1] for r in
@@ -167,10 +152,9 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
 
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
-    """Accuracy (pass@1: the mean reward over each problem's samples, then over problems), per
-    subject and level where the data has them, the share of answers with a \\boxed{} (boxed_rate)
-    and cut by the token limit, and `timeouts`: answers whose check ran out of time (scored 0,
-    right or not; items from before this count was kept have none)."""
+    """Accuracy (pass@1: mean reward over each problem's samples, then over problems), also per
+    subject and level, the shares of answers with a \\boxed{} and cut by the token limit, and
+    `timeouts`: checks out of time (scored 0; absent from items older than this count)."""
     items, skipped = scored(items)
     metrics = {"accuracy": mean(mean(item["rewards"]) for item in items)}
     for key in ("subject", "level"):
@@ -189,10 +173,9 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
 
 
 def instruction_metrics(items: list[dict]) -> dict[str, float]:
-    """Local AlpacaEval win rate. Each item was judged twice, the model's answer shown first, then
-    the reference's (candidates [output, reference], so gold [0, 1] means "the model wins"); a
-    verdict is 1 win, 0 loss, 0.5 invalid; the preference is the mean of the two verdicts and the
-    win rate the mean preference x 100. Lengths in characters, as alpaca_eval's `avg_length`."""
+    """Local AlpacaEval win rate: candidates [output, reference], judged in both orders; a verdict
+    is 1 (the model wins: gold [0, 1]), 0, or 0.5 if invalid; win rate = mean over items of the
+    two verdicts' mean x 100. Lengths in characters, as alpaca_eval's `avg_length`."""
     items, skipped = scored(items)
     preferences = [mean(verdict_score(r, [0, 1]) for r in item["rankings"]) for item in items]
     return dict(
@@ -208,11 +191,10 @@ def instruction_metrics(items: list[dict]) -> dict[str, float]:
 
 
 def annotation_win_rate(annotations: list[dict]) -> dict[str, float]:
-    """alpaca_eval's `get_winrate` (metrics/helpers.py, AbsoluteScoringRule) on an annotation
-    file: `preference` in [1, 2] (2: output_2, the evaluated model, wins); 0 is the old encoding
-    of a draw and becomes 1.5; None, NaN or anything outside [1, 2] is dropped from the total.
-    win_rate = mean(preference - 1) x 100; the discrete win rate counts wins (> 1.5) plus half
-    the draws (== 1.5)."""
+    """alpaca_eval's `get_winrate` (metrics/helpers.py, AbsoluteScoringRule) on annotations:
+    `preference` in [1, 2] (2: output_2, the evaluated model, wins), 0 (old encoding of a draw)
+    read as 1.5, anything else dropped. win_rate = mean(preference - 1) x 100; the discrete one
+    counts wins (> 1.5) plus half the draws. ValueError when no row has a usable preference."""
     preferences, n_draws = [], 0
     for row in annotations:
         value = row.get("preference")
@@ -239,13 +221,18 @@ def generate_fitting(engine, prompts: list[list[int]], n: int, temperature: floa
                      max_new_tokens: int) -> list:
     """engine.generate for the prompts that fit in the engine's context with max_new_tokens;
     None in place of the others (vLLM would reject them, and a cut answer is no answer)."""
-    fitting = [i for i, ids in enumerate(prompts) if fits(engine, ids, max_new_tokens)]
-    outputs = engine.generate([prompts[i] for i in fitting], n=n, temperature=temperature,
-                              max_new_tokens=max_new_tokens) if fitting else []
-    results = [None] * len(prompts)
-    for i, output in zip(fitting, outputs):
-        results[i] = output
-    return results
+    fitting = [fits(engine, ids, max_new_tokens) for ids in prompts]
+    outputs = iter(engine.generate([ids for ids, ok in zip(prompts, fitting) if ok], n=n,
+                                   temperature=temperature, max_new_tokens=max_new_tokens)
+                   if any(fitting) else [])
+    return [next(outputs) if ok else None for ok in fitting]
+
+
+def verdict_fields(pair: list) -> dict:
+    """An item's fields from its two verdicts, or its `skipped` mark when one did not fit."""
+    if None in pair:
+        return dict(skipped=SKIPPED)
+    return dict(rankings=[v.ranking for v in pair], texts=[v.text for v in pair])
 
 
 def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) -> list[dict]:
@@ -259,16 +246,9 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) 
     twice = [record for record in records for _ in range(2)]
     verdicts = referee(engine, tokenizer, [r["messages"] for r in twice],
                        [r["responses"] for r in twice], orders, 0.0, max_new_tokens, think)
-    items = []
-    for i, r in enumerate(records):
-        item = dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
-                    orders=orders[2 * i:2 * i + 2])
-        pair = verdicts[2 * i:2 * i + 2]
-        if None in pair:
-            items.append(item | dict(skipped=SKIPPED))
-            continue
-        items.append(item | dict(rankings=[v.ranking for v in pair], texts=[v.text for v in pair]))
-    return items
+    return [dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
+                 orders=orders[2 * i:2 * i + 2]) | verdict_fields(verdicts[2 * i:2 * i + 2])
+            for i, r in enumerate(records)]
 
 
 def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, temperature=0.0):
@@ -294,8 +274,8 @@ def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, tempe
     return items
 
 
-def instruction_items(engine, tokenizer, records, max_new_tokens, referee_engine, referee_tokenizer,
-                      referee_max_new_tokens, think=True) -> list[dict]:
+def instruction_items(engine, tokenizer, records, max_new_tokens, referee_engine,
+                      referee_tokenizer, referee_max_new_tokens, think=True) -> list[dict]:
     """Answer each instruction greedily, then let the referee compare the answer with the
     record's reference (meta["reference"]) in both orders."""
     prompts = [chat_ids(tokenizer, player_prompt(r)) for r in records]
@@ -314,10 +294,9 @@ def instruction_items(engine, tokenizer, records, max_new_tokens, referee_engine
         pair = [next(verdicts), next(verdicts)] if a is not None else [None]
         if None in pair:
             items.append(item | dict(skipped=SKIPPED, output=a.text if a is not None else ""))
-            continue
-        items.append(item | dict(output=a.text, truncated=a.finish_reason == "length",
-                                 rankings=[v.ranking for v in pair],
-                                 texts=[v.text for v in pair]))
+        else:
+            items.append(item | dict(output=a.text, truncated=a.finish_reason == "length")
+                         | verdict_fields(pair))
     return items
 
 
@@ -325,8 +304,7 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
                    referee_max_new_tokens: int, seed: int = 0, samples: int = 1,
                    temperature: float = 0.0, referee_pair=None, think: bool = True) -> list[dict]:
     """The items of one batch of records of one kind; `referee_pair` is the (engine, tokenizer)
-    that judges open answers (default: the evaluated model itself); `think`: verdicts with
-    reasoning."""
+    that judges open answers (default: the evaluated model); `think`: verdicts with reasoning."""
     if kind == "preference":
         return referee_items(engine, tokenizer, records, referee_max_new_tokens, seed, think)
     if kind == "verifiable":
@@ -338,9 +316,8 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
 
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
            "open": instruction_metrics}
-# what evaluate_during_training reports of each kind of held-out set
-# (n: items scored, skipped_long_prompts: items over the engine's context, timeouts: math checks
-# that ran out of time; train.py weights the means by n and sums these counts over ranks)
+# what evaluate_during_training reports per kind of held-out set, and its counts, which train.py
+# sums over ranks (the means it weights by n)
 TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate"],
                     "verifiable": ["accuracy", "boxed_rate", "truncation_rate", "timeouts"],
                     "open": ["win_rate", "invalid_rate", "avg_length"]}
@@ -350,16 +327,10 @@ TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
                              seed: int = 0, batch_size: int = 16, think: bool = True,
                              referee_max_new_tokens: int | None = None) -> dict[str, float]:
-    """Held-out metrics with the live engine, flat and named `<set>/<metric>` for train.py's
-    metrics line, all greedy with `max_new_tokens` per answer and `referee_max_new_tokens` per
-    verdict (None: the same; `think`: verdicts with reasoning): a preference set gives referee
-    accuracy, position consistency and invalid rate; a verifiable set accuracy, the share of
-    answers with a \\boxed{} and truncation rate; an open set (records with meta["reference"])
-    a win rate against the reference, judged by the model itself. Every kind also gives n (items
-    scored) and skipped_long_prompts (items over the engine's context, not scored); a
-    verifiable set timeouts (checks out of time).
-    Example: {"gsm8k": [...], "hh_rlhf": [...]} -> {"gsm8k/accuracy": 0.25, ...,
-    "hh_rlhf/position_consistency": 0.5, ...}."""
+    """Held-out metrics with the live engine, `<set>/<metric>` for train.py's metrics line (e.g.
+    "gsm8k/accuracy"): TRAINING_METRICS of the set's record kind, n and skipped_long_prompts, all
+    greedy; `referee_max_new_tokens` None: max_new_tokens. The model judges open sets itself.
+    ValueError for a set of mixed or no record kinds."""
     metrics = {}
     for name, records in sets.items():
         kinds = {record["task"] for record in records}
@@ -379,9 +350,8 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
 
 
 def held_out_sets(specs: str, limit: int, fits) -> dict[str, list[dict]]:
-    """train.py's held-out sets: for each comma-separated data.py spec, keyed by its registry
-    key, the first `limit` records for which `fits(record)` (their prompt fits the run's budget).
-    Raises data.DataError on a file or schema problem."""
+    """train.py's held-out sets: per comma-separated data.py spec, keyed by its registry key, the
+    first `limit` records for which `fits(record)`. Raises data.DataError on a bad file."""
     sets = {}
     for spec in filter(None, specs.split(",")):
         records, _ = load_with_counts(spec)
@@ -392,7 +362,8 @@ def held_out_sets(specs: str, limit: int, fits) -> dict[str, list[dict]]:
 def before_and_after(metrics_path: str) -> str:
     """The held-out metrics of the first and the last evaluation of a run, side by side."""
     with open(metrics_path) as f:
-        evaluated = [line for line in map(json.loads, f) if any(k.startswith("eval/") for k in line)]
+        evaluated = [line for line in map(json.loads, f)
+                     if any(k.startswith("eval/") for k in line)]
     if not evaluated:
         return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
     first, last = evaluated[0], evaluated[-1]
@@ -414,18 +385,16 @@ CURVES = [  # (panel title, metrics.jsonl key prefixes drawn in it)
 
 
 def plot_run(metrics_path: str, out_path: str) -> str:
-    """Draw a run's curves from its metrics.jsonl into one PNG and return its path: reward per
-    task, referee invalid rate, the share of groups whose rewards differ, the loss, and the
-    held-out metrics (referee sets, then player sets) against the step. Step 0 holds the
-    evaluation before any training. Raises ValueError when the file has no step line."""
+    """Draw a run's curves from its metrics.jsonl into one PNG and return its path: the CURVES
+    panels, then the held-out metrics (referee sets, then player sets) against the step, where
+    step 0 is the evaluation before training. Raises ValueError when no line has a step."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     with open(metrics_path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    lines = [line for line in lines if "step" in line]
+        lines = [line for line in map(json.loads, filter(str.strip, f)) if "step" in line]
     if not lines:
         raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's "
                          "metrics.jsonl?")
@@ -466,9 +435,8 @@ def plot_run(metrics_path: str, out_path: str) -> str:
 
 # ======================================================================================== CLI
 class Results:
-    """--out (settings and metrics per task, rewritten atomically) and its items file (one JSON
-    line per finished item, appended as produced). Reusing a file whose task ran under other
-    settings is an error, not a silent mix of two runs."""
+    """--out (settings and metrics per task, rewritten atomically) and its items file (a JSON
+    line per finished item, appended). A task rerun under other settings is an error."""
 
     def __init__(self, path: str):
         self.path, self.items_path = path, os.path.splitext(path)[0] + ".items.jsonl"
@@ -545,7 +513,7 @@ def task_settings(args, task: str) -> dict:
 
 
 def load_task_data(task: str, spec: str, limit: int | None) -> list[dict]:
-    """A task's records, checked to be of the kind the task needs."""
+    """A task's records, checked to be of the kind the task needs (SystemExit otherwise)."""
     kind, _, split = BENCHMARKS[task]
     try:
         records, skipped = load_with_counts(spec, split=split, limit=limit)
@@ -608,42 +576,36 @@ def write_model_outputs(results: Results, args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF folder or hub id to evaluate")
-    parser.add_argument("--tasks", default=",".join(BENCHMARKS), help="comma-separated tasks")
+    add = parser.add_argument
+    add("--model", default=DEFAULT_MODEL, help="HF folder or hub id to evaluate")
+    add("--tasks", default=",".join(BENCHMARKS), help="comma-separated tasks")
     for task, (kind, spec, _) in BENCHMARKS.items():
-        parser.add_argument(f"--{task}_data", default=spec,
-                            help=f"{kind} data: a data.py registry key or KEY:PATH")
-    parser.add_argument("--limit", type=int, default=None, help="first N records of each task")
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="generation engine")
-    parser.add_argument("--device", default="cpu", help="torch device of the engine")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="answer token budget")
-    parser.add_argument("--referee_max_new_tokens", type=int, default=256,
-                        help="token budget of a referee verdict")
-    parser.add_argument("--samples", type=int, default=1,
-                        help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
-    parser.add_argument("--temperature", type=float, default=0.6,
-                        help="reasoning: sampling temperature when --samples > 1")
-    parser.add_argument("--referee_model", default=None,
-                        help="the referee of alpaca_eval answers (default: the evaluated model)")
-    parser.add_argument("--generator", default=None,
-                        help="generator name in model_outputs.json (default: the model's folder)")
-    parser.add_argument("--annotations", default=None,
-                        help="alpaca_eval annotations.json to score instead of generating")
-    parser.add_argument("--referee_think", action=argparse.BooleanOptionalAction, default=None,
-                        help="referee verdicts open with reasoning in <think></think> (default: as the "
-                             "model was trained, read from the run's config.json next to a train.py "
-                             "final/ folder; else on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shown orders and sampling")
-    parser.add_argument("--out", default="results.json", help="results file (resumable)")
+        add(f"--{task}_data", default=spec, help=f"{kind} data: a data.py registry key or KEY:PATH")
+    add("--limit", type=int, default=None, help="first N records of each task")
+    add("--engine", choices=["hf", "vllm"], default="hf", help="generation engine")
+    add("--device", default="cpu", help="torch device of the engine")
+    add("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add("--batch_size", type=int, default=8, help="prompts per generate call")
+    add("--max_new_tokens", type=int, default=512, help="answer token budget")
+    add("--referee_max_new_tokens", type=int, default=256, help="token budget of a referee verdict")
+    add("--samples", type=int, default=1,
+        help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
+    add("--temperature", type=float, default=0.6,
+        help="reasoning: sampling temperature when --samples > 1")
+    add("--referee_model", help="the referee of alpaca_eval answers (default: the evaluated model)")
+    add("--generator", help="generator name in model_outputs.json (default: the model's folder)")
+    add("--annotations", help="alpaca_eval annotations.json to score instead of generating")
+    add("--referee_think", action=argparse.BooleanOptionalAction, default=None,
+        help="referee verdicts open with reasoning in <think></think> (default: as the model was "
+             "trained, read from the run's config.json next to a train.py final/ folder; else on)")
+    add("--seed", type=int, default=0, help="seed of the shown orders and sampling")
+    add("--out", default="results.json", help="results file (resumable)")
     return parser.parse_args(argv)
 
 
 def trained_referee_think(model: str) -> bool:
-    """Whether the referee of `model` was trained to reason before its ranking: the run's
-    `referee_think` when `model` is a train.py output (RUN/final, with RUN/config.json), else the
-    referee template's default (True)."""
+    """The run's `referee_think` when `model` is a train.py output (RUN/final beside
+    RUN/config.json), else True, the referee template's default."""
     run_config = os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")
     if os.path.isdir(model) and os.path.isfile(run_config):
         with open(run_config) as f:
@@ -657,7 +619,8 @@ def main(argv=None):
         args.referee_think = trained_referee_think(args.model)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks or any(task not in BENCHMARKS for task in tasks):
-        raise SystemExit(f"unknown task in --tasks {args.tasks!r}: choose from {', '.join(BENCHMARKS)}")
+        raise SystemExit(f"unknown task in --tasks {args.tasks!r}: "
+                         f"choose from {', '.join(BENCHMARKS)}")
     if args.annotations and "alpaca_eval" not in tasks:
         raise SystemExit("--annotations scores the alpaca_eval task: add it to --tasks")
 
