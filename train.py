@@ -761,19 +761,12 @@ def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]], cfg: 
             tally.add(f"eval/{name}", value, scored)
 
 
-def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    rank, world, device = init_distributed(cfg.dist_timeout_min)
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
-                         f"of the world size {world}")
-    model_path, referee_path, tokenizer, sources, eval_sets = load_inputs(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
-
-    # ---- the policy (FSDP2, fp32 master weights), its rollout engine, the optimizer ----------
+def build_models(cfg: Config, device: torch.device, model_path: str, referee_path: str | None,
+                 tokenizer) -> tuple:
+    """The policy (FSDP2-sharded, fp32 master weights), its rollout engine, the referee's engine
+    (the policy's own, or the baseline arm's frozen one), the frozen KL reference (or None), the
+    compute dtype, and whether the engine shares the policy's parameters (nothing to sync)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     policy = model_lib.load_model(model_path, torch.float32, cfg.trust_remote_code)
     model_lib.shard_model(policy, device, bf16=cuda and cfg.bf16,
@@ -803,6 +796,63 @@ def main(argv=None) -> int:
     if cfg.kl_coef > 0:
         ref_model = model_lib.load_model(model_path, compute_dtype, cfg.trust_remote_code)
         ref_model = ref_model.to(device).eval()
+    return policy, engine, referee_engine, ref_model, compute_dtype, shared
+
+
+def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine, shared: bool) -> tuple:
+    """With --resume, restore the newest checkpoint and sync the engine; returns (step,
+    bad_steps), (0, 0) for a fresh run. Metrics lines of steps after the checkpoint are dropped:
+    those steps run again."""
+    if not cfg.resume or not checkpoint_dirs(cfg.out_dir):
+        if cfg.resume:
+            print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
+        return 0, 0
+    latest = checkpoint_dirs(cfg.out_dir)[-1]
+    step, bad_steps = load_checkpoint(latest, policy, optimizer, scheduler, mixture, engine)
+    if not shared:
+        engine.load_weights(policy.state_dict())
+    print0(f"resumed from {latest} at step {step}")
+    if dist.get_rank() == 0:
+        keep_metrics_until(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
+    return step, bad_steps
+
+
+def before_training(cfg: Config, policy, engine, shared: bool, tokenizer, sources: dict,
+                    eval_sets: dict) -> dict:
+    """Step 0: the held-out evaluation of the model as loaded (--eval_start_end), then the cold
+    start (--cold_start_steps, ours) and a sync; returns the step-0 metrics line."""
+    line = {"step": 0}
+    if cfg.eval_start_end and eval_sets:
+        print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
+        tally, t = Tally(), time.perf_counter()
+        evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
+        line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
+        print0("  " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}"
+                                for k, v in line.items() if k.startswith("eval/")))
+    if cfg.cold_start_steps:
+        engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
+        line |= cold_start(policy, sources, tokenizer, cfg)
+        engine.wake_up()
+        if not shared:
+            engine.load_weights(policy.state_dict())
+    return line
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    rank, world, device = init_distributed(cfg.dist_timeout_min)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
+                         f"of the world size {world}")
+    model_path, referee_path, tokenizer, sources, eval_sets = load_inputs(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
+
+    # ---- the policy (FSDP2, fp32 master weights), its rollout engine, the referee's ----------
+    policy, engine, referee_engine, ref_model, compute_dtype, shared = build_models(
+        cfg, device, model_path, referee_path, tokenizer)
     mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
                            cfg.prompts_per_step, cfg.seed, rank, world)
     # fused: one kernel per step; the default foreach path holds a model-sized temporary
@@ -814,19 +864,8 @@ def main(argv=None) -> int:
     guard_ids = [render_prompt(records[0], tokenizer)[:128] for records in sources.values()
                  ] if cfg.rollout == "vllm" else []
 
-    start_step, bad_steps = 0, 0
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if cfg.resume and checkpoint_dirs(cfg.out_dir):
-        latest = checkpoint_dirs(cfg.out_dir)[-1]
-        start_step, bad_steps = load_checkpoint(latest, policy, optimizer, scheduler, mixture,
-                                                engine)
-        if not shared:
-            engine.load_weights(policy.state_dict())
-        print0(f"resumed from {latest} at step {start_step}")
-        if rank == 0:
-            keep_metrics_until(metrics_path, start_step)
-    elif cfg.resume:
-        print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
+    start_step, bad_steps = resume(cfg, policy, optimizer, scheduler, mixture, engine, shared)
     wandb_run = None
     if cfg.wandb and rank == 0:
         try:
@@ -838,20 +877,7 @@ def main(argv=None) -> int:
 
     # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ------------
     if start_step == 0:
-        line = {"step": 0}
-        if cfg.eval_start_end and eval_sets:
-            print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
-            tally, t = Tally(), time.perf_counter()
-            evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
-            line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
-            print0("  " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}"
-                                    for k, v in line.items() if k.startswith("eval/")))
-        if cfg.cold_start_steps:
-            engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
-            line |= cold_start(policy, sources, tokenizer, cfg)
-            engine.wake_up()
-            if not shared:
-                engine.load_weights(policy.state_dict())
+        line = before_training(cfg, policy, engine, shared, tokenizer, sources, eval_sets)
         if rank == 0 and len(line) > 1:
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
@@ -961,26 +987,33 @@ def main(argv=None) -> int:
     bar.close()
     if cfg.save_every and step % cfg.save_every:
         save_checkpoint(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
-    # Gathered tensor by tensor, cast on the device, kept on rank 0 only: the compute dtype
-    # (bf16 on GPUs, like the original checkpoint), not twice its size in float32.
-    final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if rank == 0:
         metrics_file.close()
-        model_lib.export_hf(final_state, policy.config, tokenizer,
-                            os.path.join(cfg.out_dir, "final"), policy.generation_config)
-        try:  # a report that fails must not keep the other ranks waiting at the barrier below
-            print0(evaluation.before_and_after(metrics_path))
-            if cfg.plot:
-                curves = os.path.join(cfg.out_dir, "curves.png")
-                print0(f"curves: {evaluation.plot_run(metrics_path, curves)}")
-        except Exception as error:
-            print0(f"could not draw the run's report ({type(error).__name__}: {error}); "
-                   f"python train.py plot {cfg.out_dir} draws it again")
-        print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {metrics_path}")
+    finish(cfg, policy, tokenizer, compute_dtype, metrics_path)
     dist.barrier()
     for e in {id(engine): engine, id(referee_engine): referee_engine}.values():
         e.close()  # after the last collective: vLLM's teardown also ends torchrun's group
     return 0
+
+
+def finish(cfg: Config, policy, tokenizer, compute_dtype: torch.dtype, metrics_path: str) -> None:
+    """The trained model as an HF folder (RUN/final), the held-out before/after table, and the
+    curves. The weights are gathered tensor by tensor, cast on the device and kept on rank 0
+    only, in the compute dtype (bf16 on GPUs, like the original checkpoint)."""
+    final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
+    if dist.get_rank() != 0:
+        return
+    model_lib.export_hf(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"),
+                        policy.generation_config)
+    try:  # a report that fails must not keep the other ranks waiting at main's last barrier
+        print0(evaluation.before_and_after(metrics_path))
+        if cfg.plot:
+            curves = os.path.join(cfg.out_dir, "curves.png")
+            print0(f"curves: {evaluation.plot_run(metrics_path, curves)}")
+    except Exception as error:
+        print0(f"could not draw the run's report ({type(error).__name__}: {error}); "
+               f"python train.py plot {cfg.out_dir} draws it again")
+    print0(f"done: {cfg.out_dir}/final (HF folder), metrics in {metrics_path}")
 
 
 def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, tokenizer) -> None:
