@@ -1,7 +1,7 @@
 """Every data set in one schema: loaders, the task mixture, and the player/referee prompts.
 
-URPO's first idea is that all alignment data becomes one generative format (URPO.md, "Unified
-record"); this file is where that happens. A record is a plain dict:
+URPO's first idea is that all alignment data becomes one generative format (README.md, "The
+method"); this file is where that happens. A record is a plain dict:
 
     id         str, stable and unique within its source (an upstream id, else "<split>-<row>")
     task       "verifiable" | "preference" | "open"
@@ -394,7 +394,7 @@ def load(spec: str, split: str | None = None, limit: int | None = None) -> list[
     return records
 
 
-# --- Prompt templates (URPO.md, "Prompt templates"); the caller applies the chat template ---
+# --- Prompt templates (README.md, "The method"); the caller applies the chat template ---
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

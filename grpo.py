@@ -1,4 +1,4 @@
-"""GRPO: group-relative advantages and the clipped policy-gradient loss (URPO.md, "GRPO").
+"""GRPO: group-relative advantages and the clipped policy-gradient loss (README.md, "The method").
 
 After the rewards of a step are known (reward.py), `group_advantages` turns each group of G
 samples of one prompt into advantages; after the trainer has recomputed the completions'

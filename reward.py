@@ -1,4 +1,4 @@
-r"""Rewards: the numbers that GRPO turns into advantages (URPO.md, "Rewards").
+r"""Rewards: the numbers that GRPO turns into advantages (README.md, "The method").
 
 Every prompt of a step ends up here after its rollouts:
 - verifiable (math) prompts: `math_reward` / `math_rewards` check the final `\boxed{...}` answer

@@ -52,7 +52,8 @@ def main() -> None:
           f"{start.get('time/cold_start', 0):.0f} s, {len(steps)} steps of median "
           f"{statistics.median(line['time/step'] for line in steps):.1f} s "
           f"(rollout {statistics.median(line['time/rollout'] for line in steps):.1f} s, "
-          f"referee and rewards {statistics.median(line['time/judge_reward'] for line in steps):.1f} s, "
+          f"rewards {statistics.median(line['time/reward'] for line in steps):.1f} s, self-referee "
+          f"pass {statistics.median(line['time/self_referee'] for line in steps):.1f} s, "
           f"train {statistics.median(line['time/train'] for line in steps):.1f} s)")
 
 

@@ -4,8 +4,8 @@
     python benchmarks/bench_grpo_step.py --help     # every setting
 
 What it runs, each in its own subprocess (peak RSS is per process), alternating in --rounds:
-  ours       generate (HFEngine) -> log-probs + backward (train.backward_on_batch) -> AdamW
-             (train.optimizer_step) -> sync (none when the engine shares the policy's weights)
+  ours       generate (HFEngine) -> train.update, the loop's own update: log-probs + backward,
+             AdamW (train.optimizer_step) -> sync (none when the engine shares the weights)
   trl-32     TRL GRPOTrainer, all prompts x G completions in one forward/backward
   trl-8      TRL GRPOTrainer, micro-batches of 8 (gradient accumulation over one generation batch)
   urpo       train.py's full URPO step: all three tasks and the self-referee pass (after the rounds)
@@ -86,42 +86,46 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
     engine = rollout.HFEngine(path, tokenizer, torch.float32, device, seed=0)
     shared = engine.share_weights(policy)  # as train.py does at world size 1: no second copy, no sync
     cfg = train.Config(rollout="hf", group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=args.lr)
-    # The log-probs column is the forward passes inside backward_on_batch, timed here from outside.
-    forward = {"seconds": 0.0}
+    # The log-probs and optimizer columns: the forward passes and the optimizer step inside
+    # train.update, timed from outside.
+    forward = {"seconds": 0.0, "optimizer": 0.0}
 
-    def timed(function):
+    def timed(function, key="seconds"):
         def wrapper(*a, **k):
             start = time.perf_counter()
             out = function(*a, **k)
-            forward["seconds"] += time.perf_counter() - start
+            forward[key] += time.perf_counter() - start
             return out
         return wrapper
 
     model_lib.shared_prompt_logprobs = timed(model_lib.shared_prompt_logprobs)
     model_lib.completion_logprobs = timed(model_lib.completion_logprobs)
+    train.optimizer_step = timed(train.optimizer_step, "optimizer")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # as train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     steps = []
     for step in range(args.warmup + args.steps):
         batch = prompts[step * args.prompts:(step + 1) * args.prompts]
         prompt_ids = [model_lib.chat_ids(tokenizer, messages) for messages in batch]
-        forward["seconds"] = 0.0
+        forward["seconds"] = forward["optimizer"] = 0.0
         t0 = time.perf_counter()
         groups = engine.generate(prompt_ids, args.group_size, cfg.temperature, args.max_new_tokens)
         t1 = time.perf_counter()
         samples = []
         for ids, completions in zip(prompt_ids, groups):
             adv = group_advantages(torch.tensor([reward_fn(c.text) for c in completions]), args.group_size)  # [G]
-            samples += [train.Sample(ids, list(c.token_ids), float(a)) for c, a in zip(completions, adv) if c.token_ids]
+            samples += [model_lib.Sample(ids, list(c.token_ids), float(a))
+                        for c, a in zip(completions, adv) if c.token_ids]
         # micro_batch completions per forward/backward, as TRL's micro-batches: the token budget of
-        # micro_batch / G groups of the longest (a group is one packed row: train.rows_of).
-        rows = train.rows_of(samples, cfg.share_prompt, token_budget=10**9)
-        cfg.micro_batch_tokens = max(1, args.micro_batch // args.group_size) * max(map(train.row_tokens, rows))
+        # micro_batch / G groups of the longest (a group is one packed row: model.rows_of).
+        rows = model_lib.rows_of(samples, cfg.share_prompt, token_budget=10**9)
+        cfg.micro_batch_tokens = (max(1, args.micro_batch // args.group_size)
+                                  * max(map(model_lib.row_tokens, rows)))
         policy.train()
-        loss = next(train.backward_on_batch(policy, samples, cfg, tokenizer.pad_token_id, device, train.Tally()))
-        t2 = time.perf_counter()
-        train.optimizer_step(policy, optimizer, scheduler, cfg, loss)
+        train.update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id,
+                     train.Tally())
         t3 = time.perf_counter()
+        t2 = t3 - forward["optimizer"]
         if not shared:
             engine.load_weights(model_lib.full_state_dict(policy))
         t4 = time.perf_counter()
@@ -308,12 +312,12 @@ def main(argv=None) -> int:
     if urpo:
         print(f"\nFull URPO step (train.py, all three tasks + self-referee pass, {args.prompts} prompts x "
               f"{args.group_size}); median of {len(urpo['steps'])} step(s) after the first")
-        phases = ["step", "rollout", "judge_reward", "train", "sync"]
+        phases = ["step", "rollout", "reward", "self_referee", "train", "sync"]
         print("| " + " | ".join(f"time/{p}" for p in phases) + " | referee share | peak RSS GB | tokens/s |")
         print("|" + "---|" * (len(phases) + 3))
         step = median(urpo["steps"], "time/step")
         print("| " + " | ".join(f"{median(urpo['steps'], f'time/{p}'):.1f}" for p in phases)
-              + f" | {median(urpo['steps'], 'time/judge_reward') / step:.0%} | {urpo['rss_gb']:.1f}"
+              + f" | {median(urpo['steps'], 'time/self_referee') / step:.0%} | {urpo['rss_gb']:.1f}"
               + f" | {median(urpo['steps'], 'tokens_per_s'):.0f} |")
         if median(urpo["steps"], "time/train") < 1:  # rule rewards of 0 everywhere: every group skipped
             print("(time/train ~0: no group's rewards varied, so train.py skipped the update)")
