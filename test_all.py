@@ -1861,7 +1861,7 @@ def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group,
         assert torch.allclose(shared_grads[name], grad, atol=1e-6), name
 
 
-def test_backward_on_batch_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
+def test_backward_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
     # With one update per batch the ratio is 1, so the token-mean GRPO loss has the gradient of
     # -sum(A_b * logp_bt) / tokens; several micro-batches (and gradient buffers made before the
     # first backward) must add up to exactly that.
@@ -1908,6 +1908,81 @@ def test_config_flags_presets_and_errors(capsys):
     assert "--referee_orders" in help_text and "shuffled orders" in help_text  # the field comment is the help
 
 
+def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(capsys):
+    import dataclasses
+    assert all(field.metadata.get("help") for field in dataclasses.fields(train.Config))
+    with pytest.raises(SystemExit) as error:  # every problem named, each on its own line
+        train.parse_config(["--prompts_per_step", "0", "--group_size", "1", "--loss_agg", "sum"])
+    lines = str(error.value).splitlines()
+    assert lines[0] == "train.py: invalid configuration:" and len(lines) == 4
+    assert "  --prompts_per_step 0: use 1 or more" in lines
+    assert any(line.startswith("  --loss_agg 'sum': use one of") for line in lines)
+    with pytest.raises(SystemExit, match="--judge_max_new_tokens is now --referee_max_new_tokens"):
+        train.parse_config(["--judge_max_new_tokens", "8"])
+    cfg = train.parse_config(["--rollout", "auto"])  # resolved once, in parse_config
+    assert cfg.rollout in ("hf", "vllm") and train.config_problems(cfg) == []
+    bad = train.Config(rollout="auto", task_weights="verifiable=x")
+    assert len(train.config_problems(bad)) == 2 and bad.rollout == "auto"  # checked, not changed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--verifiable_data", "gsm8k:NO_SUCH.jsonl"],
+     "train.py: --verifiable_data: gsm8k loader: no file at NO_SUCH.jsonl"),
+    (["--model", "NO_SUCH_DIR"], "train.py: --model 'NO_SUCH_DIR': model 'NO_SUCH_DIR' is neither"),
+    (["--eval_data", "nope:x.jsonl"], "train.py: --eval_data: unknown data set 'nope'"),
+    (["--prompts_per_step", "0"], "train.py: invalid configuration:"),
+])
+def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, message):
+    run = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), *flags],
+                         cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[0].startswith(message), run.stderr
+    assert not (tmp_path / "run" / "config.json").exists()  # stopped before the run began
+
+
+def test_export_names_a_missing_checkpoint(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "export", str(tmp_path / "NO_SUCH_DIR"),
+                          str(tmp_path / "out")], cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.strip() == (
+        f"train.py export: no checkpoint at {tmp_path / 'NO_SUCH_DIR'} (expected "
+        "RUN/checkpoints/step_N, written by train.py)")
+
+
+def test_update_takes_every_optimizer_step_of_the_batch(tiny_dir, process_group):
+    # mu = 3 optimizer steps on one rollout batch: old log-probs taken once, so from the second
+    # step on the ratio moves away from 1 and the clip can act; every step is taken.
+    generator = torch.Generator().manual_seed(7)
+    samples = [model_lib.Sample(torch.randint(3, 200, (4,), generator=generator).tolist(),
+                                torch.randint(3, 200, (3,), generator=generator).tolist(), advantage=a)
+               for a in (1.0, -1.0, 0.5, -0.5)]
+    policy = model_lib.load_model(tiny_dir)
+    cfg = tiny_cfg(updates_per_batch=3, lr=1e-2)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    tally = train.Tally()
+    assert train.update(policy, optimizer, scheduler, samples, cfg, 0, tally) == [True] * 3
+    assert all(int(state["step"]) == 3 for state in optimizer.state.values())
+    metrics = tally.reduce()
+    assert metrics["ratio_mean"] == pytest.approx(1.0)  # the first step's metrics: ratio exactly 1
+    assert tally.counts["loss"] == 3 and metrics["count/skipped_nonfinite_steps"] == 0
+
+
+def test_skip_zero_advantage_and_sampler_logprobs_follow_the_flags():
+    record = {"task": "verifiable", "id": "x"}
+    done = [Completion([5, 6], "a", "eos", [-0.1, -0.2]), Completion([7], "b", "eos", [-0.3])]
+    def groups():
+        return [train.Group(record, [1, 2], completions=done, rewards=[1.0, 1.0]),
+                train.Group(record, [3], completions=done, rewards=[1.0, 0.0])]
+    for kl, skip in ((0.0, True), (0.1, True), (0.1, False)):
+        cfg = tiny_cfg(group_size=2, kl_coef=kl, skip_zero_advantage=skip, rollout="hf")
+        samples = train.advantages_and_samples(groups(), cfg, train.Tally())
+        assert len(samples) == (2 if skip else 4)  # the all-equal group is left out when asked
+        assert all(s.sampler_logprobs is None for s in samples)  # only vLLM's are used
+    vllm = train.advantages_and_samples(groups(), tiny_cfg(group_size=2, rollout="vllm"), train.Tally())
+    assert [s.sampler_logprobs for s in vllm] == [[-0.1, -0.2], [-0.3]]
+
+
 def test_engine_options_let_only_the_policy_engine_sleep():
     # vLLM has one sleep-mode allocator per process: the baseline arm's frozen referee (a second
     # engine) must not ask for it, and takes its own, smaller share of the GPU.
@@ -1925,7 +2000,7 @@ def test_engine_options_let_only_the_policy_engine_sleep():
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
 
 def dp_worker(model_dir: str, out_file: str) -> None:
-    """One fixed batch (no sampling) through backward_on_batch and an SGD step, on this rank's share."""
+    """One fixed batch (no sampling) through train.backward and an SGD step, on this rank's share."""
     train.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
@@ -2281,6 +2356,17 @@ def test_referee_metrics_on_rewardbench_subsets_give_sections():
     metrics = evaluation.referee_metrics(items)
     assert metrics["section/Chat"] == 1.0 and metrics["section/Chat Hard"] == 0.5
     assert metrics["score"] == 0.75 and metrics["invalid_rate"] == 0.5
+
+
+def test_verdict_score_is_evaluations_own_top_one_rule():
+    # RewardBench scores a pair by the chosen answer ranked first; for K > 2 the same top-1 rule
+    # (RewardBench 2's best-of-4), not the training reward's share of ordered pairs.
+    assert evaluation.verdict_score([0, 1], [0, 1]) == 1.0
+    assert evaluation.verdict_score([1, 0], [0, 1]) == 0.0
+    assert evaluation.verdict_score(None, [0, 1]) == 0.5
+    assert evaluation.verdict_score([0, 2, 1], [0, 1, 2]) == 1.0  # training reward: 2/3
+    assert evaluation.verdict_score([1, 0, 2], [0, 1, 2]) == 0.0  # training reward: 2/3
+    assert reward.ranking_reward([1, 0, 2], [0, 1, 2]) == pytest.approx(2 / 3)
 
 
 def test_instruction_metrics_average_both_orders():
