@@ -467,6 +467,8 @@ def backward(policy, batch: dict, cfg: Config, tally: Tally, first: bool = True)
             param.grad = torch.zeros_like(param)
     local_loss = 0.0
     for mb, weight in zip(batch["micro"], batch["weights"]):
+        # [S, C] (completions packed behind shared prompts) or [B, T] (one sequence per sample):
+        # model.collate's layout; the mask marks completion tokens in either.
         logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature, first)  # [S, C]
         old = mb["old"] if mb["old"] is not None else logp.detach()  # [S, C]
         is_weights = None
