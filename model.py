@@ -484,39 +484,45 @@ def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list
     return batches + [current] if current else batches
 
 
-def collate(rows: list[list[Sample]], pad_id: int, device: torch.device, share_prompt: bool) -> dict:
+def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
+            share_prompt: bool) -> dict:
     """The tensors of one micro-batch; completion_mask marks the tokens the loss is taken on.
 
-    share_prompt: the rows packed by model.pack_rows, and the loss layout is [S, C], completion
-    tokens only, samples in row order (what model.shared_prompt_logprobs returns).
-    Otherwise one right-padded full sequence per sample: input_ids etc. [B, T], and the loss
-    layout is [B, T] too. `batch_logprobs` scores either layout."""
+    share_prompt: the rows packed by `pack_rows`, and the loss layout is [S, C], completion
+    tokens only, samples in row order (what `shared_prompt_logprobs` returns). Otherwise one
+    right-padded full sequence per sample: input_ids etc. [B, T], and the loss layout is [B, T]
+    too. `batch_logprobs` scores either layout. sampler_logprobs (vLLM's) in the loss layout
+    when every sample has them, else None."""
     samples = [s for row in rows for s in row]
     has_sampler = all(s.sampler_logprobs is not None for s in samples)
     if share_prompt:
-        batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows], device)
+        batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows],
+                          device)
         completion_mask = batch["completion_mask"]  # [S, C]
-        sampler_logprobs = torch.zeros(completion_mask.shape, device=device)  # [S, C]
-        if has_sampler:  # the scored tokens come in sample order, as the samples' log-probs
-            sampler_logprobs[batch["dst_rows"], batch["dst_cols"]] = torch.tensor(
-                [lp for s in samples for lp in s.sampler_logprobs], device=device)
+        where = (batch["dst_rows"], batch["dst_cols"])  # scored tokens, in sample order
     else:
         length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
         input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
         completion_mask = torch.zeros(len(samples), length)  # [B, T]
-        sampler_logprobs = torch.zeros(len(samples), length)  # [B, T]
+        rows_, cols = [], []
         for i, s in enumerate(samples):
             p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
             input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
             attention_mask[i, :n] = 1
             completion_mask[i, p:n] = 1
-            if has_sampler:
-                sampler_logprobs[i, p:n] = torch.tensor(s.sampler_logprobs)
+            rows_ += [i] * (n - p)
+            cols += list(range(p, n))
         batch = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-    return batch | dict(completion_mask=completion_mask.to(device),
-                        advantages=torch.tensor([s.advantage for s in samples], device=device),  # [S]
-                        sampler_logprobs=sampler_logprobs.to(device) if has_sampler else None)
+        where = (torch.tensor(rows_, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+    sampler_logprobs = None
+    if has_sampler:
+        sampler_logprobs = torch.zeros(completion_mask.shape, device=device)  # loss layout
+        sampler_logprobs[where] = torch.tensor([lp for s in samples for lp in s.sampler_logprobs],
+                                               device=device)
+    advantages = torch.tensor([s.advantage for s in samples], device=device)  # [S]
+    return batch | dict(completion_mask=completion_mask.to(device), advantages=advantages,
+                        sampler_logprobs=sampler_logprobs)
 
 
 def batch_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
