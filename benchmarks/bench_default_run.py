@@ -32,12 +32,14 @@ def run_once(cache: str, out_dir: str, extra: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=2, help="runs in all; the first converts the model")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="runs in all; the first converts the model")
     parser.add_argument("train_args", nargs="*", help="flags passed to train.py (after --)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.path.join(tmp, "cache")
-        results = [run_once(cache, os.path.join(tmp, f"run{i}"), args.train_args) for i in range(args.runs)]
+        results = [run_once(cache, os.path.join(tmp, f"run{i}"), args.train_args)
+                   for i in range(args.runs)]
         with open(os.path.join(tmp, f"run{args.runs - 1}", "metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f]
     print(f"python train.py {' '.join(args.train_args)} on {os.cpu_count()} cores "

@@ -1,6 +1,7 @@
 """One GRPO step, ours against TRL's GRPOTrainer, on this machine, at identical settings.
 
-    python benchmarks/bench_grpo_step.py            # defaults: the README's CPU numbers (~25 min on 2 cores)
+    python benchmarks/bench_grpo_step.py            # defaults: the README's CPU numbers
+                                                    # (~25 min on 2 cores)
     python benchmarks/bench_grpo_step.py --help     # every setting
 
 What it runs, each in its own subprocess (peak RSS is per process), alternating in --rounds:
@@ -32,28 +33,43 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL_VENV = os.path.join(ROOT, ".venv-trl")
 TRL_PYTHON = os.path.join(TRL_VENV, "bin", "python")
-TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.0", "transformers>=5.16.1,<5.20", "datasets", "accelerate", "math-verify"]
+TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.0", "transformers>=5.16.1,<5.20", "datasets",
+                "accelerate", "math-verify"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="hub id or HF folder (default: model.DEFAULT_MODEL, resolved offline)")
-    p.add_argument("--data", default="gsm8k:samples/gsm8k/train.first200.jsonl", help="data.py spec of the prompts")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="",
+                   help="hub id or HF folder (default: model.DEFAULT_MODEL, resolved offline)")
+    p.add_argument("--data", default="gsm8k:samples/gsm8k/train.first200.jsonl",
+                   help="data.py spec of the prompts")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group_size", type=int, default=4, help="G: completions per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="generation budget per completion")
-    p.add_argument("--micro_batch", type=int, default=8, help="completions per forward/backward (ours: the token budget of micro_batch / G of the longest groups, each packed behind its prompt)")
-    p.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (beta = 0, one update per batch)")
-    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute decoder layers in backward, in both frameworks (TRL's default is on)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of every config, alternating (ours, trl-32, trl-8, ours, ...)")
+    p.add_argument("--max_new_tokens", type=int, default=64,
+                   help="generation budget per completion")
+    p.add_argument("--micro_batch", type=int, default=8,
+                   help="completions per forward/backward (ours: the token budget of "
+                        "micro_batch / G of the longest groups, each packed behind its prompt)")
+    p.add_argument("--lr", type=float, default=2e-6,
+                   help="AdamW learning rate (beta = 0, one update per batch)")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="recompute decoder layers in backward, in both frameworks "
+                        "(TRL's default is on)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of every config, alternating (ours, trl-32, trl-8, ours, ...)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per config and round")
     p.add_argument("--steps", type=int, default=1, help="measured steps per config and round")
-    p.add_argument("--urpo_steps", type=int, default=2, help="train.py steps for the full URPO table (the first is the warm-up; 0: skip)")
+    p.add_argument("--urpo_steps", type=int, default=2,
+                   help="train.py steps for the full URPO table "
+                        "(the first is the warm-up; 0: skip)")
     p.add_argument("--no_trl", action="store_true", help="measure ours alone")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: ours | trl | urpo
-    p.add_argument("--trl_batch", type=int, default=32, help=argparse.SUPPRESS)  # internal: TRL's per-device batch
-    p.add_argument("--prompt_file", default="", help=argparse.SUPPRESS)  # internal: prompts as chat messages
+    p.add_argument("--trl_batch", type=int, default=32,
+                   help=argparse.SUPPRESS)  # internal: TRL's per-device batch
+    p.add_argument("--prompt_file", default="",
+                   help=argparse.SUPPRESS)  # internal: prompts as chat messages
     return p.parse_args(argv)
 
 
@@ -63,7 +79,8 @@ def reward_fn(text: str) -> float:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +101,10 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
     policy = model_lib.load_model(path, torch.float32)
     model_lib.shard_model(policy, device, activation_checkpointing=args.activation_checkpointing)
     engine = rollout.HFEngine(path, tokenizer, torch.float32, device, seed=0)
-    shared = engine.share_weights(policy)  # as train.py does at world size 1: no second copy, no sync
-    cfg = train.Config(rollout="hf", group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=args.lr)
+    # as train.py does at world size 1: no second copy, no sync
+    shared = engine.share_weights(policy)
+    cfg = train.Config(rollout="hf", group_size=args.group_size,
+                       max_new_tokens=args.max_new_tokens, lr=args.lr)
     # The log-probs and optimizer columns: the forward passes and the optimizer step inside
     # train.update, timed from outside.
     forward = {"seconds": 0.0, "optimizer": 0.0}
@@ -101,7 +120,8 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
     model_lib.shared_prompt_logprobs = timed(model_lib.shared_prompt_logprobs)
     model_lib.completion_logprobs = timed(model_lib.completion_logprobs)
     train.optimizer_step = timed(train.optimizer_step, "optimizer")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # as train.py
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True)  # as train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     steps = []
     for step in range(args.warmup + args.steps):
@@ -113,7 +133,8 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
         t1 = time.perf_counter()
         samples = []
         for ids, completions in zip(prompt_ids, groups):
-            adv = group_advantages(torch.tensor([reward_fn(c.text) for c in completions]), args.group_size)  # [G]
+            adv = group_advantages(torch.tensor([reward_fn(c.text) for c in completions]),
+                                   args.group_size)  # [G]
             samples += [model_lib.Sample(ids, list(c.token_ids), float(a))
                         for c, a in zip(completions, adv) if c.token_ids]
         # micro_batch completions per forward/backward, as TRL's micro-batches: the token budget of
@@ -130,9 +151,11 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
             engine.load_weights(model_lib.full_state_dict(policy))
         t4 = time.perf_counter()
         tokens = sum(len(c.token_ids) for g in groups for c in g)
-        steps.append(dict(generation=t1 - t0, logprobs=forward["seconds"], backward=t2 - t1 - forward["seconds"],
+        steps.append(dict(generation=t1 - t0, logprobs=forward["seconds"],
+                          backward=t2 - t1 - forward["seconds"],
                           optimizer=t3 - t2, sync=t4 - t3, step=t4 - t0, tokens=tokens))
-        print(f"ours step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in steps[-1].items()), flush=True)
+        print(f"ours step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in steps[-1].items()),
+              flush=True)
     return dict(steps=steps[args.warmup:], rss_gb=peak_rss_gb())
 
 
@@ -150,15 +173,18 @@ def run_trl(args, prompts: list[list[dict]]) -> dict:
     # per_step / micro gives one generation and one optimizer step per batch, as ours does.
     accumulation = per_step // micro
     config = trl.GRPOConfig(
-        output_dir="/tmp/bench_trl", per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
-        temperature=1.0, beta=0.0, num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=1.0, use_vllm=False, use_cpu=True, bf16=False, max_steps=total,
+        output_dir="/tmp/bench_trl", per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation, steps_per_generation=accumulation,
+        num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+        temperature=1.0, beta=0.0, num_iterations=1, learning_rate=args.lr,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, use_vllm=False,
+        use_cpu=True, bf16=False, max_steps=total,
         gradient_checkpointing=args.activation_checkpointing,
         logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    dataset = Dataset.from_list([{"prompt": messages} for messages in prompts[:total * args.prompts]])
+    dataset = Dataset.from_list([{"prompt": messages}
+                                 for messages in prompts[:total * args.prompts]])
 
     def reward(completions, **kwargs):
         return [reward_fn(c[0]["content"] if isinstance(c, list) else c) for c in completions]
@@ -182,10 +208,11 @@ def run_trl(args, prompts: list[list[dict]]) -> dict:
             self.started = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            steps.append(dict(generation=pending["generation"], step=time.perf_counter() - self.started,
-                              tokens=pending["tokens"]))
+            steps.append(dict(generation=pending["generation"],
+                              step=time.perf_counter() - self.started, tokens=pending["tokens"]))
             pending.update(generation=0.0, tokens=0)
-            print(f"trl-{micro} step {len(steps) - 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in steps[-1].items()), flush=True)
+            print(f"trl-{micro} step {len(steps) - 1}: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in steps[-1].items()), flush=True)
 
     trainer.add_callback(StepTimer())
     trainer.train()
@@ -200,7 +227,8 @@ def run_urpo(args) -> dict:
     out_dir = "/tmp/bench_urpo"
     if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
-    train.main(["--rollout", "hf", "--steps", str(args.urpo_steps), "--prompts_per_step", str(args.prompts),
+    train.main(["--rollout", "hf", "--steps", str(args.urpo_steps),
+                "--prompts_per_step", str(args.prompts),
                 "--group_size", str(args.group_size), "--max_new_tokens", str(args.max_new_tokens),
                 "--lr", str(args.lr), "--samples_every", "0", "--out_dir", out_dir]
                + (["--activation_checkpointing"] if args.activation_checkpointing else [])
@@ -233,8 +261,10 @@ def launch(python: str, args, worker: str, extra: list[str]) -> dict | None:
                "--max_new_tokens", str(args.max_new_tokens), "--micro_batch", str(args.micro_batch),
                "--lr", str(args.lr), "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--urpo_steps", str(args.urpo_steps),
-               "--activation_checkpointing" if args.activation_checkpointing else "--no-activation_checkpointing", *extra]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               "--activation_checkpointing" if args.activation_checkpointing
+               else "--no-activation_checkpointing", *extra]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     result = None
     for line in proc.stdout:
         if line.startswith("RESULT "):
@@ -289,11 +319,14 @@ def main(argv=None) -> int:
     if args.urpo_steps:
         results["urpo"] = launch(sys.executable, args, "urpo", [])
 
-    print(f"\nGRPO step: {args.prompts} prompts x {args.group_size} samples x <= {args.max_new_tokens} new tokens, "
-          f"float32, beta 0, HF generation, activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
-          f"median of {args.steps} step(s) after {args.warmup} warm-up, in each of {args.rounds} alternating rounds"
+    print(f"\nGRPO step: {args.prompts} prompts x {args.group_size} samples x "
+          f"<= {args.max_new_tokens} new tokens, float32, beta 0, HF generation, "
+          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"median of {args.steps} step(s) after {args.warmup} warm-up, "
+          f"in each of {args.rounds} alternating rounds"
           "\n(TRL's generation column also holds its reward and advantage computation)")
-    print("| config | s/step | generation | log-probs | backward | optimizer | sync | peak RSS GB | tokens/s |")
+    print("| config | s/step | generation | log-probs | backward | optimizer | sync | peak RSS GB "
+          "| tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if name == "urpo" or not r:
@@ -305,21 +338,25 @@ def main(argv=None) -> int:
     ours = results.get("ours")
     for name, r in results.items():
         if name.startswith("trl") and r and ours:
-            print(f"ours / {name}: time {median(ours['steps'], 'step') / median(r['steps'], 'step'):.2f}x, "
+            print(f"ours / {name}: time "
+                  f"{median(ours['steps'], 'step') / median(r['steps'], 'step'):.2f}x, "
                   f"peak RSS {ours['rss_gb'] / r['rss_gb']:.2f}x (TRL {r['trl_version']})")
 
     urpo = results.get("urpo")
     if urpo:
-        print(f"\nFull URPO step (train.py, all three tasks + self-referee pass, {args.prompts} prompts x "
+        print(f"\nFull URPO step (train.py, all three tasks + self-referee pass, "
+              f"{args.prompts} prompts x "
               f"{args.group_size}); median of {len(urpo['steps'])} step(s) after the first")
         phases = ["step", "rollout", "reward", "self_referee", "train", "sync"]
-        print("| " + " | ".join(f"time/{p}" for p in phases) + " | referee share | peak RSS GB | tokens/s |")
+        print("| " + " | ".join(f"time/{p}" for p in phases)
+              + " | referee share | peak RSS GB | tokens/s |")
         print("|" + "---|" * (len(phases) + 3))
         step = median(urpo["steps"], "time/step")
         print("| " + " | ".join(f"{median(urpo['steps'], f'time/{p}'):.1f}" for p in phases)
               + f" | {median(urpo['steps'], 'time/self_referee') / step:.0%} | {urpo['rss_gb']:.1f}"
               + f" | {median(urpo['steps'], 'tokens_per_s'):.0f} |")
-        if median(urpo["steps"], "time/train") < 1:  # rule rewards of 0 everywhere: every group skipped
+        # rule rewards of 0 everywhere: every group skipped
+        if median(urpo["steps"], "time/train") < 1:
             print("(time/train ~0: no group's rewards varied, so train.py skipped the update)")
     return 0
 

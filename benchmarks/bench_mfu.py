@@ -1,8 +1,10 @@
 """Model-FLOPs utilisation (MFU) of the trainer's training phase, on random-init models.
 
-    python benchmarks/bench_mfu.py --shape qwen2.5-1.5b                       # one GPU, checkpointing off
+    python benchmarks/bench_mfu.py --shape qwen2.5-1.5b                       # one GPU,
+                                                                              # checkpointing off
     python benchmarks/bench_mfu.py --shape qwen2.5-1.5b --activation_checkpointing
-    torchrun --nproc_per_node=8 benchmarks/bench_mfu.py --shape qwen2.5-0.5b  # per-GPU MFU under FSDP2
+    torchrun --nproc_per_node=8 benchmarks/bench_mfu.py --shape qwen2.5-0.5b  # per-GPU MFU
+                                                                              # under FSDP2
     python benchmarks/bench_mfu.py --shape tiny --steps 2                     # CPU smoke run
 
 What one step is: the trainer's own code path. model.shard_model (FSDP2: every decoder layer, then
@@ -43,22 +45,27 @@ SHAPES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b", help="model shape (random init)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b",
+                   help="model shape (random init)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step and rank")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--activation_checkpointing", action="store_true", help="recompute decoder layers in backward")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute decoder layers in backward")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
-    p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s of one device (H100 dense bf16)")
+    p.add_argument("--peak", type=float, default=989e12,
+                   help="peak FLOP/s of one device (H100 dense bf16)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> float:
     args = parse_args(argv)
     rank, world, device = train.init_distributed()
-    config = Qwen2Config(**{"vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768,
-                            "rope_theta": 1e6, **SHAPES[args.shape]})
+    config = Qwen2Config(**{"vocab_size": 151936, "tie_word_embeddings": True,
+                            "max_position_embeddings": 32768, "rope_theta": 1e6,
+                            **SHAPES[args.shape]})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
@@ -77,7 +84,8 @@ def main(argv=None) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logprobs, _ = model_lib.completion_logprobs(policy, input_ids, attention_mask, completion_mask)  # [B, T]
+        logprobs, _ = model_lib.completion_logprobs(policy, input_ids, attention_mask,
+                                                    completion_mask)  # [B, T]
         logprobs.sum().div(completion_mask.sum()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -89,11 +97,15 @@ def main(argv=None) -> float:
     tokens = args.batch * args.seq
     mfu = 6 * params * tokens / median / args.peak
     if rank == 0:
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"{args.shape}: {params / 1e9:.3f}B parameters, batch {args.batch} x seq {args.seq} per rank, "
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                  if device.type == "cuda" else "")
+        print(f"{args.shape}: {params / 1e9:.3f}B parameters, "
+              f"batch {args.batch} x seq {args.seq} per rank, "
               f"{world} rank(s) on {device.type}, activation checkpointing "
-              f"{'on' if args.activation_checkpointing else 'off'}: {median:.3f} s/step (median of {args.steps}), "
-              f"{tokens / median:.0f} tokens/s per rank, MFU {mfu:.1%} of {args.peak:.3g} FLOP/s{memory}", flush=True)
+              f"{'on' if args.activation_checkpointing else 'off'}: {median:.3f} s/step "
+              f"(median of {args.steps}), "
+              f"{tokens / median:.0f} tokens/s per rank, MFU {mfu:.1%} of {args.peak:.3g} "
+              f"FLOP/s{memory}", flush=True)
     return mfu
 
 

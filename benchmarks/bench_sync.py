@@ -1,6 +1,6 @@
 """The weight sync after an optimizer step: time and extra peak memory per rank.
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_sync.py            # ~1 min on 2 CPU cores
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_sync.py  # ~1 min on 2 CPU cores
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_sync.py --model PATH --rounds 5
 
 Every rank holds an FSDP2 shard of the policy (as train.py's trainer) and its own rollout
