@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
 import data
 import eval as evaluation
@@ -397,7 +397,8 @@ def test_math_check_that_timed_out_is_not_cached(monkeypatch):
 
 
 def test_timeouts_counted_by_training_step_and_eval_report(monkeypatch):
-    """train.rule_rewards counts the step's timed-out checks; eval's reasoning report counts them."""
+    """train.rule_rewards counts the step's timed-out checks; eval's reasoning report counts \
+them."""
     monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 1e-4)
     record = {"task": "verifiable", "answer": r"\frac{5}{11}"}
     texts = [r"\boxed{\frac{10}{22}}", r"\boxed{\frac{15}{33}}", r"\frac{5}{11}",
@@ -964,36 +965,45 @@ def test_referee_prompt_shows_candidates_in_order():
 def test_referee_prompt_without_thinking_asks_for_the_ranking_alone():
     messages = [{"role": "user", "content": "2+2?"}]
     text = data.referee_prompt(messages, ["four", "five"], [1, 0], think=False)[0]["content"]
-    assert "<think>" not in text and "Write the full ranking, best first, inside <answer></answer>" in text
+    assert ("<think>" not in text
+            and "Write the full ranking, best first, inside <answer></answer>" in text)
     assert text.endswith("For 2 candidates the format looks like this (the order here is only an "
                          "example):\n<answer>[2] > [1]</answer>")
     assert reward.format_verdict([2, 0, 1]) == "<answer>[3] > [1] > [2]</answer>"
-    assert reward.format_verdict([1, 0], "short") == "<think>short</think>\n<answer>[2] > [1]</answer>"
+    assert (reward.format_verdict([1, 0], "short")
+            == "<think>short</think>\n<answer>[2] > [1]</answer>")
     assert reward.read_verdict("<answer>[3] > [1] > [2]</answer>", [1, 2, 0]) == [0, 1, 2]
     assert reward.read_verdict("<answer>[1] = [2]</answer>", [1, 0]) is None
 
 
 def test_gold_targets_of_the_cold_start():
     gsm8k = {"task": "verifiable", "messages": [{"role": "user", "content": "Q?"}], "answer": "72",
-             "meta": {"reference": "Half of 48 is 48/2 = <<48/2=24>>24.\n48+24 = <<48+24=72>>72\n#### 72"}}
+             "meta": {"reference": "Half of 48 is 48/2 = <<48/2=24>>24.\n"
+                                   "48+24 = <<48+24=72>>72\n#### 72"}}
     prompt, target = data.gold_target(gsm8k, random.Random(0))
     assert prompt == data.player_prompt(gsm8k)
     assert target == "Half of 48 is 48/2 = 24.\n48+24 = 72\nThe answer is \\boxed{72}."
     assert reward.math_reward(target, gsm8k["answer"]) == 1.0
-    math = dict(gsm8k, answer="\\frac{1}{2}", meta={"reference": "So it is $\\boxed{\\frac{1}{2}}$."})
+    math = dict(gsm8k, answer="\\frac{1}{2}",
+                meta={"reference": "So it is $\\boxed{\\frac{1}{2}}$."})
     assert data.gold_target(math, random.Random(0))[1] == "So it is $\\boxed{\\frac{1}{2}}$."
     assert data.gold_target(dict(gsm8k, meta={}), random.Random(0)) is None
-    assert data.gold_target(dict(gsm8k, meta={"reference": "no final answer"}), random.Random(0)) is None
-    assert data.gold_target({"task": "open", "messages": [], "meta": {"reference": "x"}}, random.Random(0)) is None
+    assert data.gold_target(dict(gsm8k, meta={"reference": "no final answer"}),
+                            random.Random(0)) is None
+    assert data.gold_target({"task": "open", "messages": [], "meta": {"reference": "x"}},
+                            random.Random(0)) is None
     pair = {"task": "preference", "messages": [{"role": "user", "content": "Hi"}],
             "responses": ["good", "bad", "worst"], "ranking": [0, 1, 2], "meta": {}}
-    for seed in range(4):  # whatever order the candidates are shown in, the verdict is the gold ranking
+    # whatever order the candidates are shown in, the verdict is the gold ranking
+    for seed in range(4):
         for think in (True, False):
             (turn,), verdict = data.gold_target(pair, random.Random(seed), think)
             shown = [turn["content"].index(f"\n{r}\n") for r in pair["responses"]]
-            order = sorted(range(3), key=lambda i: shown[i])  # order[j]: the response shown as [j + 1]
+            # order[j]: the response shown as [j + 1]
+            order = sorted(range(3), key=lambda i: shown[i])
             assert reward.read_verdict(verdict, order) == [0, 1, 2]
-            assert verdict.startswith("<think></think>\n<answer>") == think and ("<think>" in turn["content"]) == think
+            assert (verdict.startswith("<think></think>\n<answer>") == think
+                    and ("<think>" in turn["content"]) == think)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1105,10 +1115,13 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     bpe.train_from_iterator(CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -1118,7 +1131,8 @@ def tiny_model(tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,  # referee prompts fit
+        num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096,  # referee prompts fit
         tie_word_embeddings=True, initializer_range=0.2,  # peaked outputs: greedy is stable
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -1141,7 +1155,8 @@ def tiny_dir(tmp_path_factory):
 def naive_logprobs(model, input_ids, attention_mask, completion_mask, temperature):
     """The textbook computation, with full [B, T, V] logits."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits  # [B, T, V]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids).logits  # [B, T, V]
     logp_all = (logits[:, :-1] / temperature).log_softmax(-1)  # [B, T-1, V]
     logp = logp_all.gather(2, input_ids[:, 1:, None]).squeeze(2)  # [B, T-1]
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T-1]
@@ -1176,7 +1191,8 @@ def test_completion_logprobs_equal_full_logits_values_grads_entropy():
     weights = torch.randn(3, 12)  # an arbitrary loss: sum of weighted log-probs
     for temperature in (1.0, 0.7):
         model.zero_grad()
-        logp, entropy = completion_logprobs(model, *batch, temperature=temperature, with_entropy=True, chunk_size=4)
+        logp, entropy = completion_logprobs(model, *batch, temperature=temperature,
+                                            with_entropy=True, chunk_size=4)
         (logp * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
@@ -1204,7 +1220,8 @@ def test_completion_logprobs_rejects_bad_input():
     completion_mask[0, 0] = 1
     with pytest.raises(ValueError, match="first token"):
         completion_logprobs(model, input_ids, attention_mask, completion_mask)
-    empty, _ = completion_logprobs(model, input_ids, attention_mask, torch.zeros_like(completion_mask))
+    empty, _ = completion_logprobs(model, input_ids, attention_mask,
+                                   torch.zeros_like(completion_mask))
     assert empty.shape == (3, 12) and (empty == 0).all() and empty.requires_grad
 
 
@@ -1217,19 +1234,22 @@ def test_output_layer_backward_with_a_bias_untied_and_in_bf16():
     model.lm_head = torch.nn.Linear(64, len(tokenizer), bias=True)  # untied from the embeddings
     batch = scoring_batch(len(tokenizer))
     weights = torch.randn(3, 12)
-    logp, entropy = completion_logprobs(model, *batch, temperature=0.9, with_entropy=True, chunk_size=3)
+    logp, entropy = completion_logprobs(model, *batch, temperature=0.9, with_entropy=True,
+                                        chunk_size=3)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     naive_logp, naive_entropy = naive_logprobs(model, *batch, 0.9)
     (naive_logp * weights).sum().backward()
-    assert torch.allclose(logp, naive_logp, atol=1e-5) and torch.allclose(entropy, naive_entropy, atol=1e-5)
+    assert (torch.allclose(logp, naive_logp, atol=1e-5)
+            and torch.allclose(entropy, naive_entropy, atol=1e-5))
     assert grads["lm_head.bias"].abs().max() > 0
     for name, param in model.named_parameters():
         assert torch.allclose(grads[name], param.grad, atol=1e-5), name
 
     model.zero_grad()
-    naive_logprobs(model, *batch, 0.9)[0].sum().backward()  # the float32 gradient of a plain sum, to compare bf16 against
+    # the float32 gradient of a plain sum, to compare bf16 against
+    naive_logprobs(model, *batch, 0.9)[0].sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.to(torch.bfloat16).zero_grad()
     low, _ = completion_logprobs(model, *batch, temperature=0.9, chunk_size=3)
@@ -1284,7 +1304,8 @@ def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     model.set_attn_implementation(attention)
     torch.manual_seed(2)
     draw = lambda n: torch.randint(3, len(tokenizer), (n,)).tolist()  # noqa: E731
-    rows = [(draw(5), [draw(3), draw(6), draw(1)]), (draw(9), [draw(4)]), (draw(2), [draw(2), draw(2)])]
+    rows = [(draw(5), [draw(3), draw(6), draw(1)]), (draw(9), [draw(4)]),
+            (draw(2), [draw(2), draw(2)])]
     pairs = [(prompt, c) for prompt, completions in rows for c in completions]  # S = 6 in row order
     width = max(len(p) + len(c) for p, c in pairs)
     input_ids = torch.zeros(len(pairs), width, dtype=torch.long)  # [S, T], right-padded
@@ -1298,11 +1319,13 @@ def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     model.zero_grad()
     packed = model_lib.pack_rows(rows)
     mask = packed["completion_mask"]
-    logp, entropy = model_lib.shared_prompt_logprobs(model, packed, 0.8, with_entropy=True, chunk_size=5)
+    logp, entropy = model_lib.shared_prompt_logprobs(model, packed, 0.8, with_entropy=True,
+                                                     chunk_size=5)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    one_logp, one_entropy = completion_logprobs(model, input_ids, attention_mask, completion_mask, 0.8, with_entropy=True)
+    one_logp, one_entropy = completion_logprobs(model, input_ids, attention_mask, completion_mask,
+                                                0.8, with_entropy=True)
     expected_logp = torch.zeros(len(pairs), 6)
     expected_entropy = torch.zeros(len(pairs), 6)
     for i, (p, c) in enumerate(pairs):  # [S, T] -> [S, C]: completion positions only
@@ -1324,7 +1347,8 @@ def test_export_round_trip(tmp_path):
             param.add_(torch.randn_like(param))
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     out = export_hf(state, model.config, tokenizer, tmp_path / "out")
-    export_hf(state, model.config, tokenizer, tmp_path / "out")  # replacing an existing folder works
+    # replacing an existing folder works
+    export_hf(state, model.config, tokenizer, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
     loaded = load_model(out)
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
@@ -1411,9 +1435,11 @@ def test_engine_shapes_logprobs_and_determinism(tiny_dir, tmp_path):
         assert tokenizer.pad_token_id not in c.token_ids
 
     # Same seed, same calls: same samples; another seed: other samples.
-    again = HFEngine(tiny_dir, tokenizer, seed=3, max_batch=4).generate(prompts, n=4, temperature=0.8, max_new_tokens=8)
+    again = HFEngine(tiny_dir, tokenizer, seed=3, max_batch=4).generate(
+        prompts, n=4, temperature=0.8, max_new_tokens=8)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in out]
-    other = HFEngine(tiny_dir, tokenizer, seed=4, max_batch=4).generate(prompts, n=4, temperature=0.8, max_new_tokens=8)
+    other = HFEngine(tiny_dir, tokenizer, seed=4, max_batch=4).generate(
+        prompts, n=4, temperature=0.8, max_new_tokens=8)
     assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in out]
 
     # The engine's log-probs are the trainer's log-probs of the same tokens at the same T, the
@@ -1451,8 +1477,10 @@ def test_greedy_stops_at_generation_config_eos(tiny_dir, tmp_path):
     source = load_model(tiny_dir)
     source.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_token]
     export_hf(source.state_dict(), source.config, tokenizer, model_dir, source.generation_config)
-    assert GenerationConfig.from_pretrained(model_dir).eos_token_id == [tokenizer.eos_token_id, stop_token]
-    stopped = HFEngine(str(model_dir), tokenizer).generate(prompts, n=1, temperature=0.0, max_new_tokens=6)
+    assert (GenerationConfig.from_pretrained(model_dir).eos_token_id
+            == [tokenizer.eos_token_id, stop_token])
+    stopped = HFEngine(str(model_dir), tokenizer).generate(prompts, n=1, temperature=0.0,
+                                                           max_new_tokens=6)
     first = free[0][0].token_ids
     assert stopped[0][0].token_ids == first[:first.index(stop_token) + 1]
     assert stopped[0][0].finish_reason == "eos"
@@ -1462,7 +1490,8 @@ def test_greedy_equals_transformers_generate(tiny_dir):
     # The hand-written loop (prefill once per prompt, cache copied to the n rows, left padding,
     # decoding batches split by max_batch) must decode what transformers' generate decodes.
     tokenizer = load_tokenizer(tiny_dir)
-    prompts = prompts_of(tokenizer) + [chat_ids(tokenizer, [{"role": "user", "content": "a much longer question " * 6}])]
+    prompts = prompts_of(tokenizer) + [
+        chat_ids(tokenizer, [{"role": "user", "content": "a much longer question " * 6}])]
     assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
     engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
     ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
@@ -1471,8 +1500,10 @@ def test_greedy_equals_transformers_generate(tiny_dir):
     assert engine.model.config._attn_implementation == rollout.DECODE_ATTENTION
     for prompt, group in zip(prompts, ours):
         expected = reference.generate(
-            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids, pad_token_id=tokenizer.pad_token_id)
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12, do_sample=False, eos_token_id=engine.eos_ids,
+            pad_token_id=tokenizer.pad_token_id)
         expected = expected[0, len(prompt):].tolist()
         assert [c.token_ids for c in group] == [expected, expected]
 
@@ -1532,36 +1563,45 @@ def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
     engine = HFEngine(tiny_dir, tokenizer)
     trainer_model = load_model(tiny_dir)
     assert engine.share_weights(trainer_model) and engine.shares_weights
-    assert engine.model.lm_head.weight.data_ptr() == trainer_model.model.embed_tokens.weight.data_ptr()
+    assert (engine.model.lm_head.weight.data_ptr()
+            == trainer_model.model.embed_tokens.weight.data_ptr())
     torch.manual_seed(5)
     with torch.no_grad():  # an optimizer step: in place, on the trainer's parameters only
         for param in trainer_model.parameters():
             param.add_(0.5 * torch.randn_like(param))
-    after = [g[0].token_ids for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
-    fresh = HFEngine(export_hf(trainer_model.state_dict(), trainer_model.config, tokenizer, tmp_path / "m"), tokenizer)
-    assert [g[0].token_ids for g in fresh.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)] == after
+    after = [g[0].token_ids
+             for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
+    fresh = HFEngine(export_hf(trainer_model.state_dict(), trainer_model.config, tokenizer,
+                               tmp_path / "m"), tokenizer)
+    assert [g[0].token_ids
+            for g in fresh.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)] == after
     # A copy is kept where sharing would not be exact, e.g. another dtype (a bf16 engine); FSDP2
     # shards of 2 ranks: see dp_worker.
     other = HFEngine(tiny_dir, tokenizer)
-    assert not other.share_weights(load_model(tiny_dir, torch.bfloat16)) and not other.shares_weights
+    assert (not other.share_weights(load_model(tiny_dir, torch.bfloat16))
+            and not other.shares_weights)
 
 
 def test_load_weights_changes_generation(tiny_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_dir)
     prompts = prompts_of(tokenizer)
     engine = HFEngine(tiny_dir, tokenizer)
-    before = [g[0].token_ids for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
+    before = [g[0].token_ids
+              for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
     trained = load_model(tiny_dir)  # stands in for the policy after an optimizer step
     torch.manual_seed(5)
     with torch.no_grad():
         for param in trained.parameters():
             param.add_(0.5 * torch.randn_like(param))
     engine.load_weights(trained.state_dict())
-    after = [g[0].token_ids for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
+    after = [g[0].token_ids
+             for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
     assert after != before
     # ... and the engine now generates exactly what a model loaded with those weights does.
-    fresh = HFEngine(export_hf(trained.state_dict(), trained.config, tokenizer, tmp_path / "m"), tokenizer)
-    assert [g[0].token_ids for g in fresh.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)] == after
+    fresh = HFEngine(export_hf(trained.state_dict(), trained.config, tokenizer, tmp_path / "m"),
+                     tokenizer)
+    assert [g[0].token_ids
+            for g in fresh.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)] == after
     # Of tied weights one name is enough; an unknown name is an error.
     state = trained.state_dict()
     del state["lm_head.weight"]
@@ -1580,12 +1620,15 @@ def test_load_full_state_dict_is_strict_before_copying_anything():
     for name, tensor in target.state_dict().items():
         assert torch.equal(tensor, source.state_dict()[name]), name
     model_lib.load_full_state_dict(target, {n: before[n] for n in before})  # both tied names: fine
-    bad = [({n: t for n, t in before.items() if "layers.1.mlp" not in n}, r"missing \['model.layers.1.mlp"),
+    bad = [({n: t for n, t in before.items() if "layers.1.mlp" not in n},
+            r"missing \['model.layers.1.mlp"),
            (before | {"extra.weight": torch.zeros(1)}, r"unexpected \['extra.weight'\] \(1\)"),
-           (before | {"model.norm.weight": torch.zeros(3)}, r"other shapes \['model.norm.weight'\] \(1\)")]
+           (before | {"model.norm.weight": torch.zeros(3)},
+            r"other shapes \['model.norm.weight'\] \(1\)")]
     for state, problem in bad:
         with pytest.raises(ValueError, match=problem):
-            model_lib.load_full_state_dict(target, {n: t + 1 if t.is_floating_point() else t for n, t in state.items()})
+            model_lib.load_full_state_dict(
+                target, {n: t + 1 if t.is_floating_point() else t for n, t in state.items()})
         for name, tensor in target.state_dict().items():  # nothing was copied
             assert torch.equal(tensor, before[name]), name
 
@@ -1640,8 +1683,9 @@ def test_self_referee_rewards_and_bookkeeping():
     tokenizer = tiny_tokenizer()
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     answers = [ANSWERS[q] for q in QUESTIONS]
-    result = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
-                        num_orders=2, temperature=1.0, max_new_tokens=32, rng=random.Random(0))
+    result = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations,
+                          answers, num_orders=2, temperature=1.0, max_new_tokens=32,
+                          rng=random.Random(0))
     assert result.rewards[0] == [1.0, 0.5, 0.0]
     assert result.rewards[1] is None
     assert result.rewards[2] == [0.0, 1.0]  # one valid ranking of two: it alone counts
@@ -1649,29 +1693,37 @@ def test_self_referee_rewards_and_bookkeeping():
     assert result.rewards[3] == [sum(o[0] == i for o in biased_orders) / 2 for i in range(2)]
     assert result.dropped == 1
     assert [call.group for call in result.verdicts] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [call.ranking for call in result.verdicts[:6]] == [[0, 1, 2], [0, 1, 2], None, None, [1, 0], None]
+    assert ([call.ranking for call in result.verdicts[:6]]
+            == [[0, 1, 2], [0, 1, 2], None, None, [1, 0], None])
     assert [call.ranking for call in result.verdicts[6:]] == biased_orders  # "first shown is best"
     assert result.verdicts[2].text == "<answer>[1] = [2]</answer>"
     assert all(call.finish_reason == "eos" for call in result.verdicts)
-    assert all(sorted(call.order) == list(range(len(answers[call.group]))) for call in result.verdicts)
+    assert all(sorted(call.order) == list(range(len(answers[call.group])))
+               for call in result.verdicts)
     # Same rng seed, same orders.
-    again = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations, answers,
-                       num_orders=2, temperature=1.0, max_new_tokens=32, rng=random.Random(0))
+    again = self_referee(ScriptedReferee(tokenizer, referee_script), tokenizer, conversations,
+                         answers, num_orders=2, temperature=1.0, max_new_tokens=32,
+                         rng=random.Random(0))
     assert [c.order for c in again.verdicts] == [c.order for c in result.verdicts]
 
 
 def test_self_referee_with_a_real_engine(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
     engine = HFEngine(tiny_dir, tokenizer)
-    result = self_referee(engine, tokenizer, [[{"role": "user", "content": "hi"}]], [["a", "b", "c"]],
-                        num_orders=3, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
-    assert len(result.verdicts) == 3 and result.rewards == [None] and result.dropped == 1  # random text never parses
-    assert result.skipped_long == 0 and engine.context_len == 4096  # the model's max_position_embeddings
+    result = self_referee(engine, tokenizer, [[{"role": "user", "content": "hi"}]],
+                          [["a", "b", "c"]], num_orders=3, temperature=1.0, max_new_tokens=4,
+                          rng=random.Random(0))
+    # random text never parses
+    assert len(result.verdicts) == 3 and result.rewards == [None] and result.dropped == 1
+    assert (result.skipped_long == 0
+            and engine.context_len == 4096)  # the model's max_position_embeddings
     # A referee prompt that does not fit in the context with its budget is not run, but counted.
-    prompt_len = len(chat_ids(tokenizer, data.referee_prompt([{"role": "user", "content": "hi"}], ["a", "b", "c"], [0, 1, 2])))
+    prompt_len = len(chat_ids(tokenizer, data.referee_prompt([{"role": "user", "content": "hi"}],
+                                                             ["a", "b", "c"], [0, 1, 2])))
     short = HFEngine(tiny_dir, tokenizer, context_len=prompt_len + 3)
-    result = self_referee(short, tokenizer, [[{"role": "user", "content": "hi"}]] * 2, [["a", "b", "c"], ["a", "b"]],
-                        num_orders=2, temperature=1.0, max_new_tokens=4, rng=random.Random(0))
+    result = self_referee(short, tokenizer, [[{"role": "user", "content": "hi"}]] * 2,
+                          [["a", "b", "c"], ["a", "b"]], num_orders=2, temperature=1.0,
+                          max_new_tokens=4, rng=random.Random(0))
     assert result.skipped_long == 2 and [call.group for call in result.verdicts] == [1, 1]
     assert result.rewards[0] is None and result.dropped == 2
 
@@ -1727,12 +1779,16 @@ def test_loop_learns_a_reward_with_variance(process_group, tiny_dir):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     half = len(tokenizer) // 2
-    prompts = [model_lib.chat_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("hi", "go", "count", "tell")]
+    prompts = [model_lib.chat_ids(tokenizer, [{"role": "user", "content": text}])
+               for text in ("hi", "go", "count", "tell")]
     means = []
     for step in range(30):
         tally = train.Tally()
-        groups = [train.Group({"task": "verifiable", "id": str(i)}, ids) for i, ids in enumerate(prompts)]
-        for g, completions in zip(groups, engine.generate([g.prompt_ids for g in groups], cfg.group_size, cfg.temperature, cfg.max_new_tokens)):
+        groups = [train.Group({"task": "verifiable", "id": str(i)}, ids)
+                  for i, ids in enumerate(prompts)]
+        for g, completions in zip(groups, engine.generate([g.prompt_ids for g in groups],
+                                                          cfg.group_size, cfg.temperature,
+                                                          cfg.max_new_tokens)):
             g.completions = completions
             g.rewards = [sum(t < half for t in c.token_ids) / len(c.token_ids) for c in completions]
         means.append(sum(sum(g.rewards) for g in groups) / (len(groups) * cfg.group_size))
@@ -1762,8 +1818,10 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     tokenizer = model_lib.load_tokenizer(tiny_dir)
     engine = rollout.HFEngine(tiny_dir, tokenizer, seed=0)
     batch = [data.load("gsm8k:samples/gsm8k/train.first200.jsonl", limit=1)[0],
-             data.load("ultrafeedback_binarized:samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=1)[0],
-             *data.load("ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=2)]
+             data.load("ultrafeedback_binarized:"
+                       "samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=1)[0],
+             *data.load("ultrafeedback_prompts:"
+                        "samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=2)]
     tally = train.Tally()
     import random
     rng = random.Random(0)
@@ -1787,14 +1845,19 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
         assert g.rewards == pytest.approx(expected)
     assert groups[0].rewards is not None and len(groups[0].rewards) == 4
     assert set(groups[1].rewards) <= {0.0, 1.0}  # K = 2: right or wrong (or invalid)
-    samples = train.advantages_and_samples(groups, dataclasses_replace(cfg, skip_zero_advantage=False), tally)
+    samples = train.advantages_and_samples(
+        groups, dataclasses_replace(cfg, skip_zero_advantage=False), tally)
     assert len(samples) == sum(len(c.token_ids) > 0 for g in groups for c in g.completions)
-    batch_tensors = model_lib.collate([[s] for s in samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), False)
+    batch_tensors = model_lib.collate([[s] for s in samples[:3]], tokenizer.pad_token_id,
+                                      torch.device("cpu"), False)
     for i, s in enumerate(samples[:3]):  # the mask covers exactly the completion tokens
         row = batch_tensors["completion_mask"][i]
-        assert row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0 and row[len(s.prompt_ids)] == 1
-    packed = model_lib.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)  # one prompt, 3 samples
-    assert packed["input_ids"][0].tolist() == samples[0].prompt_ids + sum((s.completion_ids for s in samples[:3]), [])
+        assert (row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0
+                and row[len(s.prompt_ids)] == 1)
+    # one prompt, 3 samples
+    packed = model_lib.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)
+    assert (packed["input_ids"][0].tolist()
+            == samples[0].prompt_ids + sum((s.completion_ids for s in samples[:3]), []))
     assert packed["completion_mask"].sum(1).tolist() == [len(s.completion_ids) for s in samples[:3]]
     metrics = tally.reduce()
     assert metrics["referee/invalid_rate/open"] == 0.0
@@ -1816,18 +1879,22 @@ def dataclasses_replace(cfg, **changes):
 
 
 def test_micro_batches_respect_the_token_budget():
-    samples = [model_lib.Sample([p] * p, [2] * c, 0.0) for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
-    batches = model_lib.micro_batches(model_lib.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
+    samples = [model_lib.Sample([p] * p, [2] * c, 0.0)
+               for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
+    batches = model_lib.micro_batches(
+        model_lib.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
     lengths = [[model_lib.row_tokens(row) for row in b] for b in batches]
     # Longest first: 15 and 12 pad to 15 x 2 = 30 <= 30; a third (15 x 3 = 45) opens a new batch.
     assert lengths == [[15, 12], [5, 5, 4]]
-    assert sorted(sum(lengths, [])) == sorted(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    assert sorted(sum(lengths, [])) == sorted(len(s.prompt_ids) + len(s.completion_ids)
+                                              for s in samples)
 
 
 def test_rows_share_a_prompt_within_the_budget():
     a, b = [7] * 4, [8] * 3
-    samples = [model_lib.Sample(a, [1] * 3, 0.0), model_lib.Sample(b, [1] * 2, 0.0), model_lib.Sample(a, [1] * 5, 0.0),
-               model_lib.Sample(a, [1] * 2, 0.0), model_lib.Sample(b, [1] * 1, 0.0)]
+    samples = [model_lib.Sample(a, [1] * 3, 0.0), model_lib.Sample(b, [1] * 2, 0.0),
+               model_lib.Sample(a, [1] * 5, 0.0), model_lib.Sample(a, [1] * 2, 0.0),
+               model_lib.Sample(b, [1] * 1, 0.0)]
     rows = model_lib.rows_of(samples, share_prompt=True, token_budget=12)
     # prompt a: 4 + 3 + 5 = 12 fits, + 2 would not; prompt b: 3 + 2 + 1 = 6.
     assert [[samples.index(s) for s in row] for row in rows] == [[0, 2], [3], [1, 4]]
@@ -1843,16 +1910,20 @@ def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group,
     for group in range(3):
         prompt = torch.randint(3, 200, (4 + 3 * group,), generator=generator).tolist()
         for i in range(4):
-            completion = torch.randint(3, 200, (1 + (5 * i + group) % 7,), generator=generator).tolist()
+            completion = torch.randint(3, 200, (1 + (5 * i + group) % 7,),
+                                       generator=generator).tolist()
             samples.append(model_lib.Sample(prompt, completion, advantage=float(i) - 1.5,
                                         sampler_logprobs=[-2.0] * len(completion)))
     results = []
     for share in (True, False):
         policy = model_lib.load_model(tiny_dir)
-        cfg = tiny_cfg(share_prompt=share, micro_batch_tokens=40, loss_agg=agg, rollout="vllm")  # IS weights on
+        cfg = tiny_cfg(share_prompt=share, micro_batch_tokens=40, loss_agg=agg,
+                       rollout="vllm")  # IS weights on
         tally = train.Tally()
-        loss = train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg, tally)
-        results.append((loss, tally.reduce(), {n: p.grad.clone() for n, p in policy.named_parameters()}))
+        loss = train.backward(
+            policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg, tally)
+        results.append((loss, tally.reduce(),
+                        {n: p.grad.clone() for n, p in policy.named_parameters()}))
     (shared_loss, shared_metrics, shared_grads), (loss, metrics, grads) = results
     assert loss != 0 and shared_loss == pytest.approx(loss, abs=1e-6)
     assert shared_metrics == pytest.approx(metrics, abs=1e-5)
@@ -1867,12 +1938,14 @@ def test_backward_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
     # first backward) must add up to exactly that.
     generator = torch.Generator().manual_seed(5)
     samples = [model_lib.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
-                            torch.randint(3, 200, (2 + i % 3,), generator=generator).tolist(), advantage=1.0 - i / 2)
+                                torch.randint(3, 200, (2 + i % 3,), generator=generator).tolist(),
+                                advantage=1.0 - i / 2)
                for i in range(5)]
     policy = model_lib.load_model(tiny_dir)
     cfg = tiny_cfg(micro_batch_tokens=20, share_prompt=False)
     assert len(model_lib.micro_batches(model_lib.rows_of(samples, False, 20), 20)) > 1
-    train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg, train.Tally())
+    train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg,
+                   train.Tally())
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad(set_to_none=True)
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
@@ -1890,7 +1963,8 @@ def test_backward_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
     # Nothing to train on: no gradient at all, so the optimizer step (momentum included) is a no-op.
     policy.zero_grad(set_to_none=True)
-    assert train.backward(policy, train.prepare_batch(policy, [], cfg, 0, torch.device("cpu")), cfg, train.Tally()) == 0
+    assert train.backward(policy, train.prepare_batch(policy, [], cfg, 0, torch.device("cpu")),
+                          cfg, train.Tally()) == 0
     assert all(param.grad is None for param in policy.parameters())
 
 
@@ -1899,13 +1973,15 @@ def test_config_flags_presets_and_errors(capsys):
     assert cfg.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.group_size == 8 and cfg.lr == 3e-6
     assert cfg.scale_advantages is False
     assert train.parse_config([]).preset == "cpu"
-    for bad in (["--loss_agg", "mean"], ["--group_size", "1"], ["--task_weights", "math=1"], ["--preset", "huge"]):
+    for bad in (["--loss_agg", "mean"], ["--group_size", "1"], ["--task_weights", "math=1"],
+                ["--preset", "huge"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     help_text = capsys.readouterr().out
-    assert "--referee_orders" in help_text and "shuffled orders" in help_text  # the field comment is the help
+    # the field comment is the help
+    assert "--referee_orders" in help_text and "shuffled orders" in help_text
 
 
 def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(capsys):
@@ -1954,7 +2030,8 @@ def test_update_takes_every_optimizer_step_of_the_batch(tiny_dir, process_group)
     # step on the ratio moves away from 1 and the clip can act; every step is taken.
     generator = torch.Generator().manual_seed(7)
     samples = [model_lib.Sample(torch.randint(3, 200, (4,), generator=generator).tolist(),
-                                torch.randint(3, 200, (3,), generator=generator).tolist(), advantage=a)
+                                torch.randint(3, 200, (3,), generator=generator).tolist(),
+                                advantage=a)
                for a in (1.0, -1.0, 0.5, -0.5)]
     policy = model_lib.load_model(tiny_dir)
     cfg = tiny_cfg(updates_per_batch=3, lr=1e-2)
@@ -1979,19 +2056,22 @@ def test_skip_zero_advantage_and_sampler_logprobs_follow_the_flags():
         samples = train.advantages_and_samples(groups(), cfg, train.Tally())
         assert len(samples) == (2 if skip else 4)  # the all-equal group is left out when asked
         assert all(s.sampler_logprobs is None for s in samples)  # only vLLM's are used
-    vllm = train.advantages_and_samples(groups(), tiny_cfg(group_size=2, rollout="vllm"), train.Tally())
+    vllm = train.advantages_and_samples(groups(), tiny_cfg(group_size=2, rollout="vllm"),
+                                        train.Tally())
     assert [s.sampler_logprobs for s in vllm] == [[-0.1, -0.2], [-0.3]]
 
 
 def test_engine_options_let_only_the_policy_engine_sleep():
     # vLLM has one sleep-mode allocator per process: the baseline arm's frozen referee (a second
     # engine) must not ask for it, and takes its own, smaller share of the GPU.
-    cfg = train.parse_config(["--preset", "baseline_player", "--rollout", "vllm", "--max_model_len", "8192"])
+    cfg = train.parse_config(["--preset", "baseline_player", "--rollout", "vllm",
+                              "--max_model_len", "8192"])
     assert train.engine_options(cfg, "policy") == dict(
         context_len=8192, trust_remote_code=False, gpu_memory_utilization=0.3, enable_sleep=True)
     assert train.engine_options(cfg, "referee") == dict(
         context_len=8192, trust_remote_code=False, gpu_memory_utilization=0.25, enable_sleep=False)
-    cfg = train.parse_config(["--rollout", "hf", "--referee_vllm_memory", "0.4", "--trust_remote_code"])
+    cfg = train.parse_config(["--rollout", "hf", "--referee_vllm_memory", "0.4",
+                              "--trust_remote_code"])
     assert train.engine_options(cfg, "referee") == dict(context_len=None, trust_remote_code=True)
     with pytest.raises(ValueError, match="role"):
         train.engine_options(cfg, "judge")
@@ -2000,7 +2080,8 @@ def test_engine_options_let_only_the_policy_engine_sleep():
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
 
 def dp_worker(model_dir: str, out_file: str) -> None:
-    """One fixed batch (no sampling) through train.backward and an SGD step, on this rank's share."""
+    """One fixed batch (no sampling) through train.backward and an SGD step, on this rank's \
+share."""
     train.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
@@ -2013,10 +2094,12 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     policy = model_lib.shard_model(model_lib.load_model(model_dir), torch.device("cpu"))
     # An engine can use the trainer's parameters only where a shard is the whole tensor.
     assert HFEngine(model_dir, load_tokenizer(model_dir)).share_weights(policy) == (world == 1)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)  # AdamW would hide a gradient off by the world size
+    # AdamW would hide a gradient off by the world size
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
     batch = train.prepare_batch(policy, samples[rank::world], cfg, 0, torch.device("cpu"))
     loss = train.backward(policy, batch, cfg, train.Tally())
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for n, p in policy.named_parameters()}
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in policy.named_parameters()}
     optimizer.step()
     weights = model_lib.full_state_dict(policy)
     # The weight sync: the sharded state dict streamed into an engine's own copy, gathered
@@ -2037,7 +2120,8 @@ def dp_worker(model_dir: str, out_file: str) -> None:
 def test_two_processes_match_one(tiny_dir, tmp_path, agg):
     env = os.environ | {"AGG": agg, "OMP_NUM_THREADS": "1"}
     worker = [os.path.join(HERE, "test_all.py"), "dp_worker", tiny_dir]
-    subprocess.run([sys.executable, *worker, str(tmp_path / "one.pt")], check=True, env=env, cwd=HERE)
+    subprocess.run([sys.executable, *worker, str(tmp_path / "one.pt")], check=True, env=env,
+                   cwd=HERE)
     subprocess.run([*TORCHRUN, *worker, str(tmp_path / "two.pt")], check=True, env=env, cwd=HERE)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["loss"] != 0 and two["loss"] == pytest.approx(one["loss"], abs=1e-5)
@@ -2049,7 +2133,8 @@ def test_two_processes_match_one(tiny_dir, tmp_path, agg):
 
 
 def untied_tiny_model(model_dir: str):
-    """tiny_dir's model with its own output layer (bias included), as Qwen2.5-7B has one of its own."""
+    """tiny_dir's model with its own output layer (bias included), as Qwen2.5-7B has one of its \
+own."""
     policy = model_lib.load_model(model_dir)
     torch.manual_seed(7)
     policy.lm_head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
@@ -2075,7 +2160,8 @@ def empty_rank_worker(model_dir: str, out_file: str) -> None:
 def test_a_rank_with_nothing_to_score_still_reduces_every_gradient(tiny_dir, tmp_path):
     # FSDP2 reduce-scatters each unit's gradients: a rank whose output layer got no gradient
     # sends a different set of tensors (gloo: a size mismatch; NCCL: a hang or corruption).
-    worker = [os.path.join(HERE, "test_all.py"), "empty_rank_worker", tiny_dir, str(tmp_path / "two.pt")]
+    worker = [os.path.join(HERE, "test_all.py"), "empty_rank_worker", tiny_dir,
+              str(tmp_path / "two.pt")]
     subprocess.run([*TORCHRUN, *worker], check=True, cwd=HERE, timeout=300,
                    env=os.environ | {"OMP_NUM_THREADS": "1"})
     policy = untied_tiny_model(tiny_dir)
@@ -2086,22 +2172,26 @@ def test_a_rank_with_nothing_to_score_still_reduces_every_gradient(tiny_dir, tmp
         torch.testing.assert_close(two[name], param.grad / 2, atol=1e-6, rtol=1e-5, msg=name)
 
 
-# ---- Checkpoints: exact resume, kill -9, a crash during a save, SIGTERM ---------------------------
+# ---- Checkpoints: exact resume, kill -9, a crash during a save, SIGTERM --------------------------
 
 def run_args(model_dir, out_dir, *extra):
-    return ["train.py", "--model", model_dir, "--out_dir", str(out_dir), "--steps", "4", "--save_every", "2",
-            "--group_size", "2", "--prompts_per_step", "6", "--max_new_tokens", "6", "--referee_max_new_tokens", "8",
-            "--max_prompt_tokens", "300", "--data_limit", "30", "--lr", "1e-3", "--skip_zero_advantage", "--samples_every", "0",
-            "--cold_start_steps", "0", "--no-eval_start_end", "--no-plot",  # test_cold_start_... runs those
+    return ["train.py", "--model", model_dir, "--out_dir", str(out_dir), "--steps", "4",
+            "--save_every", "2", "--group_size", "2", "--prompts_per_step", "6",
+            "--max_new_tokens", "6", "--referee_max_new_tokens", "8", "--max_prompt_tokens", "300",
+            "--data_limit", "30", "--lr", "1e-3", "--skip_zero_advantage", "--samples_every", "0",
+            # test_cold_start_... runs those
+            "--cold_start_steps", "0", "--no-eval_start_end", "--no-plot",
             # a tiny BPE spends a token on every few bytes: no UltraFeedback pair fits in 300 tokens
             "--task_weights", "verifiable=1,preference=0,open=1", *extra]
 
 
 def launch(args, processes: int) -> subprocess.Popen:
-    """train.py's main in 1 or 2 processes, with a reward a random tiny_dir model can earn (see below)."""
+    """train.py's main in 1 or 2 processes, with a reward a random tiny_dir model can earn \
+(see below)."""
     args = ["test_all.py", "synthetic_reward_worker", *args[1:]]
     command = [sys.executable, *args] if processes == 1 else [*TORCHRUN, *args]
-    return subprocess.Popen(command, cwd=HERE, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
+    return subprocess.Popen(command, cwd=HERE, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
 
 
 def load_checkpoint_dict(path: str) -> dict:
@@ -2119,13 +2209,15 @@ def test_resume_after_kill_is_exact(tiny_dir, tmp_path, processes):
         time.sleep(0.05)
     os.killpg(run.pid, signal.SIGKILL)  # the whole process group, as a node failure would
     run.wait()
-    for later in glob.glob(str(resumed / "checkpoints" / "step_0000004*")):  # in case it got that far
+    # in case it got that far
+    for later in glob.glob(str(resumed / "checkpoints" / "step_0000004*")):
         subprocess.run(["rm", "-rf", later], check=True)
     assert launch(run_args(tiny_dir, resumed, "--resume"), processes).wait() == 0
     a = load_checkpoint_dict(str(straight / "checkpoints" / "step_0000004"))
     b = load_checkpoint_dict(str(resumed / "checkpoints" / "step_0000004"))
     initial = model_lib.load_model(tiny_dir).state_dict()
-    assert any((a["model"][name] - initial[name]).abs().max() > 0 for name in initial)  # training moved the weights
+    # training moved the weights
+    assert any((a["model"][name] - initial[name]).abs().max() > 0 for name in initial)
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, atol=0, rtol=0)
     state_a, state_b = a["optim"]["state"], b["optim"]["state"]
@@ -2139,9 +2231,11 @@ def test_resume_after_kill_is_exact(tiny_dir, tmp_path, processes):
 
 def synthetic_reward_worker(*args) -> None:
     """train.main with the verifiable reward replaced by the share of lower-vocabulary characters
-    in the completion: a random tiny_dir model never writes a correct \\boxed{} answer, so without this
+    in the completion: a random tiny_dir model never writes a correct \\boxed{} answer, \
+so without this
     every advantage is 0, no weight moves, and resume would be trivially "exact"."""
-    train.math_rewards = lambda texts, golds: [sum(ch < "m" for ch in t) / max(len(t), 1) for t in texts]
+    train.math_rewards = lambda texts, golds: [sum(ch < "m" for ch in t) / max(len(t), 1)
+                                               for t in texts]
     sys.exit(train.main(list(args)))
 
 
@@ -2176,12 +2270,14 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_dir, out)[1:]
     args[args.index("--save_every") + 1] = "1"
-    crashed = subprocess.run([sys.executable, "test_all.py", "crash_during_save_worker", *args], cwd=HERE)
+    crashed = subprocess.run([sys.executable, "test_all.py", "crash_during_save_worker", *args],
+                             cwd=HERE)
     assert crashed.returncode == -signal.SIGKILL
     assert sorted(os.listdir(out / "checkpoints")) == ["step_0000001", "step_0000002.tmp"]
     assert launch(run_args(tiny_dir, out, "--resume", "--steps", "2"), 1).wait() == 0
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [line["step"] for line in lines] == [1, 2]  # resumed from step 1: the half save was ignored
+    # resumed from step 1: the half save was ignored
+    assert [line["step"] for line in lines] == [1, 2]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_0000001", "step_0000002"]
 
 
@@ -2194,7 +2290,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_dir, tmp_path):
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert sum(line.get("count/skipped_nonfinite_steps", 0) for line in lines) == 3
     assert not (out / "final").exists()
-    # the skipped steps left the weights as they were: the newest checkpoint is still the initial model
+    # the skipped steps left the weights as they were: the newest checkpoint is still
+    # the initial model
     saved = load_checkpoint_dict(train.checkpoint_dirs(str(out))[-1])["model"]
     for name, tensor in model_lib.load_model(tiny_dir).state_dict().items():
         torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)
@@ -2209,7 +2306,8 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     run.send_signal(signal.SIGTERM)
     assert run.wait() == 0
     (checkpoint,) = train.checkpoint_dirs(str(out))
-    subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf")], check=True, cwd=HERE)
+    subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf")],
+                   check=True, cwd=HERE)
     exported = model_lib.load_model(str(tmp_path / "hf"))
     saved = load_checkpoint_dict(checkpoint)["model"]
     for name, tensor in exported.state_dict().items():
@@ -2222,9 +2320,11 @@ def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
     policy = model_lib.shard_model(model_lib.load_model(tiny_dir), torch.device("cpu"))
     tokenizer = model_lib.load_tokenizer(tiny_dir)
     sources = {"verifiable": data.load("gsm8k:samples/gsm8k/train.first200.jsonl", limit=40),
-               "open": data.load("ultrafeedback_prompts:samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=2)}
-    cfg = tiny_cfg(max_new_tokens=150, max_prompt_tokens=1000, cold_start_steps=8, cold_start_batch=2,
-                   cold_start_lr=3e-3)
+               "open": data.load("ultrafeedback_prompts:"
+                                 "samples/ultrafeedback_binarized/train_prefs.first200.jsonl",
+                                 limit=2)}
+    cfg = tiny_cfg(max_new_tokens=150, max_prompt_tokens=1000, cold_start_steps=8,
+                   cold_start_batch=2, cold_start_lr=3e-3)
     summary = train.cold_start(policy, sources, tokenizer, cfg)
     assert summary["cold_start/nll_last"] < summary["cold_start/nll_first"] - 0.5, summary
     with pytest.raises(SystemExit, match="no preference record or worked solution fits"):
@@ -2234,11 +2334,13 @@ def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_dir, out, "--steps", "2", "--save_every", "0", "--cold_start_steps", "2",
-                    "--cold_start_batch", "2", "--max_new_tokens", "100", "--referee_max_new_tokens", "8",
+                    "--cold_start_batch", "2", "--max_new_tokens", "100",
+                    "--referee_max_new_tokens", "8",
                     "--eval_start_end", "--eval_limit", "2", "--eval_max_new_tokens", "8", "--plot",
                     "--max_prompt_tokens", "1500")  # the tiny BPE's hh-rlhf prompts are long
-    run = subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]], cwd=HERE,
-                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    run = subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]],
+                         cwd=HERE, capture_output=True, text=True,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [line["step"] for line in lines] == [0, 1, 2]
@@ -2249,38 +2351,49 @@ def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_
     assert "held-out metric" in run.stdout and "hh_rlhf/accuracy" in run.stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # any run's curves, drawn again by the subcommand; a folder without metrics is refused
-    drawn = subprocess.run([sys.executable, "train.py", "plot", str(out), str(tmp_path / "again.png")],
+    drawn = subprocess.run([sys.executable, "train.py", "plot", str(out),
+                            str(tmp_path / "again.png")],
                            cwd=HERE, capture_output=True, text=True, check=True)
-    assert drawn.stdout.strip() == str(tmp_path / "again.png") and (tmp_path / "again.png").stat().st_size > 10_000
-    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    assert (drawn.stdout.strip() == str(tmp_path / "again.png")
+            and (tmp_path / "again.png").stat().st_size > 10_000)
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE,
+                             capture_output=True, text=True)
     assert refused.returncode != 0 and "RUN_DIR holds a metrics.jsonl" in refused.stderr
-    (tmp_path / "metrics.jsonl").write_text("")  # a run still in its first evaluation: one line, no traceback
-    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    # a run still in its first evaluation: one line, no traceback
+    (tmp_path / "metrics.jsonl").write_text("")
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE,
+                             capture_output=True, text=True)
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
-        f"train.py plot: {tmp_path / 'metrics.jsonl'} has no metrics line: is it a train.py run's metrics.jsonl?"]
+        f"train.py plot: {tmp_path / 'metrics.jsonl'} has no metrics line: "
+        "is it a train.py run's metrics.jsonl?"]
 
 
 def test_before_and_after_table(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [
         {"step": 0, "eval/hh/accuracy": 0.5, "eval/gsm8k/boxed_rate": 0.0},
-        {"step": 1, "loss": 0.1}, {"step": 2, "eval/hh/accuracy": 0.75, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
+        {"step": 1, "loss": 0.1},
+        {"step": 2, "eval/hh/accuracy": 0.75, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
     rows = evaluation.before_and_after(str(path)).splitlines()
     assert rows[0].split() == ["held-out", "metric", "step", "0", "step", "2"]
-    assert rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"] and rows[2].split() == ["hh/accuracy", "0.500", "0.750"]
+    assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
+            and rows[2].split() == ["hh/accuracy", "0.500", "0.750"])
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
     referee = tiny_model_dir(tmp_path / "referee", seed=1)
     out = tmp_path / "run"
-    assert launch(run_args(tiny_dir, out, "--steps", "1", "--referee_model", referee, "--eval_every", "1",
-                           "--eval_limit", "2", "--eval_max_new_tokens", "8", "--task_weights", "verifiable=1,preference=0,open=1",
-                           "--max_prompt_tokens", "1500"), 1).wait() == 0  # held-out hh-rlhf prompts fit the tiny BPE
+    assert launch(run_args(tiny_dir, out, "--steps", "1", "--referee_model", referee,
+                           "--eval_every", "1", "--eval_limit", "2", "--eval_max_new_tokens", "8",
+                           "--task_weights", "verifiable=1,preference=0,open=1",
+                           # held-out hh-rlhf prompts fit the tiny BPE
+                           "--max_prompt_tokens", "1500"), 1).wait() == 0
     (line,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert "referee/invalid_rate/open" in line and "reward/preference" not in line
     assert os.path.exists(out / "final" / "config.json")
     # evaluation during training, on the default held-out sets, lands in the same metrics line
-    for key in ("eval/gsm8k/accuracy", "eval/hh_rlhf/accuracy", "eval/hh_rlhf/position_consistency"):
+    for key in ("eval/gsm8k/accuracy", "eval/hh_rlhf/accuracy",
+                "eval/hh_rlhf/position_consistency"):
         assert 0.0 <= line[key] <= 1.0
 
 
@@ -2494,7 +2607,8 @@ def test_eval_judges_with_the_verdict_format_the_run_trained(tmp_path, tiny_dir)
     (tmp_path / "final").mkdir()
     (tmp_path / "config.json").write_text(json.dumps({"referee_think": False}))
     assert evaluation.trained_referee_think(str(tmp_path / "final")) is False
-    assert evaluation.trained_referee_think(tiny_dir) is True  # not a train.py run: the template's default
+    # not a train.py run: the template's default
+    assert evaluation.trained_referee_think(tiny_dir) is True
     assert evaluation.trained_referee_think("HuggingFaceTB/SmolLM2-135M-Instruct") is True
 
 
@@ -2548,12 +2662,15 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                            "model_outputs.json", limit=1)}
     metrics = evaluation.evaluate_during_training(engine, tokenizer, sets, max_new_tokens=4,
                                                   batch_size=2)
-    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate", "gsm8k/timeouts",
-                            "hh/accuracy", "hh/position_consistency", "hh/invalid_rate", "alpaca/win_rate",
-                            "alpaca/invalid_rate", "alpaca/avg_length"} | {
-                                f"{name}/{count}" for name in sets for count in ("n", "skipped_long_prompts")}
+    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate",
+                            "gsm8k/timeouts", "hh/accuracy", "hh/position_consistency",
+                            "hh/invalid_rate", "alpaca/win_rate", "alpaca/invalid_rate",
+                            "alpaca/avg_length"} | {
+                                f"{name}/{count}"
+                                for name in sets for count in ("n", "skipped_long_prompts")}
     assert all(metrics[f"{name}/skipped_long_prompts"] == 0 for name in sets)
-    assert (metrics["gsm8k/n"], metrics["hh/n"], metrics["alpaca/n"], metrics["gsm8k/timeouts"]) == (3, 2, 1, 0)
+    assert (metrics["gsm8k/n"], metrics["hh/n"], metrics["alpaca/n"],
+            metrics["gsm8k/timeouts"]) == (3, 2, 1, 0)
     assert metrics["gsm8k/accuracy"] == 0.0 and metrics["gsm8k/truncation_rate"] == 1.0
     # a random model never writes a valid verdict: every one counts 0.5, none is consistent
     assert metrics["hh/invalid_rate"] == 1.0 and metrics["hh/accuracy"] == 0.5
@@ -2569,14 +2686,16 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     assert metrics["gsm8k/skipped_long_prompts"] == 1 and metrics["gsm8k/accuracy"] == 0.0
     assert metrics["gsm8k/n"] == 2 and metrics["hh/n"] == 0
     assert metrics["hh/skipped_long_prompts"] == 2 and math.isnan(metrics["hh/accuracy"])
-    # train.py's reduction: means weighted by the items scored, a set with none left out, counts summed
+    # train.py's reduction: means weighted by the items scored, a set with none left out,
+    # counts summed
     if not dist.is_initialized():
         train.init_distributed()
     tally = train.Tally()
     cfg = tiny_cfg(eval_max_new_tokens=4, referee_max_new_tokens=4)
     short.rng.seed(5)
     train.evaluate_held_out(short, tokenizer, sets, cfg, tally)
-    assert short.rng.random() == random.Random(5).random()  # evaluation leaves the sampling state alone
+    # evaluation leaves the sampling state alone
+    assert short.rng.random() == random.Random(5).random()
     reduced = tally.reduce()
     assert reduced["count/eval/hh/skipped_long_prompts"] == 2 and reduced["count/eval/gsm8k/n"] == 2
     assert "eval/hh/accuracy" not in reduced and reduced["eval/gsm8k/accuracy"] == 0.0
@@ -2589,14 +2708,16 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
 
 def test_bench_grpo_step_prints_its_table(tiny_dir):
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_grpo_step.py", "--model", tiny_dir, "--no_trl", "--prompts", "2",
-         "--group_size", "2", "--max_new_tokens", "4", "--micro_batch", "2", "--rounds", "2", "--warmup", "0",
-         "--steps", "1", "--urpo_steps", "0"], cwd=HERE, capture_output=True, text=True, timeout=600)
+        [sys.executable, "benchmarks/bench_grpo_step.py", "--model", tiny_dir, "--no_trl",
+         "--prompts", "2", "--group_size", "2", "--max_new_tokens", "4", "--micro_batch", "2",
+         "--rounds", "2", "--warmup", "0", "--steps", "1", "--urpo_steps", "0"],
+        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("| ours |"))
     cells = [float(cell) for cell in row.strip("|").split("|")[1:]]  # s/step ... tokens/s
     step, generation, logprobs, backward, optimizer, sync, rss, tokens_per_s = cells
-    assert step > 0 and min(generation, logprobs, backward, optimizer) >= 0 and rss > 0 and tokens_per_s > 0
+    assert (step > 0 and min(generation, logprobs, backward, optimizer) >= 0 and rss > 0
+            and tokens_per_s > 0)
     assert sync == 0.0  # the engine shares the policy's weights: nothing to copy
     assert result.stdout.count("ours step 0") == 2  # one measured step in each of 2 rounds
 
@@ -2620,12 +2741,13 @@ def test_bench_rollout_prints_its_table(tiny_dir):
 
 def test_bench_mfu_runs_the_trainer_path():
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_mfu.py", "--shape", "tiny", "--batch", "2", "--seq", "32",
-         "--warmup", "1", "--steps", "2", "--activation_checkpointing"],
+        [sys.executable, "benchmarks/bench_mfu.py", "--shape", "tiny", "--batch", "2",
+         "--seq", "32", "--warmup", "1", "--steps", "2", "--activation_checkpointing"],
         cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"tiny: 0\.000B parameters, batch 2 x seq 32 per rank, 1 rank\(s\) on cpu, "
-                     r"activation checkpointing on: [0-9.]+ s/step .* MFU [0-9.]+% of 9\.89e\+14", result.stdout), result.stdout
+                     r"activation checkpointing on: [0-9.]+ s/step .* MFU [0-9.]+% of 9\.89e\+14",
+                     result.stdout), result.stdout
 
 
 # ==============================================================================================
@@ -2661,7 +2783,8 @@ def tiny_qwen_dir(path) -> str:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id)
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -2671,12 +2794,14 @@ def tiny_qwen_dir(path) -> str:
 def test_training_steps_with_vllm_rollouts_log_the_gap_and_is_weights(tmp_path):
     model_dir = tiny_qwen_dir(tmp_path / "qwen")
     out = tmp_path / "run"
-    args = run_args(model_dir, out, "--steps", "2", "--save_every", "0", "--rollout", "vllm", "--max_prompt_tokens", "400")
+    args = run_args(model_dir, out, "--steps", "2", "--save_every", "0", "--rollout", "vllm",
+                    "--max_prompt_tokens", "400")
     assert launch(args, 1).wait() == 0
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [line["step"] for line in lines] == [1, 2]
     for line in lines:
-        assert line["logprob_gap/mean"] < 1e-3  # the guard ran after each sync and the weights arrived
+        # the guard ran after each sync and the weights arrived
+        assert line["logprob_gap/mean"] < 1e-3
         assert 0 < line["is/weight_mean"] <= 2.0 and 0 <= line["is/capped_frac"] <= 1
 
 
@@ -2710,7 +2835,8 @@ def stop_heavy_state_dict(model, tokenizer) -> dict[str, torch.Tensor]:
     for name in state:
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             state[name].zero_()
-    embedding = torch.full_like(state["model.embed_tokens.weight"], 0.05)  # [V, 64]: 64 * 0.05 = 3.2
+    # [V, 64]: 64 * 0.05 = 3.2
+    embedding = torch.full_like(state["model.embed_tokens.weight"], 0.05)
     embedding[[tokenizer.eos_token_id, tokenizer.pad_token_id]] = 0.1  # 6.4
     state["model.embed_tokens.weight"] = state["lm_head.weight"] = embedding
     return state
@@ -2726,7 +2852,8 @@ def test_after_a_sync_engine_logprobs_equal_the_trainers_and_a_big_change_moves_
     assert [len(lp) for lp in before] == [len(ids) - 1 for ids in sequences]
 
     engine.load_weights(changed.state_dict())
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids), sequences)
+    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids),
+                                    sequences)
     assert max_gap < 1e-3 and mean_gap < 1e-4
     after = torch.tensor(engine.prompt_logprobs(sequences)[0])
     assert (after - torch.tensor(before[0])).abs().mean() > 0.5  # the change really arrived
@@ -2734,7 +2861,8 @@ def test_after_a_sync_engine_logprobs_equal_the_trainers_and_a_big_change_moves_
     # and the trainer's side is the plain HF forward: log_softmax(logits)[next token]
     ids = torch.tensor([sequences[0]])  # [1, T]
     with torch.no_grad():
-        plain = changed(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]  # [T-1]
+        plain = changed(ids).logits[0, :-1].log_softmax(-1).gather(
+            1, ids[0, 1:, None])[:, 0]  # [T-1]
     assert torch.allclose(after, plain, atol=1e-3)
 
 
@@ -2744,11 +2872,13 @@ def test_guard_fires_when_a_sync_is_skipped_after_a_big_change(tiny_qwen):
     original, changed = trainer_model(path), trainer_model(path, noise=0.5)
     sequences = [tokenizer(FIXED_TEXT)["input_ids"][:200]]
     engine.load_weights(original.state_dict())
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(original, ids), sequences)
+    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(original, ids),
+                                    sequences)
     check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=0)  # step 0: in sync, passes
 
     # the optimizer moved the trainer, the sync was skipped on purpose
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids), sequences)
+    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids),
+                                    sequences)
     assert mean_gap > 0.5
     with pytest.raises(StaleWeightsError, match="step 7: .*weight sync did not arrive"):
         check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=7)
@@ -2756,7 +2886,8 @@ def test_guard_fires_when_a_sync_is_skipped_after_a_big_change(tiny_qwen):
         check_logprob_gap(float("nan"), float("nan"), threshold=1e-3, step=7)
 
     engine.load_weights(changed.state_dict())
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids), sequences)
+    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids),
+                                    sequences)
     check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=8)
 
 
@@ -2793,7 +2924,8 @@ def test_generate_returns_completions_that_end_like_hf_engine_ones(tiny_qwen):
     # same rng state, same samples: resumable from a checkpoint
     engine.rng = random.Random(3)
     again = engine.generate(prompts, n=8, temperature=1.0, max_new_tokens=12)
-    assert [[c.token_ids for c in group] for group in again] == [[c.token_ids for c in group] for group in outputs]
+    assert ([[c.token_ids for c in group] for group in again]
+            == [[c.token_ids for c in group] for group in outputs])
     # greedy: no log-probs, as HFEngine
     greedy = engine.generate(prompts[:1], n=1, temperature=0.0, max_new_tokens=5)[0][0]
     assert greedy.logprobs is None and len(greedy.token_ids) >= 1
@@ -2802,12 +2934,14 @@ def test_generate_returns_completions_that_end_like_hf_engine_ones(tiny_qwen):
 @pytest.mark.vllm
 def test_sampled_logprobs_are_the_trainers_at_the_sampling_temperature_also_after_a_sync(tiny_qwen):
     path, tokenizer, engine = tiny_qwen
-    prompt = tokenizer(FIXED_TEXT)["input_ids"][:300]  # whole KV blocks: the prefix cache holds them
+    # whole KV blocks: the prefix cache holds them
+    prompt = tokenizer(FIXED_TEXT)["input_ids"][:300]
     for noise in (0.3, 0.6):  # the second sync must drop the prefix cache built under the first
         trainer = trainer_model(path, noise=noise)
         engine.load_weights(trainer.state_dict())
         for temperature in (0.7, 1.3):
-            completions = engine.generate([prompt], n=4, temperature=temperature, max_new_tokens=16)[0]
+            completions = engine.generate([prompt], n=4, temperature=temperature,
+                                          max_new_tokens=16)[0]
             width = len(prompt) + max(len(c.token_ids) for c in completions)
             input_ids = torch.zeros(4, width, dtype=torch.long)  # [4, T]
             attention_mask = torch.zeros(4, width, dtype=torch.long)  # [4, T]
@@ -2818,11 +2952,13 @@ def test_sampled_logprobs_are_the_trainers_at_the_sampling_temperature_also_afte
                 attention_mask[row, :length] = 1
                 completion_mask[row, len(prompt):length] = 1
             with torch.no_grad():
-                expected, _ = completion_logprobs(trainer, input_ids, attention_mask, completion_mask,
+                expected, _ = completion_logprobs(trainer, input_ids, attention_mask,
+                                                  completion_mask,
                                                   temperature=temperature)  # [4, T]
             for row, c in enumerate(completions):
                 scored = expected[row, len(prompt):len(prompt) + len(c.token_ids)]
-                assert torch.allclose(torch.tensor(c.logprobs), scored, atol=1e-3), (noise, temperature)
+                assert torch.allclose(torch.tensor(c.logprobs), scored, atol=1e-3), \
+                    (noise, temperature)
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
@@ -2836,7 +2972,8 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     dist.init_process_group("gloo")
     path = sys.argv[1]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    engine = VLLMEngine(path, tokenizer, seed=dist.get_rank(), max_model_len=512, cpu_kv_cache_gib=0.25)
+    engine = VLLMEngine(path, tokenizer, seed=dist.get_rank(), max_model_len=512, \
+cpu_kv_cache_gib=0.25)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for layer in policy.model.layers:
         fully_shard(layer)
@@ -2846,11 +2983,13 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
             param.mul_(1.5)
     engine.load_weights(policy.state_dict())  # DTensor shards: gathered inside, rank by rank
     sequence = [tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]]
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(policy, ids), sequence)
+    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(policy, ids), \
+sequence)
     sample = engine.generate(sequence, n=1, temperature=1.0, max_new_tokens=8)[0][0].token_ids
     samples = [None, None]
     dist.all_gather_object(samples, sample)
-    print(f"rank {dist.get_rank()} gap {mean_gap:.2e} {max_gap:.2e} distinct {samples[0] != samples[1]}", flush=True)
+    print(f"rank {dist.get_rank()} gap {mean_gap:.2e} {max_gap:.2e} distinct \
+{samples[0] != samples[1]}", flush=True)
     engine.close()  # vLLM's teardown also destroys the default process group
 """)
 
@@ -2866,7 +3005,8 @@ def test_two_ranks_under_torchrun_each_own_an_engine_synced_from_fsdp2_shards(ti
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # the two ranks share one stdout: their lines can interleave without a newline between them
     reports = re.findall(r"rank (\d) gap (\S+) (\S+) distinct (True|False)", result.stdout)
-    assert result.returncode == 0 and sorted(r[0] for r in reports) == ["0", "1"], result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and sorted(r[0] for r in reports) == ["0", "1"], \
+        result.stdout[-2000:] + result.stderr[-4000:]
     for _, mean_gap, max_gap, distinct in reports:
         assert float(max_gap) < 1e-3
         assert distinct == "True"  # a seed per rank: the ranks sample different completions
@@ -2876,5 +3016,6 @@ if __name__ == "__main__":  # worker entry points for the multi-process tests ab
     sys.path.insert(0, HERE)
     workers = {"dp_worker": dp_worker, "empty_rank_worker": empty_rank_worker,
                "synthetic_reward_worker": synthetic_reward_worker,
-               "nonfinite_loss_worker": nonfinite_loss_worker, "crash_during_save_worker": crash_during_save_worker}
+               "nonfinite_loss_worker": nonfinite_loss_worker,
+               "crash_during_save_worker": crash_during_save_worker}
     workers[sys.argv[1]](*sys.argv[2:])
