@@ -397,8 +397,8 @@ def test_math_check_that_timed_out_is_not_cached(monkeypatch):
 
 
 def test_timeouts_counted_by_training_step_and_eval_report(monkeypatch):
-    """train.rule_rewards counts the step's timed-out checks; eval's reasoning report counts \
-them."""
+    """train.rule_rewards counts the step's timed-out checks; eval's reasoning report
+    counts them."""
     monkeypatch.setattr(reward, "WORKER_DEADLINE_S", 1e-4)
     record = {"task": "verifiable", "answer": r"\frac{5}{11}"}
     texts = [r"\boxed{\frac{10}{22}}", r"\boxed{\frac{15}{33}}", r"\frac{5}{11}",
@@ -2080,8 +2080,8 @@ def test_engine_options_let_only_the_policy_engine_sleep():
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
 
 def dp_worker(model_dir: str, out_file: str) -> None:
-    """One fixed batch (no sampling) through train.backward and an SGD step, on this rank's \
-share."""
+    """One fixed batch (no sampling) through train.backward and an SGD step, on this
+    rank's share."""
     train.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
@@ -2133,8 +2133,8 @@ def test_two_processes_match_one(tiny_dir, tmp_path, agg):
 
 
 def untied_tiny_model(model_dir: str):
-    """tiny_dir's model with its own output layer (bias included), as Qwen2.5-7B has one of its \
-own."""
+    """tiny_dir's model with its own output layer (bias included), as Qwen2.5-7B has one
+    of its own."""
     policy = model_lib.load_model(model_dir)
     torch.manual_seed(7)
     policy.lm_head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
@@ -2186,8 +2186,8 @@ def run_args(model_dir, out_dir, *extra):
 
 
 def launch(args, processes: int) -> subprocess.Popen:
-    """train.py's main in 1 or 2 processes, with a reward a random tiny_dir model can earn \
-(see below)."""
+    """train.py's main in 1 or 2 processes, with a reward a random tiny_dir model can
+    earn (see below)."""
     args = ["test_all.py", "synthetic_reward_worker", *args[1:]]
     command = [sys.executable, *args] if processes == 1 else [*TORCHRUN, *args]
     return subprocess.Popen(command, cwd=HERE, env=os.environ | {"OMP_NUM_THREADS": "1"},
@@ -2231,9 +2231,8 @@ def test_resume_after_kill_is_exact(tiny_dir, tmp_path, processes):
 
 def synthetic_reward_worker(*args) -> None:
     """train.main with the verifiable reward replaced by the share of lower-vocabulary characters
-    in the completion: a random tiny_dir model never writes a correct \\boxed{} answer, \
-so without this
-    every advantage is 0, no weight moves, and resume would be trivially "exact"."""
+    in the completion: a random tiny_dir model never writes a correct \\boxed{} answer,
+    so without this every advantage is 0, no weight moves, and resume would be trivially "exact"."""
     train.math_rewards = lambda texts, golds: [sum(ch < "m" for ch in t) / max(len(t), 1)
                                                for t in texts]
     sys.exit(train.main(list(args)))
@@ -2972,8 +2971,8 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     dist.init_process_group("gloo")
     path = sys.argv[1]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    engine = VLLMEngine(path, tokenizer, seed=dist.get_rank(), max_model_len=512, \
-cpu_kv_cache_gib=0.25)
+    engine = VLLMEngine(path, tokenizer, seed=dist.get_rank(), max_model_len=512,
+                        cpu_kv_cache_gib=0.25)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for layer in policy.model.layers:
         fully_shard(layer)
@@ -2983,13 +2982,14 @@ cpu_kv_cache_gib=0.25)
             param.mul_(1.5)
     engine.load_weights(policy.state_dict())  # DTensor shards: gathered inside, rank by rank
     sequence = [tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]]
-    mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(policy, ids), \
-sequence)
+    trainer = lambda ids: trainer_prompt_logprobs(policy, ids)
+    mean_gap, max_gap = logprob_gap(engine, trainer, sequence)
     sample = engine.generate(sequence, n=1, temperature=1.0, max_new_tokens=8)[0][0].token_ids
     samples = [None, None]
     dist.all_gather_object(samples, sample)
-    print(f"rank {dist.get_rank()} gap {mean_gap:.2e} {max_gap:.2e} distinct \
-{samples[0] != samples[1]}", flush=True)
+    distinct = samples[0] != samples[1]
+    print(f"rank {dist.get_rank()} gap {mean_gap:.2e} {max_gap:.2e} distinct {distinct}",
+          flush=True)
     engine.close()  # vLLM's teardown also destroys the default process group
 """)
 
