@@ -25,9 +25,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +175,8 @@ def run_trl(args, prompts: list[list[dict]]) -> dict:
     # per_step / micro gives one generation and one optimizer step per batch, as ours does.
     accumulation = per_step // micro
     config = trl.GRPOConfig(
-        output_dir="/tmp/bench_trl", per_device_train_batch_size=micro,
+        output_dir=os.path.join(os.path.dirname(args.prompt_file), "trl"),
+        per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, steps_per_generation=accumulation,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=1.0, beta=0.0, num_iterations=1, learning_rate=args.lr,
@@ -224,9 +227,7 @@ def run_urpo(args) -> dict:
     sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     import train
-    out_dir = "/tmp/bench_urpo"
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    out_dir = os.path.join(os.path.dirname(args.prompt_file), "urpo")
     train.main(["--rollout", "hf", "--steps", str(args.urpo_steps),
                 "--prompts_per_step", str(args.prompts),
                 "--group_size", str(args.group_size), "--max_new_tokens", str(args.max_new_tokens),
@@ -294,7 +295,9 @@ def main(argv=None) -> int:
     import model as model_lib
     args.model = model_lib.resolve_model(args.model or model_lib.DEFAULT_MODEL)
     records = data.load(args.data)[: (args.warmup + args.steps) * args.prompts]
-    prompt_file = "/tmp/bench_grpo_prompts.json"
+    # Everything a run writes goes into its own folder: two runs at once must not share files.
+    work_dir = tempfile.mkdtemp(prefix="bench_grpo_step_")
+    prompt_file = os.path.join(work_dir, "prompts.json")
     with open(prompt_file, "w") as f:
         json.dump([data.player_prompt(r) for r in records], f)
     with_trl = not args.no_trl and ensure_trl_venv()
@@ -317,7 +320,8 @@ def main(argv=None) -> int:
                 merged["steps"] += r["steps"]
                 merged["rss_gb"] = max(merged["rss_gb"], r["rss_gb"])
     if args.urpo_steps:
-        results["urpo"] = launch(sys.executable, args, "urpo", [])
+        results["urpo"] = launch(sys.executable, args, "urpo", ["--prompt_file", prompt_file])
+    shutil.rmtree(work_dir, ignore_errors=True)
 
     print(f"\nGRPO step: {args.prompts} prompts x {args.group_size} samples x "
           f"<= {args.max_new_tokens} new tokens, float32, beta 0, HF generation, "
