@@ -38,6 +38,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -531,16 +532,23 @@ def load_task_data(task: str, spec: str, limit: int | None) -> list[dict]:
     return records
 
 
-def load_engine(args, name: str):
-    """Tokenizer and engine of a model, or a clear error before any generation."""
+def resolve(flag: str, name: str) -> str:
+    """The local folder of a model flag's value, or one line saying what to fix."""
     try:
-        path = resolve_model(name)
+        return resolve_model(name)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"eval.py: {flag} {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_engine(args, flag: str, path: str):
+    """Tokenizer and engine of a resolved model folder; a tokenizer that cannot serve ends in
+    one line naming the flag (engine errors are bugs: their traceback is kept)."""
+    try:
         tokenizer = load_tokenizer(path)
-        return tokenizer, make_engine(args.engine, path, tokenizer, getattr(torch, args.dtype),
-                                      args.device, args.seed)
-    except Exception as error:  # whatever fails here, the message is "this model cannot load"
-        raise SystemExit(f"could not load model '{name}': {error}\n"
-                         "Give a local HF folder or a hub id this machine can reach.") from error
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"eval.py: {flag} {path!r}: {str(error).splitlines()[0]}") from None
+    return tokenizer, make_engine(args.engine, path, tokenizer, getattr(torch, args.dtype),
+                                  args.device, args.seed)
 
 
 def run_task(results: Results, task: str, records, make_items, summarize, batch_size) -> dict:
@@ -584,7 +592,7 @@ def parse_args(argv=None):
     add("--limit", type=int, default=None, help="first N records of each task")
     add("--engine", choices=["hf", "vllm"], default="hf", help="generation engine")
     add("--device", default="cpu", help="torch device of the engine")
-    add("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add("--dtype", choices=["float32", "bfloat16"], default="float32", help="engine dtype")
     add("--batch_size", type=int, default=8, help="prompts per generate call")
     add("--max_new_tokens", type=int, default=512, help="answer token budget")
     add("--referee_max_new_tokens", type=int, default=256, help="token budget of a referee verdict")
@@ -592,24 +600,29 @@ def parse_args(argv=None):
         help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
     add("--temperature", type=float, default=0.6,
         help="reasoning: sampling temperature when --samples > 1")
-    add("--referee_model", help="the referee of alpaca_eval answers (default: the evaluated model)")
+    add("--referee_model", help="the referee of alpaca_eval answers (None: the evaluated model)")
     add("--generator", help="generator name in model_outputs.json (default: the model's folder)")
     add("--annotations", help="alpaca_eval annotations.json to score instead of generating")
     add("--referee_think", action=argparse.BooleanOptionalAction, default=None,
-        help="referee verdicts open with reasoning in <think></think> (default: as the model was "
-             "trained, read from the run's config.json next to a train.py final/ folder; else on)")
+        help="referee verdicts open with reasoning in <think></think> (None: as the model was "
+             "trained, read from its urpo_config.json or its run's config.json; else on)")
     add("--seed", type=int, default=0, help="seed of the shown orders and sampling")
     add("--out", default="results.json", help="results file (resumable)")
     return parser.parse_args(argv)
 
 
 def trained_referee_think(model: str) -> bool:
-    """The run's `referee_think` when `model` is a train.py output (RUN/final beside
-    RUN/config.json), else True, the referee template's default."""
-    run_config = os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")
-    if os.path.isdir(model) and os.path.isfile(run_config):
-        with open(run_config) as f:
-            return json.load(f).get("referee_think", True)
+    """The run's `referee_think` when `model` is a train.py output: read from the
+    urpo_config.json that train.py writes into final/ and into every export, or from RUN/config.json
+    beside RUN/final; else True, the referee template's default (said on stderr)."""
+    for run_config in (os.path.join(model, "urpo_config.json"),
+                       os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")):
+        if os.path.isdir(model) and os.path.isfile(run_config):
+            with open(run_config) as f:
+                return json.load(f).get("referee_think", True)
+    print(f"eval.py: {model} holds no train.py run config: referee verdicts with reasoning "
+          "(--referee_think); pass --no-referee_think for a model trained without it",
+          file=sys.stderr)
     return True
 
 
@@ -639,11 +652,14 @@ def main(argv=None):
             raise SystemExit(f"--annotations {args.annotations}: {error}") from error
     data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
             for task in todo if not (task == "alpaca_eval" and annotation_metrics)}
-    if data:
-        tokenizer, engine = load_engine(args, args.model)
+    if data:  # both models found before either loads
+        model_path = resolve("--model", args.model)
+        other_referee = "alpaca_eval" in data and args.referee_model not in (None, args.model)
+        referee_path = resolve("--referee_model", args.referee_model) if other_referee else None
+        tokenizer, engine = load_engine(args, "--model", model_path)
         referee_tokenizer, referee_engine = tokenizer, engine
-        if "alpaca_eval" in data and args.referee_model not in (None, args.model):
-            referee_tokenizer, referee_engine = load_engine(args, args.referee_model)
+        if referee_path:
+            referee_tokenizer, referee_engine = load_engine(args, "--referee_model", referee_path)
 
     # ---- run: finished items are kept, so an interrupted task continues where it stopped
     for task in todo:

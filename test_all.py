@@ -1873,6 +1873,22 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     assert tally.reduce()["count/dropped_groups/open"] == 2.0
 
 
+def test_rule_rewards_score_verdicts_against_the_gold_ranking(process_group):
+    # A pair whose gold best is response 0, shown in the order [1, 0]: "[2] > [1]" puts the shown
+    # second (response 0) first, right; "[1] > [2]" is wrong; a tie is invalid.
+    record = {"task": "preference", "id": "p", "responses": ["good", "bad"], "ranking": [0, 1]}
+    texts = ["<answer>[2] > [1]</answer>", "<answer>[1] > [2]</answer>",
+             "<answer>[1] = [2]</answer>"]
+    group = train.Group(record, [1], order=[1, 0],
+                        completions=[Completion([1], t, "eos", None) for t in texts])
+    tally = train.Tally()
+    train.rule_rewards([group], tiny_cfg(group_size=3), tally)
+    assert group.rewards == [1.0, 0.0, 0.0]
+    metrics = tally.reduce()
+    assert metrics["referee/invalid_rate/preference"] == pytest.approx(1 / 3)
+    assert metrics["referee/first_shown_best/preference"] == 0.5  # of the two valid verdicts
+
+
 def dataclasses_replace(cfg, **changes):
     import dataclasses
     return dataclasses.replace(cfg, **changes)
@@ -2005,8 +2021,12 @@ def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(ca
     (["--verifiable_data", "gsm8k:NO_SUCH.jsonl"],
      "train.py: --verifiable_data: gsm8k loader: no file at NO_SUCH.jsonl"),
     (["--model", "NO_SUCH_DIR"], "train.py: --model 'NO_SUCH_DIR': model 'NO_SUCH_DIR' is neither"),
-    (["--eval_data", "nope:x.jsonl"], "train.py: --eval_data: unknown data set 'nope'"),
-    (["--prompts_per_step", "0"], "train.py: invalid configuration:"),
+    (["--eval_data", "gsm8k:NO_SUCH.jsonl"], "train.py: --eval_data: gsm8k loader: no file at"),
+    (["--preference_data", "foo:bar.jsonl"],
+     "train.py: --preference_data 'foo:bar.jsonl': unknown data set; known: gsm8k, math500"),
+    (["--task_weights", "verifiable=1,bogus=2"], "train.py: --task_weights "
+     "'verifiable=1,bogus=2': 'bogus=2' is not TASK=WEIGHT with TASK one of verifiable, pref"),
+    (["--prompts_per_step", "0"], "train.py: --prompts_per_step 0: use 1 or more"),
 ])
 def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, message):
     run = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), *flags],
@@ -2311,6 +2331,16 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     saved = load_checkpoint_dict(checkpoint)["model"]
     for name, tensor in exported.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], atol=0, rtol=0)
+    # the export carries its run's config: eval.py judges in the format it was trained with
+    with open(tmp_path / "hf" / "urpo_config.json") as f:
+        assert json.load(f) == json.load(open(out / "config.json"))
+    # a checkpoint moved away from its run: one line, no traceback
+    shutil.copytree(checkpoint, tmp_path / "moved" / "step_1")
+    moved = subprocess.run([sys.executable, "train.py", "export",
+                            str(tmp_path / "moved" / "step_1"), str(tmp_path / "hf2")],
+                           cwd=HERE, capture_output=True, text=True)
+    assert moved.returncode == 1 and moved.stderr.startswith("train.py export: no ")
+    assert "Traceback" not in moved.stderr
 
 
 def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
@@ -2403,6 +2433,8 @@ def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
 FUSECHAT_ANNOTATIONS = os.path.join(
     HERE, "samples/alpaca_eval/results/FuseChat-Qwen-2.5-7B-Instruct/"
     "weighted_alpaca_eval_gpt4_turbo/annotations.json")
+GPT4_OUTPUTS = os.path.join(
+    HERE, "samples/alpaca_eval/results/gpt4_1106_preview/model_outputs.json")
 
 
 def test_section_scores_weights_subsets_by_count_and_math_prm_like_all_hep():
@@ -2609,6 +2641,10 @@ def test_eval_judges_with_the_verdict_format_the_run_trained(tmp_path, tiny_dir)
     # not a train.py run: the template's default
     assert evaluation.trained_referee_think(tiny_dir) is True
     assert evaluation.trained_referee_think("HuggingFaceTB/SmolLM2-135M-Instruct") is True
+    # an export, anywhere: train.py writes the run's config into the folder itself
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "urpo_config.json").write_text(json.dumps({"referee_think": False}))
+    assert evaluation.trained_referee_think(str(tmp_path / "elsewhere")) is False
 
 
 def test_cli_scores_an_annotation_file_without_a_model(tmp_path):
@@ -2628,9 +2664,21 @@ def test_cli_rejects_bad_input_before_generating(tmp_path):
     with pytest.raises(SystemExit, match="needs verifiable records"):
         evaluation.main(["--tasks", "gsm8k", "--out", out, "--gsm8k_data",
                          f"rewardbench:{HERE}/samples/fixtures/rewardbench_filtered.jsonl"])
-    with pytest.raises(SystemExit, match="could not load model"):
+    with pytest.raises(SystemExit, match="eval.py: --model '.*no_model': model .* is neither"):
         evaluation.main(["--tasks", "gsm8k", "--out", out, "--model", str(tmp_path / "no_model"),
                          "--gsm8k_data", f"gsm8k:{HERE}/samples/gsm8k/test.first100.jsonl"])
+    # a referee that does not exist is found before the evaluated model loads
+    loaded = []
+    real_load_engine = evaluation.load_engine
+    evaluation.load_engine = lambda *a: loaded.append(a) or real_load_engine(*a)
+    try:
+        with pytest.raises(SystemExit, match="eval.py: --referee_model '.*no_referee'"):
+            evaluation.main(["--tasks", "alpaca_eval", "--out", out, "--limit", "1",
+                             "--referee_model", str(tmp_path / "no_referee"),
+                             "--alpaca_eval_data", f"alpaca_eval:{GPT4_OUTPUTS}"])
+    finally:
+        evaluation.load_engine = real_load_engine
+    assert loaded == []
     assert not os.path.exists(tmp_path / "r.items.jsonl")
 
 

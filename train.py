@@ -6,7 +6,7 @@ Each step draws a batch mixing three kinds of prompts (README.md, "The method"):
   open        the player answers an instruction; the same model then ranks the group of answers
               in M shuffled orders (the self-referee pass), and those rankings are the rewards
 and runs them through one GRPO update. `main` is the algorithm, one banner per phase; the
-pieces it calls sit above it in the order it calls them.
+pieces it calls sit above it in the order it calls them, the end-of-run writers below it.
 
 Run:
   python train.py                                        # CPU default: SmolLM2-135M, minutes
@@ -115,7 +115,7 @@ class Config:
     out_dir: str = option("runs/urpo", "where the run writes everything")
     seed: int = option(0, "one seed for data order, shuffles and sampling")
     samples_every: int = option(5, "write prompts, completions, rewards every N steps")
-    save_every: int = option(0, "checkpoint every N steps (0: at the end and on SIGTERM)")
+    save_every: int = option(0, "checkpoint every N steps (0: only on SIGTERM; final/ always)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in out_dir")
     eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
@@ -180,6 +180,8 @@ def parse_config(argv=None) -> Config:
     if cfg.rollout == "auto":
         cfg = dataclasses.replace(cfg, rollout="vllm" if importlib.util.find_spec("vllm") else "hf")
     problems = config_problems(cfg)
+    if len(problems) == 1:
+        raise SystemExit(f"train.py: {problems[0]}")
     if problems:
         raise SystemExit("train.py: invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -210,6 +212,11 @@ def config_problems(cfg: Config) -> list[str]:
              "give at least one task a positive weight")
     except ValueError as error:
         problems.append(str(error))
+    specs = {f"{task}_data": getattr(cfg, f"{task}_data") for task in TASKS}
+    specs |= {"eval_data": spec for spec in cfg.eval_data.split(",") if spec}
+    for flag, spec in specs.items():  # a misspelt data key, before any data or model loads
+        need(spec.partition(":")[0] in data.REGISTRY, flag, spec,
+             f"unknown data set; known: {', '.join(data.REGISTRY)}")
     return problems
 
 
@@ -223,8 +230,8 @@ def task_weights(cfg: Config) -> dict[str, float]:
         except ValueError:
             name = ""
         if name.strip() not in TASKS:
-            raise ValueError(f"--task_weights {cfg.task_weights!r}: expected e.g. "
-                             "verifiable=1,preference=1,open=1")
+            raise ValueError(f"--task_weights {cfg.task_weights!r}: {item!r} is not TASK=WEIGHT "
+                             f"with TASK one of {', '.join(TASKS)}")
     return weights
 
 
@@ -522,8 +529,9 @@ def update(policy, optimizer, scheduler, samples: list, cfg: Config, pad_id: int
     for mu in range(cfg.updates_per_batch):
         loss = backward(policy, batch, cfg, tally, first=mu == 0)
         grad_norm, ok = optimizer_step(policy, optimizer, scheduler, cfg, loss)
-        tally.add("loss", loss)
-        tally.add("grad_norm", grad_norm if ok else float("nan"))
+        if batch["num_seqs"]:  # a step with nothing to train on (no rank) logs no loss
+            tally.add("loss", loss)
+            tally.add("grad_norm", grad_norm if ok else float("nan"))
         tally.add("count/skipped_nonfinite_steps", float(not ok))
         taken.append(ok)
     return taken
@@ -534,8 +542,9 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
     referee's gold rankings written as verdicts, and worked solutions ending in \\boxed{}
     (data.gold_target). Ours, not the paper's: the paper starts from a 7B model that already
     follows output formats; a small model that never writes a valid verdict or a box gives GRPO
-    nothing to compare. It is `update` with advantage 1 and ratio 1, whose gradient is that of
-    the token-mean NLL, with its own AdamW at --cold_start_lr (dropped afterwards). Tasks
+    nothing to compare. It is `update` with advantage 1 and ratio 1: under --loss_agg
+    token-mean its gradient is that of the token-mean NLL (the other aggregations weigh the
+    tokens as they do in GRPO); its own AdamW at --cold_start_lr, dropped afterwards. Tasks
     alternate within each batch; targets longer than --max_new_tokens are left out. The KL
     reference (--kl_coef > 0) stays the model as loaded. Returns the step-0 metrics (NLL of the
     first and last step, time)."""
@@ -1005,8 +1014,10 @@ def finish(cfg: Config, policy, tokenizer, compute_dtype: torch.dtype, metrics_p
     final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if dist.get_rank() != 0:
         return
-    model_lib.export_hf(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"),
-                        policy.generation_config)
+    final = model_lib.export_hf(final_state, policy.config, tokenizer,
+                                os.path.join(cfg.out_dir, "final"), policy.generation_config)
+    with open(os.path.join(final, "urpo_config.json"), "w") as f:  # eval.py reads the format
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
     try:  # a report that fails must not keep the other ranks waiting at main's last barrier
         print0(evaluation.before_and_after(metrics_path))
         if cfg.plot:
@@ -1038,11 +1049,15 @@ def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, t
 def export_checkpoint(checkpoint: str, out_dir: str) -> None:
     """Write checkpoint CHECKPOINT of a run as a plain HF folder (no process group needed: DCP
     reads every shard into full tensors)."""
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
+                              "config.json")
     if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
         raise SystemExit(f"train.py export: no checkpoint at {checkpoint} (expected "
                          "RUN/checkpoints/step_N, written by train.py)")
-    with open(os.path.join(run_dir, "config.json")) as f:
+    if not os.path.isfile(run_config):
+        raise SystemExit(f"train.py export: no {run_config}: export a checkpoint where its run "
+                         "left it (RUN/checkpoints/step_N, beside RUN/config.json)")
+    with open(run_config) as f:
         run_cfg = json.load(f)
     model_path = model_lib.resolve_model(run_cfg["model"])
     policy = model_lib.load_model(model_path, torch.float32, run_cfg["trust_remote_code"])
@@ -1050,6 +1065,8 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> None:
     dcp.load(state, checkpoint_id=checkpoint)
     tokenizer = model_lib.load_tokenizer(model_path, run_cfg["trust_remote_code"])
     model_lib.export_hf(state["model"], policy.config, tokenizer, out_dir, policy.generation_config)
+    with open(os.path.join(out_dir, "urpo_config.json"), "w") as f:  # eval.py reads the format
+        json.dump(run_cfg, f, indent=2)
     print(f"exported {checkpoint} to {out_dir}")
 
 
@@ -1059,9 +1076,10 @@ if __name__ == "__main__":
             raise SystemExit("usage: python train.py export CHECKPOINT_DIR OUT_DIR")
         sys.exit(export_checkpoint(sys.argv[2], sys.argv[3]))
     if sys.argv[1:2] == ["plot"]:  # python train.py plot RUN_DIR [OUT.png]
-        if len(sys.argv) not in (3, 4) or not os.path.isfile(
-                os.path.join(sys.argv[2], "metrics.jsonl")):
-            raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]  "
+        if len(sys.argv) not in (3, 4):
+            raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]")
+        if not os.path.isfile(os.path.join(sys.argv[2], "metrics.jsonl")):
+            raise SystemExit(f"train.py plot: no metrics.jsonl in {sys.argv[2]} "
                              "(RUN_DIR holds a metrics.jsonl)")
         out = sys.argv[3] if len(sys.argv) == 4 else os.path.join(sys.argv[2], "curves.png")
         try:
