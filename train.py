@@ -1089,6 +1089,11 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         code = main()
+    except SystemExit as error:  # a user error (a message): said by rank 0, not once per rank
+        if isinstance(error.code, str) and int(os.environ.get("RANK", 0)) != 0:
+            code = 1
+        else:
+            raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
