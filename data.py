@@ -495,6 +495,43 @@ def gold_target(record: dict, rng: random.Random,
     return player_prompt(record), solution
 
 
+def group_gold_target(record: dict, others: list[dict], k: int, rng: random.Random,
+                      think: bool = True) -> tuple[list[dict], str] | None:
+    """A referee example for a preference record with k candidates (k = the group size that
+    self-judging shows), for the cold start: gold_target of the record widened with replies to
+    OTHER conversations. Our construction, not the paper's: preference data holds pairs, but the
+    referee must also rank G answers of its own, a format the pairs never show it.
+
+    The record's own candidates keep their gold order on top: any reply to this conversation
+    is taken to be better than a reply to another one. The k - K off-topic replies come from
+    records drawn from `others` (rng), each drawn record giving its candidates in its own gold
+    order: between two replies to the same other conversation we keep that conversation's
+    label, the only evidence there is on them (both are equally off-topic here). With the
+    default k = 4 and pairs this orders every candidate: chosen > rejected > chosen' > rejected'.
+    Replies of different other records (k - K > 2 with pairs) keep the order they were drawn in:
+    a convention, not evidence. A record that already has k or more candidates is gold_target's;
+    None if `others` cannot fill k distinct candidates.
+
+    Example: record "Hi" with ["good", "bad"], ranking [0, 1], others [("Sum?", ["4", "5"],
+    ranking [1, 0])], k = 4: the candidates are good, bad, 5, 4, gold ranking in that order,
+    shown shuffled by rng, and the verdict names their shown labels in that order.
+    """
+    if len(record["responses"]) >= k:
+        return gold_target(record, rng, think)
+    responses = [record["responses"][i] for i in record["ranking"]]
+    candidates = [o for o in others if o["messages"] != record["messages"]]
+    rng.shuffle(candidates)
+    for other in candidates:
+        if len(responses) >= k:
+            break
+        for reply in (other["responses"][i] for i in other["ranking"]):
+            if len(responses) < k and reply.strip() not in {r.strip() for r in responses}:
+                responses.append(reply)
+    if len(responses) < k:
+        return None
+    return gold_target(dict(record, responses=responses, ranking=list(range(k))), rng, think)
+
+
 # --- The mixture: which prompts each rank rolls out at each step ---
 
 class Mixture:

@@ -1006,6 +1006,42 @@ def test_gold_targets_of_the_cold_start():
                     and ("<think>" in turn["content"]) == think)
 
 
+def test_group_gold_targets_widen_a_pair_with_replies_to_other_conversations():
+    def pair(question, responses, ranking):
+        return {"task": "preference", "messages": [{"role": "user", "content": question}],
+                "responses": responses, "ranking": ranking, "meta": {}}
+    hi, total = pair("Hi", ["good", "bad"], [0, 1]), pair("Sum?", ["four", "five"], [1, 0])
+    # a reply to this conversation is never off-topic
+    same_question = pair("Hi", ["hello", "go away"], [0, 1])
+    # K = 4: the pair on top in its own order, then the other pair in its own order:
+    # good > bad > five > four
+    gold = ["good", "bad", "five", "four"]
+    for seed in range(6):  # whatever the shown order, the verdict names the gold order's labels
+        (turn,), verdict = data.group_gold_target(hi, [hi, same_question, total], 4,
+                                                  random.Random(seed), think=False)
+        text = turn["content"]
+        shown = [text.index(f"]\n{reply}\n") for reply in gold]  # where each gold reply is shown
+        assert text.startswith("You are an impartial judge") and "4 candidate replies" in text
+        assert "hello" not in text and "go away" not in text
+        # the gold replies' labels, best first
+        labels = [1 + sorted(shown).index(position) for position in shown]
+        assert verdict == "<answer>" + " > ".join(f"[{label}]" for label in labels) + "</answer>"
+    (turn,), verdict = data.group_gold_target(hi, [total], 4, random.Random(0), think=False)
+    order = [next(r for r in gold if f"[{j}]\n{r}\n" in turn["content"]) for j in range(1, 5)]
+    assert order == ["four", "bad", "good", "five"]
+    assert verdict == "<answer>[3] > [2] > [4] > [1]</answer>"
+    # K = 3: one off-topic reply, the other pair's chosen one; with think, after an empty
+    # <think></think>
+    (turn,), verdict = data.group_gold_target(hi, [total], 3, random.Random(0))
+    assert "four" not in turn["content"] and verdict.startswith("<think></think>\n<answer>")
+    # K = 2 is gold_target's own example; too few other replies: None
+    assert (data.group_gold_target(hi, [total], 2, random.Random(1))
+            == data.gold_target(hi, random.Random(1)))
+    assert data.group_gold_target(hi, [hi, same_question], 4, random.Random(0)) is None
+    duplicates = pair("Sum?", ["good", "bad"], [0, 1])
+    assert data.group_gold_target(hi, [duplicates], 4, random.Random(0)) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # The mixture
 # ---------------------------------------------------------------------------------------------
@@ -2358,6 +2394,38 @@ def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
     assert summary["cold_start/nll_last"] < summary["cold_start/nll_first"] - 0.5, summary
     with pytest.raises(SystemExit, match="no preference record or worked solution fits"):
         train.cold_start(policy, sources, tokenizer, dataclasses_replace(cfg, max_new_tokens=5))
+
+
+def test_cold_start_verdicts_rank_pairs_and_every_third_a_group(process_group, tiny_dir,
+                                                                monkeypatch):
+    # Referee and solver examples alternate; every 3rd verdict ranks group_size = 4 candidates
+    # (a pair widened with another conversation's pair), the others rank the pair itself.
+    tokenizer = model_lib.load_tokenizer(tiny_dir)
+    pairs = [{"task": "preference", "id": str(i),
+              "messages": [{"role": "user", "content": f"q{i}"}],
+              "responses": [f"yes {i}", f"no {i}"], "ranking": [0, 1], "meta": {}}
+             for i in range(5)]
+    solved = {"task": "verifiable", "messages": [{"role": "user", "content": "1+1?"}],
+              "answer": "2",
+              "meta": {"reference": "1+1 = 2\n#### 2"}}
+    seen = []
+
+    def record(policy, optimizer, scheduler, batch, cfg, pad_id, tally):
+        seen.extend(tokenizer.decode(sample.completion_ids) for sample in batch)
+        tally.add("logprob_mean", -1.0)
+        return []  # no loss, no optimizer step
+    monkeypatch.setattr(train, "update", record)
+    cfg = tiny_cfg(group_size=4, max_new_tokens=100, max_prompt_tokens=2000, cold_start_steps=3,
+                   cold_start_batch=4)
+    policy = torch.nn.Linear(1, 1)
+    train.cold_start(policy, {"preference": pairs, "verifiable": [solved]}, tokenizer, cfg)
+    labels = [text.split("</answer>")[0].count("[") if text.startswith("<answer>") else 0
+              for text in seen]
+    # 12 examples: verdicts on 2, 2, 4 candidates between solutions
+    assert labels == [2, 0, 2, 0, 4, 0] * 2
+    train.cold_start(policy, {"preference": pairs}, tokenizer,
+                     dataclasses_replace(cfg, cold_start_group_every=0))
+    assert [text.count("[") for text in seen[12:]] == [2] * 12  # pairs only
 
 
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):

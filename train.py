@@ -107,9 +107,11 @@ class Config:
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward")
     bf16: bool = option(True, "CUDA: bf16 compute, fp32 master weights (CPU: fp32)")
     max_bad_steps: int = option(3, "stop after this many non-finite steps in a row")
-    cold_start_steps: int = option(6, "supervised steps on gold targets first (ours; 0: off)")
+    cold_start_steps: int = option(9, "supervised steps on gold targets first (ours; 0: off)")
     cold_start_lr: float = option(5e-5, "AdamW learning rate of the cold start")
     cold_start_batch: int = option(4, "examples per cold-start step, all ranks")
+    cold_start_group_every: int = option(3, "every Nth cold-start verdict ranks group_size "
+                                         "candidates (0: pairs only)")
     dist_timeout_min: int = option(60, "collective timeout in minutes")
     # run folder, logging, checkpoints, eval
     out_dir: str = option("runs/urpo", "where the run writes everything")
@@ -204,6 +206,8 @@ def config_problems(cfg: Config) -> list[str]:
     need(cfg.updates_per_batch >= 1, "updates_per_batch", cfg.updates_per_batch, "use 1 or more")
     need(cfg.cold_start_steps >= 0, "cold_start_steps", cfg.cold_start_steps, "use 0 (off) or more")
     need(cfg.cold_start_batch >= 1, "cold_start_batch", cfg.cold_start_batch, "use 1 or more")
+    need(cfg.cold_start_group_every >= 0, "cold_start_group_every", cfg.cold_start_group_every,
+         "use 0 (pairs only) or more")
     need(cfg.max_model_len >= 0, "max_model_len", cfg.max_model_len,
          "use 0 (the model's own context) or more")
     need(cfg.dist_timeout_min > 0, "dist_timeout_min", cfg.dist_timeout_min, "use 1 or more")
@@ -540,39 +544,57 @@ def update(policy, optimizer, scheduler, samples: list, cfg: Config, pad_id: int
 def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -> dict:
     """Supervised steps on gold-formatted targets from the training data, before GRPO: the
     referee's gold rankings written as verdicts, and worked solutions ending in \\boxed{}
-    (data.gold_target). Ours, not the paper's: the paper starts from a 7B model that already
-    follows output formats; a small model that never writes a valid verdict or a box gives GRPO
-    nothing to compare. It is `update` with advantage 1 and ratio 1: under --loss_agg
-    token-mean its gradient is that of the token-mean NLL (the other aggregations weigh the
-    tokens as they do in GRPO); its own AdamW at --cold_start_lr, dropped afterwards. Tasks
-    alternate within each batch; targets longer than --max_new_tokens are left out. The KL
-    reference (--kl_coef > 0) stays the model as loaded. Returns the step-0 metrics (NLL of the
-    first and last step, time)."""
+    (data.gold_target); every --cold_start_group_every-th verdict ranks group_size candidates,
+    a pair widened with replies to other conversations (data.group_gold_target): the K that the
+    self-referee pass shows, which pairs alone never teach. Ours, not the paper's: the paper
+    starts from a 7B model that already follows output formats; a small model that never writes
+    a valid verdict or a box gives GRPO nothing to compare. It is `update` with advantage 1 and
+    ratio 1: under --loss_agg token-mean its gradient is that of the token-mean NLL (the other
+    aggregations weigh the tokens as they do in GRPO); its own AdamW at --cold_start_lr,
+    dropped afterwards. Referee and solver examples alternate within each batch; examples over
+    --max_prompt_tokens or --max_new_tokens are left out. The KL reference (--kl_coef > 0)
+    stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step,
+    time)."""
     started = time.perf_counter()
     rng = random.Random(f"{cfg.seed}/cold_start")
-    pools = []
-    for task in ("preference", "verifiable"):
-        pool = []
-        for record in sources.get(task, []):
-            example = data.gold_target(record, rng, cfg.referee_think)
-            if example is None:
-                continue
-            prompt_ids = model_lib.chat_ids(tokenizer, example[0])
-            target_ids = (tokenizer(example[1], add_special_tokens=False)["input_ids"]
-                          + [tokenizer.eos_token_id])
-            if len(prompt_ids) <= cfg.max_prompt_tokens and len(target_ids) <= cfg.max_new_tokens:
-                pool.append(model_lib.Sample(prompt_ids, target_ids, advantage=1.0))
-        if pool:
-            rng.shuffle(pool)
-            pools.append(pool)
-    if not pools:
+
+    def sample(example):  # None: no example, or one over the budgets
+        if example is None:
+            return None
+        prompt_ids = model_lib.chat_ids(tokenizer, example[0])
+        target_ids = (tokenizer(example[1], add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id])
+        if len(prompt_ids) <= cfg.max_prompt_tokens and len(target_ids) <= cfg.max_new_tokens:
+            return model_lib.Sample(prompt_ids, target_ids, advantage=1.0)
+        return None
+
+    pools = {"pairs": [], "groups": [], "verifiable": []}  # verdicts on K and on G, solutions
+    grouped = cfg.cold_start_group_every > 0 and cfg.group_size > 2
+    for record in sources.get("preference", []):
+        pools["pairs"].append(sample(data.gold_target(record, rng, cfg.referee_think)))
+        if grouped:
+            pools["groups"].append(sample(data.group_gold_target(
+                record, sources["preference"], cfg.group_size, rng, cfg.referee_think)))
+    for record in sources.get("verifiable", []):
+        pools["verifiable"].append(sample(data.gold_target(record, rng, cfg.referee_think)))
+    for pool in pools.values():
+        pool[:] = [s for s in pool if s is not None]
+        rng.shuffle(pool)
+    referee = pools["pairs"] or pools["groups"]
+    tasks = [task for task, ok in (("referee", referee), ("verifiable", pools["verifiable"])) if ok]
+    if not tasks:
         raise SystemExit("train.py: --cold_start_steps: no preference record or worked solution "
                          "fits in --max_prompt_tokens and --max_new_tokens; set the steps to 0 "
                          "or raise the budgets")
-    examples = []  # tasks alternate, each pool cycles
+    examples, used = [], defaultdict(int)  # tasks alternate, each pool cycles
     for i in range(cfg.cold_start_steps * cfg.cold_start_batch):
-        pool = pools[i % len(pools)]
-        examples.append(pool[i // len(pools) % len(pool)])
+        name = tasks[i % len(tasks)]
+        if name == "referee":  # every Nth referee example ranks G candidates
+            every = cfg.cold_start_group_every
+            wants_group = grouped and i // len(tasks) % every == every - 1
+            name = "groups" if (wants_group or not pools["pairs"]) and pools["groups"] else "pairs"
+        examples.append(pools[name][used[name] % len(pools[name])])
+        used[name] += 1
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, fused=True)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     supervised = dataclasses.replace(cfg, updates_per_batch=1)
