@@ -420,6 +420,7 @@ def plot_run(metrics_path: str, out_path: str) -> str:
                           label=name.removeprefix("eval/"))
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.tick_params(labelbottom=True)  # shared x axis: numbered in every panel
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_xlim(0, max(1, lines[-1]["step"]))
         axis.grid(alpha=0.3)
