@@ -1,9 +1,8 @@
-"""Every data set in one schema: loaders, the task mixture, and the player/referee prompts.
+"""All alignment data in one generative format (README.md, "The method"): loaders (`load("gsm8k")`
+reads the hub, `load("gsm8k:FILE")` a local file in the same upstream schema: offline, samples/),
+the task mixture, and the player/referee prompts. A record is a plain dict:
 
-URPO's first idea is that all alignment data becomes one generative format (README.md, "The
-method"); this file is where that happens. A record is a plain dict:
-
-    id         str, stable and unique within its source (an upstream id, else "<split>-<row>")
+    id         str, stable and unique in its source (upstream id, else "<split or file>-<row>")
     task       "verifiable" | "preference" | "open"
     source     the registry key, e.g. "gsm8k"
     messages   [{"role", "content"}, ...], the conversation to answer; ends with a user turn
@@ -11,16 +10,6 @@ method"); this file is where that happens. A record is a plain dict:
     responses  preference: the K >= 2 candidate responses; else None
     ranking    preference: gold order of `responses`, best first (pairs: [0, 1]); else None
     meta       subset, level, "reference" (a reference answer), ... for evaluation breakdowns
-
-In the loop: train.py loads one list of records per task with `load`; `Mixture` draws each
-step's prompts from them; rollout.py renders a record with `player_prompt` (verifiable and open
-prompts) or `referee_prompt` (preference records, and the self-judging of open prompts).
-
-`load("gsm8k")` reads the hub through `datasets.load_dataset`; `load("gsm8k:path/test.jsonl")`
-reads a local file in the same upstream schema (.jsonl, .jsonl.gz, .json, .parquet): the offline
-path, and how the excerpts under samples/ are read. Rows that cannot serve (no `####`, no
-`\\boxed{}`, identical or empty candidates, ...) are skipped and counted by reason; input that
-breaks its schema raises DataError naming the loader, the file, the line or row, and the field.
 """
 
 import gzip
@@ -52,7 +41,6 @@ class _BadRow(Exception):
 
 
 # --- Field access: every schema check goes through these, so every error reads the same way --
-
 def _field(row: dict, name: str, kind=str, path: str = ""):
     if name not in row:
         raise _BadRow(f"missing field {path + name!r} (the row has {sorted(row)})")
@@ -69,8 +57,7 @@ def _messages(row: dict, name: str) -> list[dict]:
                 and isinstance(message.get("content"), str)):
             raise _BadRow(f"field {name!r}[{i}] is not a message "
                           f"{{'role': system|user|assistant, 'content': str}}: {str(message)[:80]}")
-    # Parquet and the hub may add keys to a message; a record keeps role and content only.
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": m["role"], "content": m["content"]} for m in messages]  # drop hub/parquet keys
 
 
 def _user(text: str) -> list[dict]:
@@ -97,7 +84,6 @@ def _pair(chosen: list[dict], rejected: list[dict], differ: str) -> dict:
 
 
 # --- One converter per upstream schema: raw row -> record fields (id, messages, answer, ...) ---
-
 def _gsm8k(row):
     solution = _field(row, "answer")
     gold = solution.split("####")[-1].strip().replace(",", "") if "####" in solution else ""
@@ -140,11 +126,8 @@ def _skywork(row):
 
 
 def _ultrafeedback(row):
-    """openbmb/UltraFeedback: completions ranked by fine-grained score, one per distinct score.
-
-    The first completion (upstream order) of each score is kept, so the gold order is strict;
-    unrated (score None or NaN) and empty completions are not candidates.
-    """
+    """openbmb/UltraFeedback: rated, nonempty completions by fine-grained score, only the first
+    (upstream order) of each score, so the gold order is strict (a verdict has no ties)."""
     kept = {}  # score -> (model, response)
     for i, completion in enumerate(_field(row, "completions", list)):
         if not isinstance(completion, dict):
@@ -183,8 +166,7 @@ def _hh_rlhf(row):
                  "hh-rlhf prefixes differ")
 
 
-# HelpSteer2 writes a multi-turn prompt as
-# "user turn 1\n<extra_id_1>Assistant\nassistant turn 1\n<extra_id_1>User\nuser turn 2"
+# HelpSteer2 prompts: "user 1\n<extra_id_1>Assistant\nreply 1\n<extra_id_1>User\nuser 2"
 _HS2_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
 
 
@@ -222,7 +204,6 @@ def _alpaca_eval(row):
 
 
 def _chat(row, meta):
-    """A chat transcript without its final assistant turn, which becomes the reference."""
     messages = _messages(row, "messages")
     if messages and messages[-1]["role"] == "assistant":
         return {"messages": messages[:-1], "meta": {**meta, "reference": messages[-1]["content"]}}
@@ -230,7 +211,6 @@ def _chat(row, meta):
 
 
 def _ultrafeedback_prompts(row):
-    """UltraFeedback prompts as open instructions, from any of its three published schemas."""
     if "prompt" in row:  # HuggingFaceH4/ultrafeedback_binarized
         return {"messages": _user(_field(row, "prompt"))}
     if "instruction" in row:  # openbmb/UltraFeedback
@@ -270,24 +250,20 @@ REGISTRY = {
                          "train", _helpsteer2, split_column="split"),
     "rewardbench": Source("preference", {"path": "allenai/reward-bench"}, "filtered", _rewardbench),
     "alpaca": Source("open", {"path": "tatsu-lab/alpaca"}, "train", _alpaca),
-    # AlpacaEval 2.0 with its gpt4_1106_preview baseline outputs. The hub repo's loading script
-    # is not run by recent `datasets`, so its JSON file is read directly.
+    # AlpacaEval 2.0 (gpt4_1106_preview baseline): recent datasets won't run its script, read JSON
     "alpaca_eval": Source("open", {"path": "json", "data_files": {
         "eval": "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json"}},
         "eval", _alpaca_eval),
     "ultrachat": Source("open", {"path": "HuggingFaceH4/ultrachat_200k"}, "train_sft",
                         lambda row: _chat(row, {})),
-    "tulu3": Source("open", {"path": "allenai/tulu-3-sft-mixture"}, "train",
-                    lambda row: {**_chat(row, {"subset": _field(row, "source")}),
-                                 "id": _field(row, "id")}),
+    "tulu3": Source("open", {"path": "allenai/tulu-3-sft-mixture"}, "train", lambda row: {
+        **_chat(row, {"subset": _field(row, "source")}), "id": _field(row, "id")}),
     "ultrafeedback_prompts": Source("open", {"path": "HuggingFaceH4/ultrafeedback_binarized"},
                                     "train_prefs", _ultrafeedback_prompts),
 }
 
 
-# --- Reading: local files through a small reader of our own (exact line numbers), the hub
-# through datasets
-
+# --- Reading: local files by a reader of our own (exact line numbers), the hub by datasets ---
 def _read_local(loader: str, path: str):
     """Yield (where, row) from a .jsonl, .jsonl.gz, .json (an array of rows) or .parquet file."""
     file = Path(path)
@@ -325,7 +301,7 @@ def _read_local(loader: str, path: str):
 
 
 def _read_hub(loader: str, source: Source, split: str):
-    import datasets  # imported here: a second of start-up that local files do not need
+    import datasets  # imported here: a slow import that local files do not need
     try:
         rows = datasets.load_dataset(**source.hub, split=split)
     except Exception as error:  # any failure, re-raised with its context and the offline way out
@@ -338,11 +314,8 @@ def _read_hub(loader: str, source: Source, split: str):
 def load_with_counts(spec: str, split: str | None = None,
                      limit: int | None = None) -> tuple[list[dict], dict[str, int]]:
     """Records of `spec` (a registry key, or KEY:PATH for a local file) and skipped rows by reason.
-
-    split=None means the source's natural split. A local file is one split already, so there
-    `split` only selects rows that name their own split (HelpSteer2). `limit` keeps the first N
-    valid records.
-    """
+    split=None: the natural split; a local file is one split already, so there `split` only selects
+    rows that name their own (HelpSteer2). `limit` keeps the first N valid records."""
     key, _, path = spec.partition(":")
     if key not in REGISTRY:
         raise DataError(f"unknown data set {key!r} in {spec!r}; known keys: {', '.join(REGISTRY)} "
@@ -354,7 +327,6 @@ def load_with_counts(spec: str, split: str | None = None,
     else:
         hub_split = "train" if source.split_column else split
         rows, origin, tag = _read_hub(key, source, hub_split), source.hub["path"], hub_split
-
     records, skipped = [], Counter()
     for index, (where, row) in enumerate(rows):
         if limit is not None and len(records) >= limit:
@@ -395,9 +367,7 @@ def load(spec: str, split: str | None = None, limit: int | None = None) -> list[
 
 
 # --- Prompt templates (README.md, "The method"); the caller applies the chat template ---
-
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
 REFEREE_TEMPLATE = """\
 You are an impartial judge. Below is a conversation between a user and an AI assistant, then \
 {k} candidate replies to the user's last message, labelled [1] to [{k}].
@@ -415,19 +385,15 @@ shown, or their length, sway you.
 ">", with no ties and no other words.
 For {k} candidates the format looks like this (the order here is only an example):
 {example}"""
-# The verdict with brief reasoning first (the paper's generative referee), or the ranking alone
-# (`think=False`: for small token budgets and small models; our option, not the paper's).
 THINK_INSTRUCTION = ("First explain your judgement briefly inside <think></think>. Then write "
-                     "the full ranking, best first,")
-RANKING_INSTRUCTION = "Write the full ranking, best first,"
+                     "the full ranking, best first,")  # the paper's generative referee
+RANKING_INSTRUCTION = "Write the full ranking, best first,"  # ours: small budgets and models
 EXAMPLE_THINKING = "A few sentences comparing the candidates."
-
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 def player_prompt(example: dict) -> list[dict]:
-    """The player's input: a verifiable problem asks for steps and a \\boxed{} answer; an open
-    conversation goes as it is. Preference records are judged, so they use referee_prompt."""
+    """The player's input: a verifiable problem plus MATH_INSTRUCTION, or an open conversation."""
     if example["task"] == "verifiable":
         *history, question = example["messages"]
         content = f"{question['content']}\n\n{MATH_INSTRUCTION}"
@@ -441,13 +407,9 @@ def player_prompt(example: dict) -> list[dict]:
 
 def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
                    think: bool = True) -> list[dict]:
-    """One user turn asking to rank the candidates; label [j+1] shows responses[order[j]].
-    With `think`, the verdict asked for opens with brief reasoning in <think></think>.
-
-    Example: responses ["4", "5"] with order [1, 0] show "### Candidate [1]" followed by "5",
-    then "### Candidate [2]" followed by "4"; a parsed ranking [0, 1] (shown positions, best
-    first) then means the original responses [order[0], order[1]] = [1, 0].
-    """
+    """One user turn asking to rank the candidates; label [j+1] shows responses[order[j]], so
+    a parsed ranking [0, 1] (shown positions, best first) means responses [order[0], order[1]].
+    With `think`, the verdict opens with brief reasoning in <think></think>."""
     k = len(responses)
     if k < 2 or sorted(order) != list(range(k)):
         raise ValueError(f"need K >= 2 responses and `order` a permutation of range(K); "
@@ -468,17 +430,12 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 
 
 def gold_target(record: dict, rng: random.Random,
                 think: bool = True) -> tuple[list[dict], str] | None:
-    """A supervised example in the output format of the record's role, for the cold start
-    (train.py, --warmup_steps): (prompt messages, target text), or None if the record has none.
-
-    - preference: the referee prompt with the candidates in a random order, and the gold ranking
-      written as a verdict (with `think`, after an empty <think></think>: there is no gold
-      reasoning to imitate);
-    - verifiable with a worked solution (meta["reference"]): the player prompt, and the solution
-      ending in \\boxed{gold}: GSM8K's calculator annotations dropped and its "#### N" line
-      written as "The answer is \\boxed{N}."; a solution that already boxes its answer as it is;
-    - open: None (an instruction has no gold answer to imitate).
-    """
+    """A cold-start example (train.py, --cold_start_steps) in the output format of the record's
+    role, (prompt messages, target text), or None. preference: the referee prompt, candidates in
+    random order, the gold ranking as a verdict (with `think`, after an empty <think></think>: no
+    gold reasoning exists to imitate). verifiable: the player prompt and the worked solution
+    (meta["reference"]) if it has a "#### N" line (GSM8K: calculator annotations dropped, that line
+    written "The answer is \\boxed{N}.") or boxes its answer (kept as is). open: None."""
     if record["task"] == "preference":
         order = rng.sample(range(len(record["responses"])), len(record["responses"]))
         shown_ranking = [order.index(candidate) for candidate in record["ranking"]]
@@ -497,25 +454,14 @@ def gold_target(record: dict, rng: random.Random,
 
 def group_gold_target(record: dict, others: list[dict], k: int, rng: random.Random,
                       think: bool = True) -> tuple[list[dict], str] | None:
-    """A referee example for a preference record with k candidates (k = the group size that
-    self-judging shows), for the cold start: gold_target of the record widened with replies to
-    OTHER conversations. Our construction, not the paper's: preference data holds pairs, but the
-    referee must also rank G answers of its own, a format the pairs never show it.
-
-    The record's own candidates keep their gold order on top: any reply to this conversation
-    is taken to be better than a reply to another one. The k - K off-topic replies come from
-    records drawn from `others` (rng), each drawn record giving its candidates in its own gold
-    order: between two replies to the same other conversation we keep that conversation's
-    label, the only evidence there is on them (both are equally off-topic here). With the
-    default k = 4 and pairs this orders every candidate: chosen > rejected > chosen' > rejected'.
-    Replies of different other records (k - K > 2 with pairs) keep the order they were drawn in:
-    a convention, not evidence. A record that already has k or more candidates is gold_target's;
-    None if `others` cannot fill k distinct candidates.
-
-    Example: record "Hi" with ["good", "bad"], ranking [0, 1], others [("Sum?", ["4", "5"],
-    ranking [1, 0])], k = 4: the candidates are good, bad, 5, 4, gold ranking in that order,
-    shown shuffled by rng, and the verdict names their shown labels in that order.
-    """
+    """gold_target of a preference record widened to k candidates (the group size self-judging
+    shows) with replies to OTHER conversations: ours, not the paper's, as preference data holds
+    pairs but the referee must also rank G answers of its own. Gold order: the record's own
+    candidates on top, in gold order (any reply to this conversation beats one to another); then
+    those of records drawn from `others` (rng), each record's in its own gold order (its label is
+    the only evidence between two equally off-topic replies), records in draw order (a convention,
+    not evidence). k = 4 and pairs: chosen > rejected > chosen' > rejected'. A record with k or
+    more candidates is gold_target's; None if `others` cannot fill k distinct candidates."""
     if len(record["responses"]) >= k:
         return gold_target(record, rng, think)
     responses = [record["responses"][i] for i in record["ranking"]]
@@ -532,26 +478,14 @@ def group_gold_target(record: dict, others: list[dict], k: int, rng: random.Rand
     return gold_target(dict(record, responses=responses, ranking=list(range(k))), rng, think)
 
 
-# --- The mixture: which prompts each rank rolls out at each step ---
-
 class Mixture:
     """Each step's prompts, drawn from the three tasks by weight; deterministic, sharded, resumable.
-
-    Counts per task are deterministic quotas, not samples: the step's prompt slots are filled
-    one by one, each by the task furthest behind its weighted share, (n + 1) * w_t / sum(w) -
-    drawn_t (ties go to the order of TASKS). With weights 1:1:1 and 6 prompts per step every
-    step holds 2 of each; with 4, the spare slot rotates. Every task stays within one prompt of
-    its exact share over the run, so a small batch is never all one task by chance.
-    Within a task, records come from a stream that cycles its list, reshuffled every epoch with
-    a seed made of (seed, task, epoch).
-    Sharding: every rank builds the same global step, shuffles it with (seed, step) so the tasks
-    spread over the ranks, and keeps every world_size-th prompt from position `rank` on: a
-    prompt, and so its group of G samples, lives on exactly one rank.
-    Resume: the state is the step and how many records each task has drawn (a few integers);
-    the stream positions follow from them.
-    weights=None means 1:1:1; a task with weight 0 (or missing from `weights`) or without
-    records is absent.
-    """
+    Per-task counts are quotas, not samples: each slot goes to the task furthest behind its share,
+    (n + 1) * w_t / sum(w) - drawn_t (ties: TASKS order), so a task stays within one prompt of its
+    share. A task cycles its records, reshuffled each epoch by (seed, task, epoch). Every rank
+    builds the same global step, shuffles it by (seed, step), keeps every world_size-th prompt from
+    `rank` on: a prompt (and its G samples) lives on one rank. Resume state: the step and each
+    task's draw count. weights=None: 1:1:1; a task with weight 0, no weight or no records is out."""
 
     def __init__(self, sources: dict[str, list[dict]], weights: dict[str, float] | None,
                  prompts_per_step: int, seed: int, rank: int = 0, world_size: int = 1):
