@@ -203,6 +203,8 @@ def config_problems(cfg: Config) -> list[str]:
          "use > 0 (log-probabilities are taken at the sampling temperature)")
     need(cfg.referee_orders >= 1, "referee_orders", cfg.referee_orders, "use 1 or more")
     need(cfg.steps >= 1, "steps", cfg.steps, "use 1 or more")
+    for flag in ("lr", "cold_start_lr"):
+        need(0 < getattr(cfg, flag) < math.inf, flag, getattr(cfg, flag), "use a rate > 0")
     need(cfg.updates_per_batch >= 1, "updates_per_batch", cfg.updates_per_batch, "use 1 or more")
     need(cfg.cold_start_steps >= 0, "cold_start_steps", cfg.cold_start_steps, "use 0 (off) or more")
     need(cfg.cold_start_batch >= 1, "cold_start_batch", cfg.cold_start_batch, "use 1 or more")
@@ -580,6 +582,8 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
     for pool in pools.values():
         pool[:] = [s for s in pool if s is not None]
         rng.shuffle(pool)
+    print0("cold start examples within the budgets: " + ", ".join(
+        f"{len(pool)} {name}" for name, pool in pools.items()))
     referee = pools["pairs"] or pools["groups"]
     tasks = [task for task, ok in (("referee", referee), ("verifiable", pools["verifiable"])) if ok]
     if not tasks:
