@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         for name, (python, worker, extra) in configs.items():
             print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
             r = launch(python, args, worker, ["--prompt_file", prompt_file, *extra])
-            if r:
+            if r and r["steps"]:  # a worker that measured no step adds nothing to the table
                 merged = results.setdefault(name, dict(r, steps=[]))
                 merged["steps"] += r["steps"]
                 merged["rss_gb"] = max(merged["rss_gb"], r["rss_gb"])
