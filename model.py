@@ -505,21 +505,19 @@ def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
         input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
         completion_mask = torch.zeros(len(samples), length)  # [B, T]
-        rows_, cols = [], []
         for i, s in enumerate(samples):
             p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
             input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
             attention_mask[i, :n] = 1
             completion_mask[i, p:n] = 1
-            rows_ += [i] * (n - p)
-            cols += list(range(p, n))
         batch = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        where = (torch.tensor(rows_, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+        where = completion_mask.bool()  # completion tokens in sample order, as the log-probs
     sampler_logprobs = None
     if has_sampler:
-        sampler_logprobs = torch.zeros(completion_mask.shape, device=device)  # loss layout
+        sampler_logprobs = torch.zeros_like(completion_mask)  # loss layout, next to the mask
         sampler_logprobs[where] = torch.tensor([lp for s in samples for lp in s.sampler_logprobs],
-                                               device=device)
+                                               device=completion_mask.device)
+        sampler_logprobs = sampler_logprobs.to(device)
     advantages = torch.tensor([s.advantage for s in samples], device=device)  # [S]
     return batch | dict(completion_mask=completion_mask.to(device), advantages=advantages,
                         sampler_logprobs=sampler_logprobs)
