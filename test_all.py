@@ -2169,6 +2169,7 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     assert all(exported[name].dtype == torch.bfloat16 for name in exported)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "weights": weights}, out_file)
+    dist.barrier()  # no rank tears its group down while the other still has work in flight
     dist.destroy_process_group()
 
 
@@ -2210,6 +2211,7 @@ def empty_rank_worker(model_dir: str, out_file: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in policy.named_parameters()}
     if dist.get_rank() == 0:
         torch.save(grads, out_file)
+    dist.barrier()  # no rank tears its group down while the other still has work in flight
     dist.destroy_process_group()
 
 
