@@ -1593,6 +1593,23 @@ def test_draw_samples_softmax_at_temperature():
     assert greedy.tolist() == [0, 0, 0] and none is None
 
 
+def test_packed_linears_compute_linear_for_the_call_only():
+    # On CPU in float32 every nn.Linear runs on a oneDNN-packed copy of its weight inside the
+    # context (skipped where torch has no oneDNN), and is plain nn.Linear again after it.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4, bias=False))
+    x = torch.randn(3, 5, 8)  # [.., in]: more than two dimensions, as a decoder's [b, 1, H]
+    expected = model(x)
+    with torch.no_grad(), rollout._packed_linears(model, rows=3):
+        packed = [m for m in model if "forward" in m.__dict__]
+        assert len(packed) == (2 if torch.backends.mkldnn.is_available() else 0)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model)
+    with torch.no_grad(), rollout._packed_linears(model.to(torch.bfloat16), rows=3):
+        assert not any("forward" in m.__dict__ for m in model)  # float32 only
+
+
 def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_dir)
     prompts = prompts_of(tokenizer)
@@ -1601,12 +1618,15 @@ def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
     assert engine.share_weights(trainer_model) and engine.shares_weights
     assert (engine.model.lm_head.weight.data_ptr()
             == trainer_model.model.embed_tokens.weight.data_ptr())
+    before = [g[0].token_ids  # a call before the update: nothing of it may outlive the call
+              for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
     torch.manual_seed(5)
     with torch.no_grad():  # an optimizer step: in place, on the trainer's parameters only
         for param in trainer_model.parameters():
             param.add_(0.5 * torch.randn_like(param))
     after = [g[0].token_ids
              for g in engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=8)]
+    assert after != before
     fresh = HFEngine(export_hf(trainer_model.state_dict(), trainer_model.config, tokenizer,
                                tmp_path / "m"), tokenizer)
     assert [g[0].token_ids
