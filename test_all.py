@@ -1522,18 +1522,23 @@ def test_greedy_stops_at_generation_config_eos(tiny_dir, tmp_path):
     assert stopped[0][0].finish_reason == "eos"
 
 
-def test_greedy_equals_transformers_generate(tiny_dir):
-    # The hand-written loop (prefill once per prompt, cache copied to the n rows, left padding,
-    # decoding batches split by max_batch) must decode what transformers' generate decodes.
+@pytest.mark.parametrize("attention", ["engine", "eager"])
+def test_greedy_equals_transformers_generate(tiny_dir, attention):
+    # The hand-written loop (decoding batches split by max_batch, each prompt's cache serving
+    # its n rows) must decode what transformers' generate decodes, on both prefill paths: each
+    # prompt alone into the shared-prompt cache (the engine's attention), or a left-padded batch
+    # into transformers' own cache (any other attention, here eager).
     tokenizer = load_tokenizer(tiny_dir)
     prompts = prompts_of(tokenizer) + [
         chat_ids(tokenizer, [{"role": "user", "content": "a much longer question " * 6}])]
     assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
     engine = HFEngine(tiny_dir, tokenizer, max_batch=5)  # 2 prompts x n=2 per decoding batch
+    assert engine.model.config._attn_implementation == rollout.DECODE_ATTENTION
+    if attention == "eager":
+        engine.model.set_attn_implementation("eager")
     ours = engine.generate(prompts, n=2, temperature=0.0, max_new_tokens=12)
     reference = load_model(tiny_dir)  # transformers' own cache and sdpa attention
     assert reference.config._attn_implementation == "sdpa"
-    assert engine.model.config._attn_implementation == rollout.DECODE_ATTENTION
     for prompt, group in zip(prompts, ours):
         expected = reference.generate(
             input_ids=torch.tensor([prompt]),
