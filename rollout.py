@@ -18,6 +18,7 @@ referee call, for evaluation and the self-referee pass.
 import contextlib
 import inspect
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -137,13 +138,14 @@ def _packed_linears(model, rows: int):
     into oneDNN's blocked layout (torch.ops.mkldnn, what torch.compile's CPU backend runs). Why:
     a decoding step multiplies a few rows by every weight, and MKL's plain sgemm streamed them at
     ~40% of memory bandwidth; packed, one SmolLM2-135M decoding step of 12 rows fell from ~115 to
-    ~85 ms (README, "Figures behind the code's comments"). Packed per call (~0.3 s for 135M), not
+    ~85 ms (README, "Figures behind the code's comments"). Packed per call (0.3-0.6 s, 135M), not
     kept: weights change in place between calls (share_weights: the trainer's own), and the copy,
     the size of the weights, is freed with the call. `rows` hints the layout at the batch size.
     Elsewhere (GPU, bf16, no oneDNN) the model is left as it is."""
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     linears = [module for module in model.modules() if onednn
                and type(module) is torch.nn.Linear  # not subclasses (e.g. quantized layers)
+               and "forward" not in module.__dict__  # nor one whose forward was replaced (hooks)
                and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32]
     try:
         for module in linears:
@@ -170,8 +172,9 @@ def _left_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
 
 class HFEngine:
     """A hand-written sampling loop over a transformers model: each prompt prefilled once for
-    its n samples, no per-token allocations, inverse-CDF draws keeping log p_T (no [batch,
-    steps, vocab] scores). `max_batch` bounds rows decoded together (at least one prompt's n).
+    its n samples, buffers of the call's final size (KV cache, tokens, log-probs), inverse-CDF
+    draws keeping log p_T (no [batch, steps, vocab] scores). `max_batch` bounds rows decoded
+    together (at least one prompt's n).
     `rng` is the whole random state (deterministic per seed, checkpointable; torch's untouched)."""
 
     def __init__(self, model_path: str, tokenizer, dtype: torch.dtype = torch.float32, device="cpu",
@@ -184,6 +187,7 @@ class HFEngine:
         self.shares_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings  # rows of embeddings
         self.context_len = (context_len  # else the positions the model was trained for
                             or getattr(self.model.config, "max_position_embeddings", None)
                             or 2**31)
@@ -203,10 +207,11 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:
-        """n completions of each prompt (token ids); temperature 0 decodes greedily."""
-        if temperature < 0 or n < 1 or max_new_tokens < 1:
-            raise ValueError(f"need temperature >= 0, n >= 1 and max_new_tokens >= 1; got "
-                             f"{temperature}, {n}, {max_new_tokens}")
+        """n completions of each prompt (token ids); temperature 0 decodes greedily. ValueError
+        on a bad request (check_request)."""
+        check_request(prompt_ids, n, temperature, max_new_tokens, self.vocab_size)
+        if not prompt_ids:
+            return []
         per_batch = max(1, self.max_batch // n)  # prompts per decoding batch
         cuda = [] if self.device.type != "cuda" else [
             torch.cuda.current_device() if self.device.index is None else self.device.index]
@@ -362,6 +367,27 @@ def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torc
     raise ValueError(f"unknown rollout engine {kind!r}: use hf or vllm")
 
 
+def check_request(prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                  vocab_size: int) -> None:
+    """ValueError, naming the prompt or the argument, unless every prompt is a non-empty list of
+    token ids in [0, vocab_size), n and max_new_tokens are integers >= 1 and temperature is a
+    finite number >= 0. Both engines check a request with it before any work."""
+    if not (isinstance(n, int) and isinstance(max_new_tokens, int) and n >= 1
+            and max_new_tokens >= 1 and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"need integers n >= 1 and max_new_tokens >= 1, and a finite temperature "
+                         f">= 0; got n={n!r}, max_new_tokens={max_new_tokens!r}, "
+                         f"temperature={temperature!r}")
+    for index, ids in enumerate(prompt_ids):
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(f"prompt {index} is {ids!r}: each prompt is a non-empty list of "
+                             "token ids (model.chat_ids gives one)")
+        outside = [token for token in ids if not 0 <= token < vocab_size]
+        if outside:
+            raise ValueError(f"prompt {index} holds token id {outside[0]}, outside the model's "
+                             f"vocabulary [0, {vocab_size}): was it encoded with another model's "
+                             "tokenizer?")
+
+
 def fits(engine, prompt_ids: list[int], max_new_tokens: int) -> bool:
     """Whether prompt + generation budget fit the context. Callers skip and count the rest: vLLM
     rejects a prompt filling its context (killing the rank), and a cut verdict is no verdict."""
@@ -508,8 +534,11 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float,
                  max_new_tokens: int) -> list[list[Completion]]:
-        """n completions of each prompt (token ids); temperature 0 decodes greedily."""
+        """n completions of each prompt (token ids); temperature 0 decodes greedily. ValueError
+        on a bad request (check_request)."""
         from vllm import SamplingParams
+        check_request(prompt_ids, n, temperature, max_new_tokens,
+                      self.llm.llm_engine.model_config.get_vocab_size())
         sampling = [SamplingParams(
             n=n, temperature=temperature, max_tokens=max_new_tokens,
             logprobs=0 if temperature > 0 else None,  # 0: only the sampled token's log-prob

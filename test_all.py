@@ -1615,6 +1615,37 @@ def test_packed_linears_compute_linear_for_the_call_only():
         assert not any("forward" in m.__dict__ for m in model)  # float32 only
 
 
+def test_a_bad_request_is_named_before_any_work(tiny_dir):
+    tokenizer = load_tokenizer(tiny_dir)
+    engine = HFEngine(tiny_dir, tokenizer)
+    vocab = engine.vocab_size
+    good = prompts_of(tokenizer)
+    for prompts, n, temperature, match in [
+            ([good[0], []], 1, 1.0, "prompt 1 is \\[\\]"),
+            ([good[0], [3, vocab]], 1, 1.0, f"prompt 1 holds token id {vocab}"),
+            ([[-1]], 1, 1.0, "token id -1"),
+            ([good[0][0]], 1, 1.0, "prompt 0 is"),  # one prompt, not a list of prompts
+            (good, 0, 1.0, "n=0"), (good, 2.5, 1.0, "n=2.5"),
+            (good, 1, float("nan"), "temperature=nan"), (good, 1, -1.0, "temperature=-1.0")]:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(prompts, n=n, temperature=temperature, max_new_tokens=4)
+    assert engine.generate([], n=2, temperature=1.0, max_new_tokens=4) == []
+
+
+def test_packed_linears_leave_a_replaced_forward_alone():
+    # A Linear whose forward was replaced (a hook library's wrapper) runs its own forward inside
+    # the context and keeps it afterwards.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    calls = []
+    own = model[1].forward
+    model[1].forward = lambda x: calls.append(1) or own(x)
+    replaced = model[1].forward
+    with torch.no_grad(), rollout._packed_linears(model, rows=2):
+        model(torch.randn(2, 4))
+    assert calls == [1] and model[1].forward is replaced
+    assert "forward" not in model[0].__dict__
+
+
 def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_dir)
     prompts = prompts_of(tokenizer)
@@ -3036,6 +3067,8 @@ def test_guard_fires_when_a_sync_is_skipped_after_a_big_change(tiny_qwen):
 @pytest.mark.vllm
 def test_generate_returns_completions_that_end_like_hf_engine_ones(tiny_qwen):
     path, tokenizer, engine = tiny_qwen
+    with pytest.raises(ValueError, match="prompt 1 is"):  # the same checks as HFEngine's
+        engine.generate([[5], []], n=1, temperature=1.0, max_new_tokens=4)
     engine.load_weights(stop_heavy_state_dict(trainer_model(path), tokenizer))
     stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     prompts = [tokenizer(QWEN_CORPUS[0])["input_ids"], tokenizer(QWEN_CORPUS[1])["input_ids"]]

@@ -35,10 +35,12 @@ VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the docstring as written, and every option's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--model", default="",
-                   help="hub id or HF folder (default: model.DEFAULT_MODEL, resolved offline)")
+                   help="hub id or HF folder; empty: model.DEFAULT_MODEL, resolved offline")
     p.add_argument("--data", help="data.py spec of preference records: their referee prompts",
                    default="ultrafeedback_binarized:"
                            "samples/ultrafeedback_binarized/test_prefs.first100.jsonl")
@@ -58,7 +60,11 @@ def parse_args(argv=None):
                    "heap trimmed after every call (model.release_freed_memory), as it was before")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: hf | vllm
     p.add_argument("--prompt_file", default="", help=argparse.SUPPRESS)  # internal: ids per call
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("prompts", "n", "max_new_tokens", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def run_worker(args) -> dict:
@@ -163,16 +169,17 @@ def main(argv=None) -> int:
             print(f"no vLLM python at {args.vllm_python} (build .venv-vllm as .ci/run does): "
                   "measuring hf alone")
     results = {}
-    for round_ in range(args.rounds):  # alternating: a slow spell of the machine hits all alike
-        for name, python in engines.items():
-            print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
-            r = launch(python, args, name, prompt_file)
-            if r:
-                merged = results.setdefault(name, dict(calls=[], rss_gb=0.0))
-                merged["calls"] += r["calls"]
-                merged["rss_gb"] = max(merged["rss_gb"], r["rss_gb"])
-
-    os.remove(prompt_file)
+    try:
+        for round_ in range(args.rounds):  # alternating: a slow spell hits all engines alike
+            for name, python in engines.items():
+                print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
+                r = launch(python, args, name, prompt_file)
+                if r:
+                    merged = results.setdefault(name, dict(calls=[], rss_gb=0.0))
+                    merged["calls"] += r["calls"]
+                    merged["rss_gb"] = max(merged["rss_gb"], r["rss_gb"])
+    finally:  # also on Ctrl-C
+        os.remove(prompt_file)
     lengths = [len(ids) for call in calls[args.warmup:] for ids in call]
     print(f"\nRollouts: {args.prompts} referee prompts ({min(lengths)}-{max(lengths)} tokens) x "
           f"{args.n} samples x <= {args.max_new_tokens} new tokens, T {args.temperature:g}, "
