@@ -425,19 +425,45 @@ def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
     return [{"role": "user", "content": text}]
 
 
+def shown_orders(k: int, count: int, rng: random.Random) -> list[list[int]]:
+    """`count` orders in which to show k candidates (order[j] is the candidate labelled [j+1]):
+    rotations of one random order `base` (rng), each followed by its reverse. So every candidate
+    is shown first as evenly as `count` allows; in an even count every candidate's mean shown
+    position is (k - 1) / 2, so a referee that ranks by position alone gives every candidate the
+    same mean rank score (its advantages are 0); the orders are distinct up to 2k of them (k = 2:
+    both). count = 1 gives `base` itself, the single random order of plain GRPO. E.g. k = 4,
+    base [a, b, c, d], count 4: [a, b, c, d], [d, c, b, a], [c, d, a, b], [b, a, d, c]."""
+    base = rng.sample(range(k), k)
+    # rotate by 2: a rotation and its reverse show first two neighbours in base
+    shifts = (list(range(0, k, 2)) + list(range(1, k, 2)) if k % 2 == 0
+              else [2 * j % k for j in range(k)])
+    design = []
+    for shift in shifts:
+        rotated = base[shift:] + base[:shift]
+        design += [rotated, rotated[::-1]]
+    orders = [design[i % len(design)] for i in range(count - count % 2)]
+    if count % 2:  # the last one alone: unused if any, showing first a candidate shown least
+        firsts = Counter(order[0] for order in orders)
+        unused = [order for order in design if order not in orders] or design
+        orders.append(min(unused, key=lambda order: firsts[order[0]]))
+    return orders
+
+
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
-def gold_target(record: dict, rng: random.Random,
-                think: bool = True) -> tuple[list[dict], str] | None:
+def gold_target(record: dict, rng: random.Random, think: bool = True,
+                order: list[int] | None = None) -> tuple[list[dict], str] | None:
     """A cold-start example (train.py, --cold_start_steps) in the output format of the record's
     role, (prompt messages, target text), or None. preference: the referee prompt, candidates in
-    random order, the gold ranking as a verdict (with `think`, after an empty <think></think>: no
-    gold reasoning exists to imitate). verifiable: the player prompt and the worked solution
-    (meta["reference"]) if it has a "#### N" line (GSM8K: calculator annotations dropped, that line
-    written "The answer is \\boxed{N}.") or boxes its answer (kept as is). open: None."""
+    `order` (None: a random one from rng), the gold ranking as a verdict (with `think`, after an
+    empty <think></think>: no gold reasoning exists to imitate). verifiable: the player prompt and
+    the worked solution (meta["reference"]) if it has a "#### N" line (GSM8K: calculator
+    annotations dropped, that line written "The answer is \\boxed{N}.") or boxes its answer (kept
+    as is). open: None."""
     if record["task"] == "preference":
-        order = rng.sample(range(len(record["responses"])), len(record["responses"]))
+        k = len(record["responses"])
+        order = rng.sample(range(k), k) if order is None else order
         shown_ranking = [order.index(candidate) for candidate in record["ranking"]]
         prompt = referee_prompt(record["messages"], record["responses"], order, think)
         return prompt, format_verdict(shown_ranking, "" if think else None)

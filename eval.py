@@ -75,6 +75,36 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def confidence_interval(values: list[float], level: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` (one score per item: a pair, a
+    problem), resampling items with replacement `resamples` times from a fixed seed, so the same
+    items always give the same interval (Efron & Tibshirani, An Introduction to the Bootstrap,
+    ch. 13). (nan, nan) for no items. E.g. 200 pairs half right: about (0.43, 0.57)."""
+    if not values:
+        return float("nan"), float("nan")
+    scores = torch.tensor(values, dtype=torch.float64)  # [n]
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(scores), (resamples, len(scores)), generator=generator)  # [R, n]
+    means = scores[draws].mean(dim=1)  # [R]
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return low.item(), high.item()
+
+
+def with_interval(metrics: dict, name: str, values: list[float]) -> None:
+    """metrics[name] = mean(values), and its 95% interval as name_ci_low, name_ci_high."""
+    metrics[name] = mean(values)
+    metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = confidence_interval(values)
+
+
+def length_rule_score(lengths: list[int], gold: list[int]) -> float:
+    """The "longer answer wins" rule on one item: 1 when the gold best is the longest candidate,
+    0 when it is not, 1 / t when it ties with t - 1 others for the longest (a coin flip)."""
+    longest = [i for i, length in enumerate(lengths) if length == max(lengths)]
+    return float(gold[0] in longest) / len(longest)
+
+
 def verdict_score(ranking: list[int] | None, gold: list[int]) -> float:
     """1.0 when the verdict puts the gold-best candidate first, else 0.0, as RewardBench scores a
     pair (and RewardBench 2 its best-of-4 items); an invalid verdict (None) is a coin flip, 0.5,
@@ -118,46 +148,58 @@ def scored(items: list[dict]) -> tuple[list[dict], int]:
 
 def referee_metrics(items: list[dict]) -> dict[str, float]:
     """Metrics of judged pairs (items with `gold`, best first; `orders`, the shown orders of two
-    passes, seeded random then reversed; `rankings`, their verdicts, None if invalid). The first
-    pass is the headline, as RewardBench judges each pair once; both give the position bias:
-    `position_consistency` (same verdict in both orders; never for an invalid one),
-    `accuracy_chosen_first/second` (gold-best shown first/last) and `prefers_first_shown` (share
-    of valid verdicts picking the first shown: 0.5 for an unbiased referee on shuffled pairs)."""
+    passes, seeded random then reversed; `rankings`, their verdicts, None if invalid; `lengths`,
+    the candidates' lengths in characters). The first pass is the headline, as RewardBench judges
+    each pair once; both give the position bias: `position_consistency` (same verdict in both
+    orders; never for an invalid one), `accuracy_chosen_first/second` (gold-best shown first /
+    later), `prefers_first_shown` (share of valid verdicts picking the first shown: 0.5 for an
+    unbiased referee on shuffled pairs). The length bias: `prefers_longer` (share of valid
+    verdicts picking the longest candidate) beside `length_rule_accuracy`, what "the longer
+    answer wins" scores on the same items. Each accuracy over items comes with its 95%
+    bootstrap interval over items (`*_ci_low`, `*_ci_high`)."""
     items, skipped = scored(items)
     first_pass = defaultdict(list)
-    shown_first, shown_last, verdicts, first_picked = [], [], [], []
+    shown_first, shown_last, first_picked, longer_picked = [], [], [], []
     for item in items:
         first_pass[item["subset"]].append(verdict_score(item["rankings"][0], item["gold"]))
         for order, ranking in zip(item["orders"], item["rankings"]):
             score = verdict_score(ranking, item["gold"])
-            verdicts.append(score)
             (shown_first if order[0] == item["gold"][0] else shown_last).append(score)
             if ranking is not None:
                 first_picked.append(ranking[0] == order[0])
+                if "lengths" in item:  # absent from items of older results files
+                    longer_picked.append(item["lengths"][ranking[0]] == max(item["lengths"]))
     accuracy = {subset: mean(scores) for subset, scores in first_pass.items()}
     sections = section_scores(accuracy, {subset: len(s) for subset, s in first_pass.items()})
-    metrics = {"score": sections.pop("score"),
-               "accuracy": mean(s for scores in first_pass.values() for s in scores)}
+    metrics = {"score": sections.pop("score")}
+    with_interval(metrics, "accuracy", [verdict_score(item["rankings"][0], item["gold"])
+                                        for item in items])
     metrics.update({f"section/{name}": value for name, value in sections.items()})
     metrics.update({f"subset/{name}": value for name, value in sorted(accuracy.items())})
+    with_interval(metrics, "accuracy_both_orders",  # per item: the mean of its two verdicts
+                  [mean(verdict_score(r, item["gold"]) for r in item["rankings"])
+                   for item in items])
     metrics.update(
-        accuracy_both_orders=mean(verdicts),
         position_consistency=mean(r[0] is not None and r[0] == r[1] for r in
                                   (item["rankings"] for item in items)),
         accuracy_chosen_first=mean(shown_first),
         accuracy_chosen_second=mean(shown_last),
         prefers_first_shown=mean(first_picked),
-        invalid_rate=mean(r is None for item in items for r in item["rankings"]),
-        n=len(items), skipped_long_prompts=skipped)
+        prefers_longer=mean(longer_picked),
+        invalid_rate=mean(r is None for item in items for r in item["rankings"]))
+    with_interval(metrics, "length_rule_accuracy", [length_rule_score(item["lengths"], item["gold"])
+                                                    for item in items if "lengths" in item])
+    metrics.update(n=len(items), skipped_long_prompts=skipped)
     return metrics
 
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
-    """Accuracy (pass@1: mean reward over each problem's samples, then over problems), also per
-    subject and level, the shares of answers with a \\boxed{} and cut by the token limit, and
+    """Accuracy (pass@1: mean reward over each problem's samples, then over problems; with its 95%
+    bootstrap interval over problems), also per subject and level, the shares of answers with a \\boxed{} and cut by the token limit, and
     `timeouts`: checks out of time (scored 0; absent from items older than this count)."""
     items, skipped = scored(items)
-    metrics = {"accuracy": mean(mean(item["rewards"]) for item in items)}
+    metrics = {}
+    with_interval(metrics, "accuracy", [mean(item["rewards"]) for item in items])
     for key in ("subject", "level"):
         groups = defaultdict(list)
         for item in items:
@@ -248,8 +290,8 @@ def referee_items(engine, tokenizer, records, max_new_tokens, seed, think=True) 
     verdicts = referee(engine, tokenizer, [r["messages"] for r in twice],
                        [r["responses"] for r in twice], orders, 0.0, max_new_tokens, think)
     return [dict(id=r["id"], subset=r["meta"].get("subset") or r["source"], gold=r["ranking"],
-                 orders=orders[2 * i:2 * i + 2]) | verdict_fields(verdicts[2 * i:2 * i + 2])
-            for i, r in enumerate(records)]
+                 orders=orders[2 * i:2 * i + 2], lengths=[len(text) for text in r["responses"]])
+            | verdict_fields(verdicts[2 * i:2 * i + 2]) for i, r in enumerate(records)]
 
 
 def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, temperature=0.0):
@@ -317,22 +359,28 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
 
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
            "open": instruction_metrics}
-# what evaluate_during_training reports per kind of held-out set, and its counts, which train.py
-# sums over ranks (the means it weights by n)
-TRAINING_METRICS = {"preference": ["accuracy", "position_consistency", "invalid_rate"],
-                    "verifiable": ["accuracy", "boxed_rate", "truncation_rate", "timeouts"],
-                    "open": ["win_rate", "invalid_rate", "avg_length"]}
+def _with_intervals(*names: str) -> list[str]:
+    return [key for name in names for key in (name, f"{name}_ci_low", f"{name}_ci_high")]
+
+
+# what evaluate_during_training reports per kind of held-out set (train.py's metrics line), and
+# which of those are counts (train.py logs them as count/eval/...)
+TRAINING_METRICS = {
+    "preference": [*_with_intervals("accuracy", "accuracy_both_orders"), "position_consistency",
+                   "prefers_first_shown", "accuracy_chosen_first", "accuracy_chosen_second",
+                   "prefers_longer", *_with_intervals("length_rule_accuracy"), "invalid_rate"],
+    "verifiable": [*_with_intervals("accuracy"), "boxed_rate", "truncation_rate", "timeouts"],
+    "open": ["win_rate", "invalid_rate", "avg_length"]}
 TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 
 
-def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
-                             seed: int = 0, batch_size: int = 16, think: bool = True,
-                             referee_max_new_tokens: int | None = None) -> dict[str, float]:
-    """Held-out metrics with the live engine, `<set>/<metric>` for train.py's metrics line (e.g.
-    "gsm8k/accuracy"): TRAINING_METRICS of the set's record kind, n and skipped_long_prompts, all
-    greedy; `referee_max_new_tokens` None: max_new_tokens. The model judges open sets itself.
+def held_out_items(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
+                   seed: int = 0, batch_size: int = 16, think: bool = True,
+                   referee_max_new_tokens: int | None = None) -> dict[str, tuple[str, list]]:
+    """Each held-out set's record kind and items (evaluate_items), all greedy, with the live
+    engine; `referee_max_new_tokens` None: max_new_tokens. The model judges open sets itself.
     ValueError for a set of mixed or no record kinds."""
-    metrics = {}
+    judged = {}
     for name, records in sets.items():
         kinds = {record["task"] for record in records}
         if len(kinds) != 1:
@@ -344,20 +392,55 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
             items += evaluate_items(kind, engine, tokenizer, records[start:start + batch_size],
                                     max_new_tokens, referee_max_new_tokens or max_new_tokens, seed,
                                     think=think)
+        judged[name] = (kind, items)
+    return judged
+
+
+def held_out_metrics(judged: dict[str, tuple[str, list]]) -> dict[str, float]:
+    """`<set>/<metric>` for train.py's metrics line (e.g. "gsm8k/accuracy"): TRAINING_METRICS of
+    each set's kind, n and skipped_long_prompts, from `held_out_items`' output (of every rank)."""
+    metrics = {}
+    for name, (kind, items) in judged.items():
         values = METRICS[kind](items)
         keys = TRAINING_METRICS[kind] + ["n", "skipped_long_prompts"]
         metrics.update({f"{name}/{key}": float(values[key]) for key in keys})
     return metrics
 
 
-def held_out_sets(specs: str, limit: int, fits) -> dict[str, list[dict]]:
+def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
+                             seed: int = 0, batch_size: int = 16, think: bool = True,
+                             referee_max_new_tokens: int | None = None) -> dict[str, float]:
+    """held_out_metrics of held_out_items, in one process."""
+    return held_out_metrics(held_out_items(engine, tokenizer, sets, max_new_tokens, seed,
+                                           batch_size, think, referee_max_new_tokens))
+
+
+def held_out_sets(specs: str, limit: int, fits, pairs: int | None = None) -> dict[str, list[dict]]:
     """train.py's held-out sets: per comma-separated data.py spec, keyed by its registry key, the
-    first `limit` records for which `fits(record)`. Raises data.DataError on a bad file."""
+    first `limit` records for which `fits(record)`, the first `pairs` of a preference set (None:
+    `limit`). Raises data.DataError on a bad file."""
     sets = {}
     for spec in filter(None, specs.split(",")):
         records, _ = load_with_counts(spec)
-        sets[spec.split(":")[0]] = [record for record in records if fits(record)][:limit]
+        preference = bool(records) and records[0]["task"] == "preference"
+        count = pairs if preference and pairs is not None else limit
+        sets[spec.split(":")[0]] = [record for record in records if fits(record)][:count]
     return sets
+
+
+def format_metrics(values: dict[str, float], prefix: str = "") -> dict[str, str]:
+    """Metric name (less `prefix`) -> its value as text, with its 95% interval when it has one:
+    {"accuracy": 0.55, "accuracy_ci_low": 0.48, "accuracy_ci_high": 0.62} -> {"accuracy":
+    "0.550 [0.48, 0.62]"}. Integers print as integers."""
+    texts = {}
+    for key, value in values.items():
+        if not key.startswith(prefix) or key.endswith(("_ci_low", "_ci_high")):
+            continue
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        if f"{key}_ci_low" in values:
+            text += f" [{values[key + '_ci_low']:.2f}, {values[key + '_ci_high']:.2f}]"
+        texts[key.removeprefix(prefix)] = text
+    return texts
 
 
 def before_and_after(metrics_path: str) -> str:
@@ -367,12 +450,11 @@ def before_and_after(metrics_path: str) -> str:
                      if any(k.startswith("eval/") for k in line)]
     if not evaluated:
         return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
-    first, last = evaluated[0], evaluated[-1]
-    rows = [f"{'held-out metric':<40}{'step ' + str(first['step']):>12}"
-            f"{'step ' + str(last['step']):>12}"]
-    for key in sorted(k for k in first if k.startswith("eval/")):
-        rows.append(f"{key.removeprefix('eval/'):<40}{first[key]:>12.3f}"
-                    f"{last.get(key, float('nan')):>12.3f}")
+    first, last = (format_metrics(line, "eval/") for line in (evaluated[0], evaluated[-1]))
+    rows = [f"{'held-out metric (95% interval)':<40}{'step ' + str(evaluated[0]['step']):>22}"
+            f"{'step ' + str(evaluated[-1]['step']):>22}"]
+    for key in sorted(first):
+        rows.append(f"{key:<40}{first[key]:>22}{last.get(key, 'nan'):>22}")
     return "\n".join(rows)
 
 
@@ -679,11 +761,12 @@ def main(argv=None):
             write_model_outputs(results, args)
         results.finish(task, metrics)
 
-    print(f"\n{'task':<14}{'metric':<36}{'value':>12}")
+    print(f"\n{'task':<14}{'metric':<36}{'value (95% interval)':>24}")
     for task in tasks:
-        for metric, value in results.data["tasks"][task]["metrics"].items():
-            text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            print(f"{task:<14}{metric:<36}{text:>12}")
+        metrics = {key: float("nan") if value is None else value
+                   for key, value in results.data["tasks"][task]["metrics"].items()}
+        for metric, text in format_metrics(metrics).items():
+            print(f"{task:<14}{metric:<36}{text:>24}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """GRPO: group-relative advantages and the clipped policy-gradient loss (README.md, "The method").
 
 After the rewards of a step are known (reward.py), `group_advantages` turns each group of G
-samples of one prompt into advantages; after the trainer has recomputed the completions'
+samples of one prompt into advantages (`presentation_advantages` a referee group whose samples saw
+the candidates in several orders); after the trainer has recomputed the completions'
 log-probabilities, `grpo_loss` gives the scalar to back-propagate. Player and referee samples
 go through the same two functions: URPO's single loop is this file.
 
@@ -48,6 +49,32 @@ def group_advantages(
     # Rounding leaves r - mean(r) at ~1e-8 for equal rewards, which std + eps would blow up.
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [N/G, 1]
     return torch.where(all_equal, 0.0, advantages).flatten()  # [N]
+
+
+def presentation_advantages(
+    rewards: Tensor, presentations: int, scale: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """EIS-GRPO's advantages (J4R, Xu et al., arXiv 2505.13346) of ONE referee group of G samples
+    whose candidates were shown in `presentations` orders, G / presentations consecutive samples
+    each: the group's own advantage plus the advantage within the sample's presentation,
+
+        A_i = z(r_i; all G rewards) + z(r_i; the rewards of its presentation),
+
+    each term as `group_advantages` (so each is 0 where its rewards are all equal). Why the
+    second term: with the first alone, a presentation the referee mostly gets wrong (the gold
+    answer shown in its disfavoured position) gives its right samples little credit next to the
+    easy presentation's. One presentation: the plain advantage (the two terms are one).
+
+    >>> presentation_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0]), presentations=2)
+    tensor([ 0.5000,  0.5000,  1.2071, -2.2071])
+    """
+    group_size = rewards.numel()
+    if presentations < 1 or group_size % presentations:
+        raise ValueError(f"{group_size} rewards do not split into {presentations} presentations")
+    advantages = group_advantages(rewards, group_size, scale, eps)  # [G]
+    if presentations == 1:
+        return advantages
+    return advantages + group_advantages(rewards, group_size // presentations, scale, eps)  # [G]
 
 
 def clipped_surrogate(

@@ -9,7 +9,9 @@ Every prompt of a step ends up here after its rollouts:
   order (`to_original`), `ranking_reward` scores it against the gold ranking; `format_verdict`
   writes the same format (the template's example, the cold start's targets);
 - open prompts (the model judges its own answers): `self_rewards` averages `rank_scores` over the
-  valid rankings of the M shuffled referee passes.
+  valid rankings of the M referee passes, each showing the answers in another order;
+- order-balanced referee groups: `consistency_rewards` pays index-aligned verdicts of different
+  presentations for naming the same candidate (PA-GRPO).
 
 Everything here is a plain function of strings and lists; nothing of the project is imported.
 
@@ -145,6 +147,33 @@ def self_rewards(rankings: list[list[int] | None], k: int) -> list[float] | None
     if not valid:
         return None
     return [sum(scores) / len(valid) for scores in zip(*valid)]
+
+
+def consistency_rewards(bests: list[int | None], presentations: int, coef: float) -> list[float]:
+    """PA-GRPO's consistency reward (Zheng et al., arXiv 2603.21016) of one referee group.
+
+    The group's samples come presentation by presentation (its candidates shown in a different
+    order each), len(bests) / presentations samples each; `bests[i]` is the ORIGINAL candidate
+    that sample i ranks best, None for an invalid verdict. Sample t of a presentation is aligned
+    with sample t of every other one: an aligned pair earns +coef for both samples when both
+    verdicts are valid and name the same candidate, -coef otherwise; each sample gets the mean
+    over its partners. A single presentation has no partners: all 0. Raises ValueError when
+    the samples do not split into equal presentations.
+
+    >>> consistency_rewards([0, 1, 0, 0], presentations=2, coef=0.5)
+    [0.5, -0.5, 0.5, -0.5]
+    """
+    if presentations < 1 or len(bests) % presentations:
+        raise ValueError(f"{len(bests)} verdicts do not split into {presentations} presentations")
+    per = len(bests) // presentations
+    if presentations == 1:
+        return [0.0] * len(bests)
+    rewards = []
+    for i, best in enumerate(bests):
+        partners = [bests[p * per + i % per] for p in range(presentations) if p != i // per]
+        agreed = [best is not None and best == other for other in partners]
+        rewards.append(coef * sum(1.0 if same else -1.0 for same in agreed) / len(agreed))
+    return rewards
 
 
 # ---------------------------------------------------------------------------------------------

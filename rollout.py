@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from data import referee_prompt
+from data import referee_prompt, shown_orders
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
 from reward import read_verdict, self_rewards
 
@@ -245,21 +245,24 @@ class HFEngine:
             # Full attention in every layer: each prompt prefilled alone, its keys and values then
             # left-padded into one [p, kv, P, d] per layer. The padding is never computed: a
             # batched prefill of referee prompts of 530-790 tokens spent ~17% of its FLOPs on it.
-            last, prompt_caches = [], []
-            for ids in prompts:
-                prompt_caches.append(DynamicCache(config=self.model.config))
-                out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                                 position_ids=torch.arange(len(ids), device=self.device)[None],
-                                 use_cache=True, logits_to_keep=1,
-                                 **{self._cache_argument: prompt_caches[-1]})
-                last.append(out.logits[:, -1])  # [1, V]
+            last, prompt_caches, prefilled = [], [], {}
+            for ids in prompts:  # copies of one prompt (sample_groups) are prefilled once
+                if tuple(ids) not in prefilled:
+                    prompt_cache = DynamicCache(config=self.model.config)
+                    out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                                     position_ids=torch.arange(len(ids), device=self.device)[None],
+                                     use_cache=True, logits_to_keep=1,
+                                     **{self._cache_argument: prompt_cache})
+                    prefilled[tuple(ids)] = prompt_cache, out.logits[:, -1]  # [1, V]
+                prompt_caches.append(prefilled[tuple(ids)][0])
+                last.append(prefilled[tuple(ids)][1])
             for index in range(len(cache.layers)):
                 layers = [c.layers[index] for c in prompt_caches]
                 cache.layers[index] = _SharedPromptLayer(
                     _left_padded([layer.keys for layer in layers], width),
                     _left_padded([layer.values for layer in layers], width),
                     attention_mask, n, capacity)
-            del prompt_caches
+            del prompt_caches, prefilled
             logits = torch.cat(last).repeat_interleave(n, dim=0)  # [b, V]
         else:  # sliding-window layers, or attention other than sdpa: transformers' cache
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -354,6 +357,29 @@ class HFEngine:
         pass
 
 
+def sample_groups(engine, prompts: list[list[list[int]]], group_size: int, temperature: float,
+                  max_new_tokens: int) -> list[list[Completion]]:
+    """group_size (G) completions for each group of prompts, in one engine call. A group of one
+    prompt (a player's) gets all G; a group of L prompts (a referee group: one pair shown in L
+    orders) gets G / L completions of each, presentation by presentation. An engine call samples
+    one n per prompt, so each prompt is sent as copies asking the greatest common divisor of the
+    counts (the HF engine prefills copies once, vLLM's prefix cache reuses them); with one
+    prompt per group this is `engine.generate(prompts, G, ...)` itself. ValueError unless every
+    group has >= 1 prompt and L divides G."""
+    counts = []
+    for index, group in enumerate(prompts):
+        if not group or group_size % len(group):
+            raise ValueError(f"group {index} has {len(group)} prompts: group_size {group_size} "
+                             "must split evenly over 1 or more prompts")
+        counts.append(group_size // len(group))
+    n = math.gcd(*counts) if counts else group_size
+    copies = [ids for group, count in zip(prompts, counts) for ids in group
+              for _ in range(count // n)]
+    outputs = iter(engine.generate(copies, n, temperature, max_new_tokens) if copies else [])
+    return [[completion for _ in group for _ in range(count // n) for completion in next(outputs)]
+            for group, count in zip(prompts, counts)]
+
+
 def make_engine(kind: str, model_path: str, tokenizer, dtype: torch.dtype = torch.float32,
                 device="cpu", seed: int = 0, context_len: int | None = None,
                 trust_remote_code: bool = False, **vllm_options):
@@ -437,18 +463,19 @@ def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: li
                  num_orders: int, temperature: float, max_new_tokens: int,
                  rng: random.Random, think: bool = True) -> SelfRefereeResult:
     """The self-referee pass (README.md, "The method"): `engine` (the policy's, or the baseline
-    arm's frozen referee) judges answers[g] to conversations[g] in `num_orders` shuffles from
-    `rng`; position p of a valid ranking of K scores (K - 1 - p) / (K - 1), averaged into each
-    answer's reward (reward.self_rewards); a group with no valid ranking is dropped. E.g.
-    orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]: position bias earns nothing."""
+    arm's frozen referee) judges answers[g] to conversations[g] in `num_orders` orders from
+    `rng` (data.shown_orders: each answer shown first as evenly as num_orders allows, an order
+    followed by its reverse); position p of a valid ranking of K scores (K - 1 - p) / (K - 1),
+    averaged into each answer's reward (reward.self_rewards); a group with no valid ranking is
+    dropped. E.g. orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]: with an even
+    num_orders, a referee that ranks by shown position alone gives every answer the same reward,
+    so position bias earns the player nothing (M independent shuffles would pay it noise)."""
     if num_orders < 1 or len(conversations) != len(answers):
         raise ValueError(f"need num_orders >= 1 and one conversation per group of answers; got "
                          f"{num_orders}, {len(conversations)} and {len(answers)}")
     jobs = []  # (group, shown order), num_orders per group
     for group, group_answers in enumerate(answers):
-        for _ in range(num_orders):
-            order = list(range(len(group_answers)))
-            rng.shuffle(order)
+        for order in shown_orders(len(group_answers), num_orders, rng):
             jobs.append((group, order))
     verdicts = referee(engine, tokenizer, [conversations[g] for g, _ in jobs],
                        [answers[g] for g, _ in jobs], [order for _, order in jobs], temperature,

@@ -403,7 +403,7 @@ def test_timeouts_counted_by_training_step_and_eval_report(monkeypatch):
     record = {"task": "verifiable", "answer": r"\frac{5}{11}"}
     texts = [r"\boxed{\frac{10}{22}}", r"\boxed{\frac{15}{33}}", r"\frac{5}{11}",
              r"\boxed{\frac{5}{11}}"]
-    group = train.Group(record, [1], completions=[Completion([1], t, "eos", None) for t in texts])
+    group = train.Group(record, [[1]], completions=[Completion([1], t, "eos", None) for t in texts])
     tally = train.Tally()
     train.rule_rewards([group], tiny_cfg(group_size=4), tally)
     # two checks reach the worker and time out; no box is wrong; the gold text itself is right
@@ -1876,9 +1876,9 @@ def test_loop_learns_a_reward_with_variance(process_group, tiny_dir):
     means = []
     for step in range(30):
         tally = train.Tally()
-        groups = [train.Group({"task": "verifiable", "id": str(i)}, ids)
+        groups = [train.Group({"task": "verifiable", "id": str(i)}, [ids])
                   for i, ids in enumerate(prompts)]
-        for g, completions in zip(groups, engine.generate([g.prompt_ids for g in groups],
+        for g, completions in zip(groups, engine.generate([g.prompts[0] for g in groups],
                                                           cfg.group_size, cfg.temperature,
                                                           cfg.max_new_tokens)):
             g.completions = completions
@@ -1906,7 +1906,8 @@ class FixedReferee:
 def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     """All three tasks and the self-referee pass: rewards, dropped groups, masks and metrics."""
     import data
-    cfg = tiny_cfg(group_size=4, max_new_tokens=6, referee_orders=2, max_prompt_tokens=100_000)
+    cfg = tiny_cfg(group_size=4, max_new_tokens=6, referee_orders=2, max_prompt_tokens=100_000,
+                   referee_group_orders=1)
     tokenizer = model_lib.load_tokenizer(tiny_dir)
     engine = rollout.HFEngine(tiny_dir, tokenizer, seed=0)
     batch = [data.load("gsm8k:samples/gsm8k/train.first200.jsonl", limit=1)[0],
@@ -1919,8 +1920,8 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     rng = random.Random(0)
     groups = train.build_prompts(batch, tokenizer, cfg, rng, tally)
     assert [g.record["task"] for g in groups] == ["verifiable", "preference", "open", "open"]
-    assert sorted(groups[1].order) == [0, 1] and groups[0].order is None
-    for g, completions in zip(groups, engine.generate([g.prompt_ids for g in groups], 4, 1.0, 6)):
+    assert [sorted(order) for order in groups[1].orders] == [[0, 1]] and groups[0].orders is None
+    for g, completions in zip(groups, engine.generate([g.prompts[0] for g in groups], 4, 1.0, 6)):
         g.completions = completions
     # The referee always says "[1] > [2] > [3] > [4]": shown position p gets (3 - p) / 3, so each
     # answer's reward is the mean over the two orders of its shown position's score.
@@ -1971,7 +1972,7 @@ def test_rule_rewards_score_verdicts_against_the_gold_ranking(process_group):
     record = {"task": "preference", "id": "p", "responses": ["good", "bad"], "ranking": [0, 1]}
     texts = ["<answer>[2] > [1]</answer>", "<answer>[1] > [2]</answer>",
              "<answer>[1] = [2]</answer>"]
-    group = train.Group(record, [1], order=[1, 0],
+    group = train.Group(record, [[1]], orders=[[1, 0]],
                         completions=[Completion([1], t, "eos", None) for t in texts])
     tally = train.Tally()
     train.rule_rewards([group], tiny_cfg(group_size=3), tally)
@@ -2161,8 +2162,8 @@ def test_skip_zero_advantage_and_sampler_logprobs_follow_the_flags():
     record = {"task": "verifiable", "id": "x"}
     done = [Completion([5, 6], "a", "eos", [-0.1, -0.2]), Completion([7], "b", "eos", [-0.3])]
     def groups():
-        return [train.Group(record, [1, 2], completions=done, rewards=[1.0, 1.0]),
-                train.Group(record, [3], completions=done, rewards=[1.0, 0.0])]
+        return [train.Group(record, [[1, 2]], completions=done, rewards=[1.0, 1.0]),
+                train.Group(record, [[3]], completions=done, rewards=[1.0, 0.0])]
     for kl, skip in ((0.0, True), (0.1, True), (0.1, False)):
         cfg = tiny_cfg(group_size=2, kl_coef=kl, skip_zero_advantage=skip, rollout="hf")
         samples = train.advantages_and_samples(groups(), cfg, train.Tally())
@@ -2526,13 +2527,17 @@ def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_
 def test_before_and_after_table(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [
-        {"step": 0, "eval/hh/accuracy": 0.5, "eval/gsm8k/boxed_rate": 0.0},
+        {"step": 0, "eval/hh/accuracy": 0.5, "eval/hh/accuracy_ci_low": 0.375,
+         "eval/hh/accuracy_ci_high": 0.625, "eval/gsm8k/boxed_rate": 0.0},
         {"step": 1, "loss": 0.1},
-        {"step": 2, "eval/hh/accuracy": 0.75, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
+        {"step": 2, "eval/hh/accuracy": 0.75, "eval/hh/accuracy_ci_low": 0.625,
+         "eval/hh/accuracy_ci_high": 0.875, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
     rows = evaluation.before_and_after(str(path)).splitlines()
-    assert rows[0].split() == ["held-out", "metric", "step", "0", "step", "2"]
+    assert rows[0].split() == ["held-out", "metric", "(95%", "interval)", "step", "0", "step", "2"]
+    assert len(rows) == 3  # an interval is printed with its metric, not as rows of its own
     assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
-            and rows[2].split() == ["hh/accuracy", "0.500", "0.750"])
+            and rows[2].split() == ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,",
+                                    "0.88]"])
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
@@ -2835,12 +2840,15 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                            "model_outputs.json", limit=1)}
     metrics = evaluation.evaluate_during_training(engine, tokenizer, sets, max_new_tokens=4,
                                                   batch_size=2)
-    assert set(metrics) == {"gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate",
-                            "gsm8k/timeouts", "hh/accuracy", "hh/position_consistency",
-                            "hh/invalid_rate", "alpaca/win_rate", "alpaca/invalid_rate",
-                            "alpaca/avg_length"} | {
-                                f"{name}/{count}"
-                                for name in sets for count in ("n", "skipped_long_prompts")}
+    intervals = {f"{name}{end}" for name in ("gsm8k/accuracy", "hh/accuracy",
+                                             "hh/accuracy_both_orders", "hh/length_rule_accuracy")
+                 for end in ("", "_ci_low", "_ci_high")}
+    assert set(metrics) == intervals | {
+        "gsm8k/boxed_rate", "gsm8k/truncation_rate", "gsm8k/timeouts",
+        "hh/position_consistency", "hh/prefers_first_shown", "hh/accuracy_chosen_first",
+        "hh/accuracy_chosen_second", "hh/prefers_longer", "hh/invalid_rate",
+        "alpaca/win_rate", "alpaca/invalid_rate", "alpaca/avg_length"} | {
+            f"{name}/{count}" for name in sets for count in ("n", "skipped_long_prompts")}
     assert all(metrics[f"{name}/skipped_long_prompts"] == 0 for name in sets)
     assert (metrics["gsm8k/n"], metrics["hh/n"], metrics["alpaca/n"],
             metrics["gsm8k/timeouts"]) == (3, 2, 1, 0)
@@ -2859,19 +2867,16 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     assert metrics["gsm8k/skipped_long_prompts"] == 1 and metrics["gsm8k/accuracy"] == 0.0
     assert metrics["gsm8k/n"] == 2 and metrics["hh/n"] == 0
     assert metrics["hh/skipped_long_prompts"] == 2 and math.isnan(metrics["hh/accuracy"])
-    # train.py's reduction: means weighted by the items scored, a set with none left out,
-    # counts summed
+    # train.py's metrics line: counts under count/eval/, a metric with nothing to measure left out
     if not dist.is_initialized():
         train.init_distributed()
-    tally = train.Tally()
     cfg = tiny_cfg(eval_max_new_tokens=4, referee_max_new_tokens=4)
     short.rng.seed(5)
-    train.evaluate_held_out(short, tokenizer, sets, cfg, tally)
+    line = train.evaluate_held_out(short, tokenizer, sets, cfg)
     # evaluation leaves the sampling state alone
     assert short.rng.random() == random.Random(5).random()
-    reduced = tally.reduce()
-    assert reduced["count/eval/hh/skipped_long_prompts"] == 2 and reduced["count/eval/gsm8k/n"] == 2
-    assert "eval/hh/accuracy" not in reduced and reduced["eval/gsm8k/accuracy"] == 0.0
+    assert line["count/eval/hh/skipped_long_prompts"] == 2 and line["count/eval/gsm8k/n"] == 2
+    assert "eval/hh/accuracy" not in line and line["eval/gsm8k/accuracy"] == 0.0
     assert metrics["alpaca/skipped_long_prompts"] == 1
 
 

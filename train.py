@@ -45,9 +45,11 @@ import data
 import eval as evaluation
 import model as model_lib
 import rollout
-from grpo import AGGREGATIONS, group_advantages, grpo_loss, truncated_is_weights
+from grpo import (AGGREGATIONS, group_advantages, grpo_loss, presentation_advantages,
+                  truncated_is_weights)
 from data import TASKS
-from reward import math_rewards, ranking_reward, read_verdict, timed_out_checks
+from reward import (consistency_rewards, math_rewards, ranking_reward, read_verdict,
+                    timed_out_checks)
 
 
 def option(default, help: str):
@@ -78,7 +80,7 @@ class Config:
     temperature: float = option(1.0, "sampling temperature (log-probs taken at it)")
     max_prompt_tokens: int = option(384, "longer prompts are skipped and counted, never cut")
     max_new_tokens: int = option(64, "generation budget of trained completions")
-    referee_orders: int = option(2, "M: shuffled orders per self-refereed group")
+    referee_orders: int = option(2, "M: orders per self-refereed group (balanced, reversed pairs)")
     referee_max_new_tokens: int = option(32, "budget of a referee verdict (self-referee, eval)")
     referee_think: bool = option(False, "verdicts open with reasoning in <think></think>")
     referee_model: str = option("", "baseline arm: a frozen referee for open groups")
@@ -88,6 +90,14 @@ class Config:
     vllm_sleep: bool = option(True, "vllm on GPU: free its memory while the trainer runs")
     referee_vllm_memory: float = option(0.25, "vllm on GPU: the baseline referee's share")
     logprob_gap_max: float = option(1e-3, "vllm: stop above this engine-trainer log-prob gap")
+    # the referee's groups on preference data (README.md, "Order-balanced referee groups")
+    referee_group_orders: int = option(2, "L: orders each pair is shown in, G / L samples each, "
+                                       "one group (1: one random order, plain GRPO)")
+    referee_advantage: str = option("group", "group: one z-score over the G samples; eis: plus "
+                                    "a z-score within each order (J4R)")
+    consistency_coef: float = option(0.0, "lambda: +/- reward when aligned samples of two orders "
+                                     "name the same / another candidate (PA-GRPO; 0: off)")
+    invalid_reward: float = option(0.0, "reward of an unparsable verdict on preference data")
     # loss
     loss_agg: str = option("token-mean", "token-mean, seq-mean or seq-sum-norm")
     scale_advantages: bool = option(True, "divide advantages by the group std (off: Dr. GRPO)")
@@ -123,7 +133,8 @@ class Config:
     eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
     eval_data: str = option("gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/"
                             "helpful-base/test.first100.jsonl.gz", "held-out sets, comma-separated")
-    eval_limit: int = option(8, "records per held-out set (the first that fit)")
+    eval_limit: int = option(8, "records per held-out player set (the first that fit)")
+    eval_pairs: int = option(8, "pairs per held-out referee set, each judged in both orders")
     eval_max_new_tokens: int = option(96, "budget of an answer during evaluation")
     eval_start_end: bool = option(True, "also evaluate before the first step and after the last")
     plot: bool = option(True, "draw curves.png at the end")
@@ -202,6 +213,14 @@ def config_problems(cfg: Config) -> list[str]:
     need(cfg.temperature > 0, "temperature", cfg.temperature,
          "use > 0 (log-probabilities are taken at the sampling temperature)")
     need(cfg.referee_orders >= 1, "referee_orders", cfg.referee_orders, "use 1 or more")
+    need(cfg.referee_group_orders >= 1 and (cfg.group_size < 2  # said above already
+                                            or cfg.group_size % cfg.referee_group_orders == 0),
+         "referee_group_orders", cfg.referee_group_orders,
+         f"use a divisor of --group_size {cfg.group_size} (its samples split evenly)")
+    need(cfg.referee_advantage in ("group", "eis"), "referee_advantage", cfg.referee_advantage,
+         "use group or eis")
+    for flag in ("consistency_coef", "invalid_reward"):
+        need(math.isfinite(getattr(cfg, flag)), flag, getattr(cfg, flag), "use a finite number")
     need(cfg.steps >= 1, "steps", cfg.steps, "use 1 or more")
     for flag in ("lr", "cold_start_lr"):
         need(0 < getattr(cfg, flag) < math.inf, flag, getattr(cfg, flag), "use a rate > 0")
@@ -326,13 +345,18 @@ def print0(*args) -> None:
 
 @dataclass
 class Group:
-    """G completions of one prompt, in one role."""
+    """G completions in one role: of one prompt, or (a preference record) of L prompts that show
+    its candidates in L orders, G / L completions each (--referee_group_orders)."""
     record: dict  # the unified record (data.py)
-    prompt_ids: list[int]  # the rendered prompt the G completions continue
-    order: list[int] | None = None  # preference: order[j] is the response shown as [j+1]
-    completions: list = dataclasses.field(default_factory=list)  # G rollout.Completion
+    prompts: list[list[int]]  # the rendered prompt(s) the completions continue, one per order
+    orders: list[list[int]] | None = None  # preference: orders[l][j] is shown as [j+1] in prompt l
+    completions: list = dataclasses.field(default_factory=list)  # G rollout.Completion, by prompt
     rewards: list[float] | None = None  # None: an open group no verdict could rank (dropped)
     advantages: list[float] | None = None
+
+    def prompt_of(self, i: int) -> int:
+        """The prompt (presentation) that completion i continues."""
+        return i * len(self.prompts) // len(self.completions)
 
 
 def render_prompt(record: dict, tokenizer, order: list[int] | None = None,
@@ -348,18 +372,40 @@ def render_prompt(record: dict, tokenizer, order: list[int] | None = None,
 
 def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
                   tally: Tally) -> list[Group]:
-    """Player prompts for verifiable and open records, referee prompts (candidates shuffled)
-    for preference records."""
+    """Player prompts for verifiable and open records; for preference records the referee
+    prompt in --referee_group_orders orders (data.shown_orders: with 2, a random order and its
+    reverse), one group. Why: under one shown order per group, a referee that always names [1]
+    gets the same reward on all G samples, advantage 0: position bias is never unlearnt."""
     groups = []
     for record in batch:
-        k = len(record["responses"] or [])
-        order = rng.sample(range(k), k) if record["task"] == "preference" else None
-        prompt_ids = render_prompt(record, tokenizer, order, cfg.referee_think)
-        if len(prompt_ids) > cfg.max_prompt_tokens:  # another order can tokenize a little longer
+        orders = None
+        if record["task"] == "preference":
+            orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
+        prompts = [render_prompt(record, tokenizer, order, cfg.referee_think)
+                   for order in orders or [None]]
+        if max(map(len, prompts)) > cfg.max_prompt_tokens:  # another order can be a token longer
             tally.add(f"count/skipped_long_prompts/{record['task']}", 1)
             continue
-        groups.append(Group(record, prompt_ids, order))
+        groups.append(Group(record, prompts, orders))
     return groups
+
+
+def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
+                   rankings: list[list[int] | None], lengths: list[int],
+                   gold_best: int | None = None) -> None:
+    """What the referee's verdicts show, per verdict: invalid, the first shown ranked best
+    (position bias), the longest candidate ranked best (length bias), and with a gold best its
+    accuracy, split by whether the gold best was shown first ("second": any later place)."""
+    for order, ranking in zip(orders, rankings, strict=True):
+        tally.add(f"referee/invalid_rate/{task}", float(ranking is None))
+        if ranking is not None:
+            tally.add(f"referee/first_shown_best/{task}", float(ranking[0] == order[0]))
+            tally.add(f"referee/longer_best/{task}", float(lengths[ranking[0]] == max(lengths)))
+        if gold_best is not None:
+            right = float(ranking is not None and ranking[0] == gold_best)
+            tally.add(f"referee/accuracy/{task}", right)
+            shown = "first" if order[0] == gold_best else "second"
+            tally.add(f"referee/accuracy_chosen_{shown}/{task}", right)
 
 
 def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
@@ -374,12 +420,21 @@ def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
     for i, g in enumerate(verifiable):
         g.rewards = flat[i * cfg.group_size:(i + 1) * cfg.group_size]
     for g in (g for g in groups if g.record["task"] == "preference"):
-        rankings = [read_verdict(c.text, g.order) for c in g.completions]
-        g.rewards = [ranking_reward(r, g.record["ranking"]) for r in rankings]
-        for r in rankings:
-            tally.add("referee/invalid_rate/preference", float(r is None))
-            if r is not None:  # position bias: does the referee just pick the first shown?
-                tally.add("referee/first_shown_best/preference", float(r[0] == g.order[0]))
+        orders = [g.orders[g.prompt_of(i)] for i in range(len(g.completions))]
+        rankings = [read_verdict(c.text, order) for c, order in zip(g.completions, orders)]
+        g.rewards = [cfg.invalid_reward if r is None else ranking_reward(r, g.record["ranking"])
+                     for r in rankings]
+        bests = [None if r is None else r[0] for r in rankings]  # original candidates
+        if cfg.consistency_coef:
+            bonus = consistency_rewards(bests, len(g.orders), cfg.consistency_coef)
+            g.rewards = [r + b for r, b in zip(g.rewards, bonus)]
+        tally_verdicts(tally, "preference", orders, rankings,
+                       [len(text) for text in g.record["responses"]], g.record["ranking"][0])
+        per = len(g.completions) // len(g.orders)  # aligned samples of two orders: same verdict?
+        for i in range(per, len(bests)):
+            for j in range(i % per, i, per):
+                same = bests[i] is not None and bests[i] == bests[j]
+                tally.add("referee/position_consistency/preference", float(same))
 
 
 def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: random.Random,
@@ -400,10 +455,9 @@ def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: ran
     tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
     tops = defaultdict(list)  # the best answer of each valid verdict, per group
     for verdict in judged.verdicts:
-        tally.add("referee/invalid_rate/open", float(verdict.ranking is None))
+        answers = [c.text for c in open_groups[verdict.group].completions]
+        tally_verdicts(tally, "open", [verdict.order], [verdict.ranking], list(map(len, answers)))
         if verdict.ranking is not None:
-            first_shown = verdict.ranking[0] == verdict.order[0]
-            tally.add("referee/first_shown_best/open", float(first_shown))
             tops[verdict.group].append(verdict.ranking[0])
     for best in tops.values():  # pairs of valid verdicts on one group that agree on the best
         for i, a in enumerate(best):
@@ -424,8 +478,12 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
         if g.rewards is None:
             continue
         tally.add(f"reward/{task}", sum(g.rewards) / len(g.rewards))
-        adv = group_advantages(torch.tensor(g.rewards), cfg.group_size,
-                               scale=cfg.scale_advantages)  # [G]
+        if cfg.referee_advantage == "eis" and task == "preference":
+            adv = presentation_advantages(torch.tensor(g.rewards), len(g.prompts),
+                                          scale=cfg.scale_advantages)  # [G]
+        else:
+            adv = group_advantages(torch.tensor(g.rewards), cfg.group_size,
+                                   scale=cfg.scale_advantages)  # [G]
         g.advantages = adv.tolist()
         has_signal = bool(adv.abs().max() > 0)
         tally.add(f"nonzero_adv_share/{task}", float(has_signal))
@@ -433,10 +491,11 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
         # out (as DAPO's dynamic sampling does) also keeps it out of the token-mean's denominator.
         if not has_signal and cfg.skip_zero_advantage:
             continue
-        for c, a in zip(g.completions, g.advantages):
+        for i, (c, a) in enumerate(zip(g.completions, g.advantages)):
             if c.token_ids:  # the sampler's log-probs serve the IS correction of vLLM rollouts
                 sampler = c.logprobs if cfg.rollout == "vllm" else None
-                samples.append(model_lib.Sample(g.prompt_ids, list(c.token_ids), a, sampler))
+                samples.append(model_lib.Sample(g.prompts[g.prompt_of(i)], list(c.token_ids), a,
+                                                sampler))
     return samples
 
 
@@ -548,12 +607,12 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
     referee's gold rankings written as verdicts, and worked solutions ending in \\boxed{}
     (data.gold_target); every --cold_start_group_every-th verdict ranks group_size candidates,
     a pair widened with replies to other conversations (data.group_gold_target): the K that the
-    self-referee pass shows, which pairs alone never teach. Ours, not the paper's: the paper
-    starts from a 7B model that already follows output formats; a small model that never writes
-    a valid verdict or a box gives GRPO nothing to compare. It is `update` with advantage 1 and
-    ratio 1: under --loss_agg token-mean its gradient is that of the token-mean NLL (the other
-    aggregations weigh the tokens as they do in GRPO); its own AdamW at --cold_start_lr,
-    dropped afterwards. Referee and solver examples alternate within each batch; examples over
+    self-referee pass shows, which pairs alone never teach; a pair's verdicts come in the
+    --referee_group_orders orders that GRPO shows it in. Ours, not the paper's: the paper starts
+    from a 7B model that already follows output formats; a small model that never writes a valid
+    verdict or a box gives GRPO nothing to compare. It is `update` with advantage 1 and ratio 1
+    under --loss_agg token-mean, whatever the run's: the gradient of the token-mean NLL; its own
+    AdamW at --cold_start_lr, dropped afterwards. Referee and solver examples alternate within each batch; examples over
     --max_prompt_tokens or --max_new_tokens are left out. The KL reference (--kl_coef > 0)
     stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step,
     time)."""
@@ -570,18 +629,24 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
             return model_lib.Sample(prompt_ids, target_ids, advantage=1.0)
         return None
 
+    # Each pool holds lists of examples kept together: a pair's verdicts in the
+    # --referee_group_orders orders that GRPO shows it in (both orders: no position to imitate)
     pools = {"pairs": [], "groups": [], "verifiable": []}  # verdicts on K and on G, solutions
     grouped = cfg.cold_start_group_every > 0 and cfg.group_size > 2
     for record in sources.get("preference", []):
-        pools["pairs"].append(sample(data.gold_target(record, rng, cfg.referee_think)))
+        orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
+        pools["pairs"].append([sample(data.gold_target(record, rng, cfg.referee_think, order))
+                               for order in orders])
         if grouped:
-            pools["groups"].append(sample(data.group_gold_target(
-                record, sources["preference"], cfg.group_size, rng, cfg.referee_think)))
+            pools["groups"].append([sample(data.group_gold_target(
+                record, sources["preference"], cfg.group_size, rng, cfg.referee_think))])
     for record in sources.get("verifiable", []):
-        pools["verifiable"].append(sample(data.gold_target(record, rng, cfg.referee_think)))
-    for pool in pools.values():
-        pool[:] = [s for s in pool if s is not None]
+        pools["verifiable"].append([sample(data.gold_target(record, rng, cfg.referee_think))])
+    for name, pool in pools.items():
+        pool[:] = [kept for kept in ([s for s in together if s is not None] for together in pool)
+                   if kept]
         rng.shuffle(pool)
+        pools[name] = [s for together in pool for s in together]
     print0("cold start examples within the budgets: " + ", ".join(
         f"{len(pool)} {name}" for name, pool in pools.items()))
     referee = pools["pairs"] or pools["groups"]
@@ -601,7 +666,9 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
         used[name] += 1
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, fused=True)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    supervised = dataclasses.replace(cfg, updates_per_batch=1)
+    # One update of the token-mean NLL, whatever the run's --loss_agg (a seq-sum-norm cold start
+    # would shrink by mean length / --max_new_tokens, a confound of that ablation)
+    supervised = dataclasses.replace(cfg, updates_per_batch=1, loss_agg="token-mean")
     rank, world, nll = dist.get_rank(), dist.get_world_size(), []
     policy.train()
     for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=rank != 0,
@@ -755,7 +822,8 @@ def load_inputs(cfg: Config) -> tuple[str, str | None, object, dict, dict]:
     eval_sets = {}
     if cfg.eval_every or cfg.eval_start_end:
         try:
-            eval_sets = evaluation.held_out_sets(cfg.eval_data, cfg.eval_limit, fits)
+            eval_sets = evaluation.held_out_sets(cfg.eval_data, cfg.eval_limit, fits,
+                                                 pairs=cfg.eval_pairs)
         except data.DataError as error:
             raise SystemExit(f"train.py: --eval_data: {error}") from None
         for name, records in eval_sets.items():
@@ -775,27 +843,37 @@ def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config,
     return mean_gap, max_gap
 
 
-def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]], cfg: Config,
-                      tally: Tally) -> None:
-    """Held-out metrics of this rank's share of every set (eval.evaluate_during_training) into
-    `tally`: means as eval/<set>/<metric>, weighted by the items each rank scored; counts summed
-    as count/eval/<set>/<count>. The engine's sampling state is restored afterwards, so
-    evaluating does not change the training run (every call draws a seed)."""
+def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
+                      cfg: Config) -> dict[str, float]:
+    """Held-out metrics of every set for the metrics line: means as eval/<set>/<metric>, counts as
+    count/eval/<set>/<count>; a metric with nothing to measure (NaN) is left out. Each rank judges
+    its share of the items (eval.held_out_items), every rank gets them all, in the sets' order,
+    and the metrics (and their bootstrap intervals) are computed from all of them. The engine's
+    sampling state is restored afterwards: evaluating does not change the training run."""
     rank, world = dist.get_rank(), dist.get_world_size()
     shards = {name: records[rank::world] for name, records in eval_sets.items()
               if records[rank::world]}
     engine_rng = engine.rng.getstate()
-    values = evaluation.evaluate_during_training(
+    mine = evaluation.held_out_items(
         engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
         referee_max_new_tokens=cfg.referee_max_new_tokens)  # a verdict as long as in training
     engine.rng.setstate(engine_rng)
-    for name, value in values.items():
-        set_name, metric = name.split("/", 1)
-        scored = values[f"{set_name}/n"]
-        if metric in evaluation.TRAINING_COUNTS:
-            tally.add(f"count/eval/{name}", value)
-        elif scored > 0:  # a rank whose items were all over the context has no mean to add
-            tally.add(f"eval/{name}", value, scored)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    judged = {}
+    for name, records in eval_sets.items():
+        items = [None] * len(records)  # rank r judged records r, r + world, ...
+        for r, theirs in enumerate(everyone):
+            if name in theirs:
+                kind, items[r::world] = theirs[name]
+        if records:
+            judged[name] = (kind, items)
+    metrics = {}
+    for name, value in evaluation.held_out_metrics(judged).items():
+        count = name.split("/", 1)[1] in evaluation.TRAINING_COUNTS
+        if math.isfinite(value):
+            metrics[f"count/eval/{name}" if count else f"eval/{name}"] = value
+    return metrics
 
 
 def build_models(cfg: Config, device: torch.device, model_path: str, referee_path: str | None,
@@ -861,11 +939,11 @@ def before_training(cfg: Config, policy, engine, shared: bool, tokenizer, source
     line = {"step": 0}
     if cfg.eval_start_end and eval_sets:
         print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
-        tally, t = Tally(), time.perf_counter()
-        evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
-        line |= tally.reduce() | {"time/eval": time.perf_counter() - t}
-        print0("  " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}"
-                                for k, v in line.items() if k.startswith("eval/")))
+        t = time.perf_counter()
+        line |= evaluate_held_out(engine, tokenizer, eval_sets, cfg)
+        line["time/eval"] = time.perf_counter() - t
+        print0("  " + ", ".join(f"{name} {text}" for name, text
+                                in evaluation.format_metrics(line, "eval/").items()))
     if cfg.cold_start_steps:
         engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
         line |= cold_start(policy, sources, tokenizer, cfg)
@@ -939,8 +1017,8 @@ def main(argv=None) -> int:
 
         # ---- 2. roll out: G completions per prompt, player and referee prompts alike ------------
         t = time.perf_counter()
-        outputs = engine.generate([g.prompt_ids for g in groups], cfg.group_size,
-                                  cfg.temperature, cfg.max_new_tokens) if groups else []
+        outputs = rollout.sample_groups(engine, [g.prompts for g in groups], cfg.group_size,
+                                        cfg.temperature, cfg.max_new_tokens)
         for g, completions in zip(groups, outputs):
             g.completions = completions
         seconds["rollout"] = time.perf_counter() - t
@@ -980,14 +1058,15 @@ def main(argv=None) -> int:
             tally.add("logprob_gap/max", gap_max)
 
         # ---- 8. eval: held-out referee and player metrics with the live engine ------------------
+        held_out = {}
         if (cfg.eval_every and step % cfg.eval_every == 0) or (
                 cfg.eval_start_end and step == cfg.steps):
             t = time.perf_counter()
-            evaluate_held_out(engine, tokenizer, eval_sets, cfg, tally)
+            held_out = evaluate_held_out(engine, tokenizer, eval_sets, cfg)
             seconds["eval"] = time.perf_counter() - t
 
         # ---- 9. log ------------------------------------------------------------------------------
-        metrics = tally.reduce()
+        metrics = tally.reduce() | held_out
         generated = all_reduce([sum(len(c.token_ids) for g in groups for c in g.completions)
                                 + sum(v.num_tokens for v in verdicts)])[0]
         elapsed = time.perf_counter() - started
@@ -1064,7 +1143,7 @@ def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, t
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
         for g in groups:
             line = {"step": step, "task": g.record["task"], "id": g.record["id"],
-                    "prompt": tokenizer.decode(g.prompt_ids), "order": g.order,
+                    "prompts": [tokenizer.decode(ids) for ids in g.prompts], "orders": g.orders,
                     "completions": [c.text for c in g.completions], "rewards": g.rewards,
                     "advantages": g.advantages}
             if g.record["task"] == "open":
