@@ -459,59 +459,127 @@ def before_and_after(metrics_path: str) -> str:
 
 
 # ====================================================================================== curves
-CURVES = [  # (panel title, metrics.jsonl key prefixes drawn in it)
+CURVES = [  # (panel title, metrics.jsonl key prefixes drawn in it); "/" ends a prefix
     ("reward per task", ["reward/"]),
     ("referee invalid rate", ["referee/invalid_rate/"]),
     ("groups that carry a gradient", ["nonzero_adv_share/"]),
     ("loss", ["loss"]),
+    ("referee in training: what it follows", ["referee/accuracy/preference",
+                                              "referee/position_consistency/",
+                                              "referee/first_shown_best/", "referee/longer_best/"]),
 ]
+REFEREE_ACCURACY = ("accuracy", "accuracy_both_orders", "length_rule_accuracy",
+                    "accuracy_chosen_first", "accuracy_chosen_second")
+REFEREE_BIAS = ("position_consistency", "prefers_first_shown", "prefers_longer", "invalid_rate")
 
 
-def plot_run(metrics_path: str, out_path: str) -> str:
-    """Draw a run's curves from its metrics.jsonl into one PNG and return its path: the CURVES
-    panels, then the held-out metrics (referee sets, then player sets) against the step, where
-    step 0 is the evaluation before training. Raises ValueError when no line has a step."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.ticker
-    import matplotlib.pyplot as plt
-
+def _read_metrics(metrics_path: str) -> list[dict]:
     with open(metrics_path) as f:
         lines = [line for line in map(json.loads, filter(str.strip, f)) if "step" in line]
     if not lines:
         raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's "
                          "metrics.jsonl?")
-    keys = sorted({key for line in lines for key in line})
-    held_out = [key for key in keys  # means only, not the counts
-                if key.startswith("eval/") and key.split("/")[-1] not in TRAINING_COUNTS]
-    referee_sets = {key.split("/")[1] for key in held_out if key.endswith("/position_consistency")}
-    def drawn(prefixes):  # a prefix ending in "/" takes every key under it, else the key itself
-        return [k for k in keys
-                if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)]
-    panels = [(title, drawn(prefixes)) for title, prefixes in CURVES]
-    panels += [("held-out referee", [k for k in held_out if k.split("/")[1] in referee_sets]),
-               ("held-out player", [k for k in held_out if k.split("/")[1] not in referee_sets])]
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True, sharex=True)
-    for axis, (title, names) in zip(axes.flat, panels):
-        for name in names:
-            points = [(line["step"], line[name]) for line in lines
-                      if isinstance(line.get(name), (int, float)) and math.isfinite(line[name])]
-            if points:
-                steps, values = zip(*points)
-                axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3,
-                          label=name.removeprefix("eval/"))
-        axis.set_title(title)
+    return lines
+
+
+def _draw(axis, lines: list[dict], name: str, label: str, **style) -> None:
+    """One metric against the step, its 95% interval shaded where the lines have one; a
+    per-step training metric of 30 or more points as its 10-step running mean."""
+    points = [(line["step"], line[name], line.get(f"{name}_ci_low"), line.get(f"{name}_ci_high"))
+              for line in lines if isinstance(line.get(name), (int, float))
+              and math.isfinite(line[name])]
+    if not points:
+        return
+    steps, values, lows, highs = zip(*points)
+    if len(points) >= 30 and not name.startswith("eval/"):
+        values = [mean(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+        label += " (10-step mean)"
+    line, = axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3,
+                      label=label, **style)
+    if None not in lows + highs:
+        axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def _finish_axes(figure, axes, last_step: int) -> None:
+    import matplotlib.ticker
+    for axis in axes.flat:
         axis.set_xlabel("step")
         axis.tick_params(labelbottom=True)  # shared x axis: numbered in every panel
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        axis.set_xlim(0, max(1, lines[-1]["step"]))
+        axis.set_xlim(0, max(1, last_step))
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)
         else:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
+
+
+def plot_run(metrics_path: str, out_path: str) -> str:
+    """Draw a run's curves from its metrics.jsonl into one PNG and return its path: the CURVES
+    panels, then the held-out referee's accuracy (95% intervals shaded, beside "the longer answer
+    wins" on the same pairs) and biases, and the held-out player, against the step, where step 0
+    is the evaluation before training. Raises ValueError when no line has a step."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    lines = _read_metrics(metrics_path)
+    keys = sorted({key for line in lines for key in line})
+    held_out = [key for key in keys  # means only: not the counts, not the interval ends
+                if key.startswith("eval/") and key.split("/")[-1] not in TRAINING_COUNTS
+                and not key.endswith(("_ci_low", "_ci_high"))]
+    referee_sets = {key.split("/")[1] for key in held_out if key.endswith("/position_consistency")}
+    def drawn(prefixes):
+        return [k for k in keys
+                if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)]
+    def referee(metrics):
+        return [f"eval/{s}/{m}" for s in sorted(referee_sets) for m in metrics
+                if f"eval/{s}/{m}" in held_out]
+    panels = [(title, drawn(prefixes)) for title, prefixes in CURVES]
+    panels += [("held-out referee accuracy (chance 0.5)", referee(REFEREE_ACCURACY)),
+               ("held-out referee: position and length", referee(REFEREE_BIAS)),
+               ("held-out player", [k for k in held_out if k.split("/")[1] not in referee_sets])]
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True, sharex=True)
+    for axis, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            dashed = name.endswith("length_rule_accuracy")
+            _draw(axis, lines, name, name.removeprefix("eval/"), linestyle="--" if dashed else "-")
+        axis.set_title(title)
+    _finish_axes(figure, axes, lines[-1]["step"])
     figure.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))}: "
                     f"step {lines[-1]['step']} (step 0: before training)")
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return out_path
+
+
+def plot_arms(runs: dict[str, str], out_path: str, referee_set: str = "hh_rlhf") -> str:
+    """Two or more runs (label -> metrics.jsonl) in one PNG, for an ablation's arms: held-out
+    referee accuracy over both orders (95% intervals shaded; dashed: the longer answer wins on
+    the same pairs), position consistency, the share of verdicts naming the first shown, and
+    in training the share naming the first shown. Returns its path; ValueError as plot_run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.5), constrained_layout=True, sharex=True)
+    last = 0
+    for index, (label, path) in enumerate(runs.items()):
+        lines = _read_metrics(path)
+        last, color = max(last, lines[-1]["step"]), f"C{index}"
+        held_out = f"eval/{referee_set}/"
+        _draw(axes[0], lines, held_out + "accuracy_both_orders", label, color=color)
+        _draw(axes[0], lines, held_out + "length_rule_accuracy", f"{label}: longer wins",
+              color=color, linestyle="--", alpha=0.5)
+        _draw(axes[1], lines, held_out + "position_consistency", label, color=color)
+        _draw(axes[2], lines, held_out + "prefers_first_shown", label, color=color)
+        _draw(axes[3], lines, "referee/first_shown_best/preference", label, color=color)
+    for axis, title in zip(axes, ["held-out referee accuracy, both orders (chance 0.5)",
+                                  "held-out position consistency",
+                                  "held-out: valid verdicts naming the first shown",
+                                  "training: verdicts naming the first shown"]):
+        axis.set_title(title)
+    _finish_axes(figure, axes, last)
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
     return out_path

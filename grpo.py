@@ -6,15 +6,17 @@ the candidates in several orders); after the trainer has recomputed the completi
 log-probabilities, `grpo_loss` gives the scalar to back-propagate. Player and referee samples
 go through the same two functions: URPO's single loop is this file.
 
-Notation, per completion token t of sequence b:
+Notation, per token t of completion s:
     ratio     = exp(logp_new - logp_old)
-    surrogate = -min(ratio * A_b, clip(ratio, 1 - clip_low, 1 + clip_high) * A_b) [* is_weight]
+    surrogate = -min(ratio * A_s, clip(ratio, 1 - clip_low, 1 + clip_high) * A_s) [* is_weight]
     k3 KL     = exp(ref - new) - (ref - new) - 1          (only with a reference model)
     loss_t    = surrogate + kl_coef * k3
 and `agg` chooses how the loss_t of the completion tokens (mask == 1) become one number.
 
-Shapes: B sequences (micro-batch), T token positions. All tensors here are plain torch tensors;
-nothing of the project is imported.
+Shapes: S completions (the samples of a micro-batch), C completion-token positions (the longest
+completion): column j of row s is token j of completion s, the layout model.collate gives in
+either packing; `mask` is 1 on real tokens. All tensors are plain torch tensors; nothing of the
+project is imported.
 """
 
 import torch
@@ -85,17 +87,17 @@ def clipped_surrogate(
     The min picks the clipped term only where clipping lowers the objective: a positive
     advantage stops pushing once ratio > 1 + clip_high, a negative one once ratio < 1 - clip_low.
     """
-    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]
-    advantages = advantages.unsqueeze(1)  # [B, 1]
-    unclipped = ratio * advantages  # [B, T]
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages  # [B, T]
-    return -torch.minimum(unclipped, clipped), ratio  # [B, T], [B, T]
+    ratio = torch.exp(logprobs - old_logprobs)  # [S, C]
+    advantages = advantages.unsqueeze(1)  # [S, 1]
+    unclipped = ratio * advantages  # [S, C]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages  # [S, C]
+    return -torch.minimum(unclipped, clipped), ratio  # [S, C], [S, C]
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(new || ref): exp(ref - new) - (ref - new) - 1 >= 0."""
-    log_ratio = ref_logprobs - logprobs  # [B, T]
-    return torch.exp(log_ratio) - log_ratio - 1  # [B, T]
+    log_ratio = ref_logprobs - logprobs  # [S, C]
+    return torch.exp(log_ratio) - log_ratio - 1  # [S, C]
 
 
 def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
@@ -105,7 +107,7 @@ def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: fl
     weights reweight each token's surrogate towards the trainer's distribution, and the cap keeps
     one rare token from dominating the step.
     """
-    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()  # [B, T]
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()  # [S, C]
 
 
 def aggregate(
@@ -124,16 +126,16 @@ def aggregate(
     The denominators are the step's global counts (all micro-batches, all ranks), so the loss
     of a micro-batch is its share of the step's loss: summing the micro-batch losses (and the
     gradients, across ranks) gives the loss of the whole step, whatever the split. When None,
-    this call's own counts are used: num_tokens = mask.sum(), num_seqs = B (every sequence,
-    counting any without completion tokens, which add 0), max_len = T.
+    this call's own counts are used: num_tokens = mask.sum(), num_seqs = S (every sequence,
+    counting any without completion tokens, which add 0), max_len = C.
     """
-    masked = per_token * mask  # [B, T]
+    masked = per_token * mask  # [S, C]
     if agg == "token-mean":
         num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
         return masked.sum() / num_tokens  # []
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
     if agg == "seq-mean":
-        seq_means = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
+        seq_means = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [S]
         return seq_means.sum() / num_seqs  # []
     if agg == "seq-sum-norm":
         max_len = mask.shape[1] if max_len is None else max_len
@@ -160,22 +162,22 @@ def grpo_loss(
     """The GRPO loss of a micro-batch, and its metrics (0-dim tensors, see `loss_metrics`).
 
     `logprobs` (with gradient), `old_logprobs`, `ref_logprobs`, `is_weights` and `mask` are
-    [B, T]; `advantages` is [B]. Values where mask == 0 are ignored but must be finite.
+    [S, C]; `advantages` is [S]. Values where mask == 0 are ignored but must be finite.
     See `aggregate` for `agg`, `num_tokens`, `num_seqs`, `max_len`.
 
     Metrics, over this call's completion tokens: `clip_frac_low` (ratio < 1 - clip_low with
     A < 0), `clip_frac_high` (ratio > 1 + clip_high with A > 0), `ratio_mean`, `kl_mean` (k3,
     0.0 without a reference).
     """
-    mask = mask.to(logprobs.dtype)  # [B, T]
+    mask = mask.to(logprobs.dtype)  # [S, C]
     surrogate, ratio = clipped_surrogate(
         logprobs, old_logprobs, advantages, clip_low, clip_high
-    )  # [B, T], [B, T]
+    )  # [S, C], [S, C]
     if is_weights is not None:
-        surrogate = surrogate * is_weights.detach()  # [B, T]
+        surrogate = surrogate * is_weights.detach()  # [S, C]
     no_reference = ref_logprobs is None
-    kl = torch.zeros_like(logprobs) if no_reference else k3_kl(logprobs, ref_logprobs)  # [B, T]
-    per_token = surrogate + kl_coef * kl  # [B, T]
+    kl = torch.zeros_like(logprobs) if no_reference else k3_kl(logprobs, ref_logprobs)  # [S, C]
+    per_token = surrogate + kl_coef * kl  # [S, C]
     loss = aggregate(per_token, mask, agg, num_tokens, num_seqs, max_len)  # []
     return loss, loss_metrics(ratio, advantages, kl, mask, clip_low, clip_high)
 
@@ -190,9 +192,9 @@ def loss_metrics(
     so the caller collects a whole step's metrics and reads them in one go (`float(m)` for one).
     """
     count = mask.sum().clamp(min=1)  # []
-    advantages = advantages.unsqueeze(1)  # [B, 1]
-    clipped_low = (ratio < 1 - clip_low) & (advantages < 0)  # [B, T]
-    clipped_high = (ratio > 1 + clip_high) & (advantages > 0)  # [B, T]
+    advantages = advantages.unsqueeze(1)  # [S, 1]
+    clipped_low = (ratio < 1 - clip_low) & (advantages < 0)  # [S, C]
+    clipped_high = (ratio > 1 + clip_high) & (advantages > 0)  # [S, C]
     return {
         "clip_frac_low": (clipped_low * mask).sum() / count,
         "clip_frac_high": (clipped_high * mask).sum() / count,

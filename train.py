@@ -16,6 +16,7 @@ Run:
   python train.py --help                                 # every flag, with its default
   python train.py export RUN/checkpoints/step_0000100 OUT  # any checkpoint as an HF folder
   python train.py plot RUN [OUT.png]                     # any run's curves from its metrics.jsonl
+  python train.py compare OUT.png A=RUN_A B=RUN_B        # arms of an ablation: the referee side
 
 Everything a run writes lands in --out_dir: config.json, metrics.jsonl (one line per step),
 samples.jsonl (every --samples_every steps), checkpoints/, curves.png and final/ (an HF folder).
@@ -31,6 +32,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 import data
@@ -129,7 +130,9 @@ class Config:
     samples_every: int = option(5, "write prompts, completions, rewards every N steps")
     save_every: int = option(0, "checkpoint every N steps (0: only on SIGTERM; final/ always)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints")
-    resume: bool = option(False, "continue from the newest checkpoint in out_dir")
+    resume: bool = option(False, "continue from the newest intact checkpoint in out_dir")
+    overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run (its "
+                             "metrics, samples, checkpoints and final/ are deleted)")
     eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
     eval_data: str = option("gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/"
                             "helpful-base/test.first100.jsonl.gz", "held-out sets, comma-separated")
@@ -206,13 +209,34 @@ def config_problems(cfg: Config) -> list[str]:
     def need(ok: bool, flag: str, value, fix: str):
         if not ok:
             problems.append(f"--{flag} {value!r}: {fix}")
+    def at_least(minimum: int, *flags: str, meaning: str = ""):  # counts and token budgets
+        for flag in flags:
+            need(getattr(cfg, flag) >= minimum, flag, getattr(cfg, flag),
+                 f"use {minimum}{meaning} or more")
+    def positive(*flags: str, fix: str = "use a finite number > 0"):
+        for flag in flags:
+            need(0 < getattr(cfg, flag) < math.inf, flag, getattr(cfg, flag), fix)
+    def finite(*flags: str, fix: str = "use a finite number >= 0"):
+        for flag in flags:
+            need(0 <= getattr(cfg, flag) < math.inf, flag, getattr(cfg, flag), fix)
     need(cfg.loss_agg in AGGREGATIONS, "loss_agg", cfg.loss_agg, f"use one of {AGGREGATIONS}")
     need(cfg.rollout in ("hf", "vllm"), "rollout", cfg.rollout, "use vllm, hf or auto")
     need(cfg.group_size >= 2, "group_size", cfg.group_size, "GRPO needs 2 or more samples")
-    need(cfg.prompts_per_step >= 1, "prompts_per_step", cfg.prompts_per_step, "use 1 or more")
-    need(cfg.temperature > 0, "temperature", cfg.temperature,
-         "use > 0 (log-probabilities are taken at the sampling temperature)")
-    need(cfg.referee_orders >= 1, "referee_orders", cfg.referee_orders, "use 1 or more")
+    at_least(1, "prompts_per_step", "referee_orders", "steps", "updates_per_batch",
+             "cold_start_batch", "max_prompt_tokens", "max_new_tokens", "referee_max_new_tokens",
+             "eval_max_new_tokens", "eval_limit", "eval_pairs", "micro_batch_tokens",
+             "keep_checkpoints", "max_bad_steps", "dist_timeout_min")
+    at_least(0, "cold_start_steps", "cold_start_group_every", "warmup_steps", meaning=" (off)")
+    at_least(0, "data_limit", "max_model_len", meaning=" (none)")
+    at_least(0, "samples_every", "save_every", "eval_every", meaning=" (never)")
+    positive("temperature", fix="use > 0 (log-probabilities are taken at the sampling "
+             "temperature)")
+    positive("lr", "cold_start_lr", fix="use a rate > 0")
+    positive("max_grad_norm", "is_cap", "logprob_gap_max")
+    finite("clip_low", "clip_high", "kl_coef", "weight_decay")
+    need(cfg.clip_low < 1, "clip_low", cfg.clip_low, "use a bound below 1 (the ratio stays > 0)")
+    for flag in ("vllm_memory", "referee_vllm_memory"):
+        need(0 < getattr(cfg, flag) <= 1, flag, getattr(cfg, flag), "use a share in (0, 1]")
     need(cfg.referee_group_orders >= 1 and (cfg.group_size < 2  # said above already
                                             or cfg.group_size % cfg.referee_group_orders == 0),
          "referee_group_orders", cfg.referee_group_orders,
@@ -221,17 +245,8 @@ def config_problems(cfg: Config) -> list[str]:
          "use group or eis")
     for flag in ("consistency_coef", "invalid_reward"):
         need(math.isfinite(getattr(cfg, flag)), flag, getattr(cfg, flag), "use a finite number")
-    need(cfg.steps >= 1, "steps", cfg.steps, "use 1 or more")
-    for flag in ("lr", "cold_start_lr"):
-        need(0 < getattr(cfg, flag) < math.inf, flag, getattr(cfg, flag), "use a rate > 0")
-    need(cfg.updates_per_batch >= 1, "updates_per_batch", cfg.updates_per_batch, "use 1 or more")
-    need(cfg.cold_start_steps >= 0, "cold_start_steps", cfg.cold_start_steps, "use 0 (off) or more")
-    need(cfg.cold_start_batch >= 1, "cold_start_batch", cfg.cold_start_batch, "use 1 or more")
-    need(cfg.cold_start_group_every >= 0, "cold_start_group_every", cfg.cold_start_group_every,
-         "use 0 (pairs only) or more")
-    need(cfg.max_model_len >= 0, "max_model_len", cfg.max_model_len,
-         "use 0 (the model's own context) or more")
-    need(cfg.dist_timeout_min > 0, "dist_timeout_min", cfg.dist_timeout_min, "use 1 or more")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", cfg.overwrite,
+         "--resume continues the run in out_dir, --overwrite deletes it: pass one of them")
     try:
         need(sum(task_weights(cfg).values()) > 0, "task_weights", cfg.task_weights,
              "give at least one task a positive weight")
@@ -243,6 +258,49 @@ def config_problems(cfg: Config) -> list[str]:
         need(spec.partition(":")[0] in data.REGISTRY, flag, spec,
              f"unknown data set; known: {', '.join(data.REGISTRY)}")
     return problems
+
+
+EARLIER_RUN = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves.png")
+
+
+def check_out_dir(cfg: Config) -> None:
+    """Before any model loads: --out_dir must be writable, and a fresh run must not overwrite an
+    earlier one's metrics, checkpoints or final/ unless told to (--overwrite deletes them first;
+    --resume continues it). SystemExit with one line otherwise. Every rank checks; rank 0
+    deletes."""
+    check_writable(cfg.out_dir, f"train.py: --out_dir {cfg.out_dir!r}")
+    def holds(name: str) -> bool:  # a non-empty file or folder
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.isdir(path):
+            return bool(os.listdir(path))
+        return os.path.isfile(path) and os.path.getsize(path) > 0
+    earlier = [name for name in EARLIER_RUN if holds(name)]
+    if cfg.overwrite:
+        dist.barrier()
+        for name in earlier if dist.get_rank() == 0 else []:
+            path = os.path.join(cfg.out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        dist.barrier()
+    elif earlier and not cfg.resume:
+        raise SystemExit(f"train.py: --out_dir {cfg.out_dir!r} holds an earlier run "
+                         f"({', '.join(earlier)}): continue it with --resume, start afresh there "
+                         "with --overwrite, or pick another --out_dir")
+    elif cfg.resume and "metrics.jsonl" in earlier and not model_lib.checkpoint_dirs(cfg.out_dir):
+        raise SystemExit(f"train.py: --resume: {cfg.out_dir!r} holds an earlier run's "
+                         "metrics.jsonl but no checkpoint to continue it from: start afresh "
+                         "there with --overwrite, or pick another --out_dir")
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Make `folder` and write a file into it; SystemExit in one line, starting with `what`,
+    when the file system says no (a path under a file, no permission, a read-only disk)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SystemExit(f"{what}: cannot write there ({type(error).__name__}: "
+                         f"{error.strerror or error}): pick a folder you can write to") from None
 
 
 def task_weights(cfg: Config) -> dict[str, float]:
@@ -539,9 +597,9 @@ def backward(policy, batch: dict, cfg: Config, tally: Tally, first: bool = True)
             param.grad = torch.zeros_like(param)
     local_loss = 0.0
     for mb, weight in zip(batch["micro"], batch["weights"]):
-        # [S, C] (completions packed behind shared prompts) or [B, T] (one sequence per sample):
-        # model.collate's layout; the mask marks completion tokens in either.
-        logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature, first)  # [S, C]
+        # [S, C]: column j of row s is token j of completion s (model.collate), either layout
+        logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature,
+                                                 with_entropy=first)  # [S, C]
         old = mb["old"] if mb["old"] is not None else logp.detach()  # [S, C]
         is_weights = None
         if cfg.rollout == "vllm" and mb["sampler_logprobs"] is not None:
@@ -684,58 +742,22 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: model and optimizer sharded through torch.distributed.checkpoint (any world size
-# can read them back), plus each rank's RNG states and data position. Written to step_N.tmp and
-# renamed, so a crash during a save never spoils the newest good checkpoint.
+# Checkpoints (model.save_checkpoint: sharded, verified, renamed into place) hold the model, the
+# optimizer and each rank's trainer state below: RNG states, data position, LR schedule.
 
 
-def checkpoint_dirs(out_dir: str) -> list[str]:
-    root = os.path.join(out_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_")
-                   and not n.endswith(".tmp")) if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in names]
-
-
-def save_checkpoint(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engine,
-                    bad_steps: int) -> str:
-    rank = dist.get_rank()
-    final = os.path.join(cfg.out_dir, "checkpoints", f"step_{step:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+def trainer_state(step: int, scheduler, mixture, engine, bad_steps: int) -> dict:
+    """This rank's state beside the model and optimizer: a resume replays the run exactly."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "engine": engine.rng.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({"step": step, "rng": rng, "mixture": mixture.state_dict(),
-                "scheduler": scheduler.state_dict(), "bad_steps": bad_steps,
-                "world_size": dist.get_world_size()}, os.path.join(tmp, f"trainer_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: the checkpoint exists whole or not at all
-        for old in checkpoint_dirs(cfg.out_dir)[:-max(cfg.keep_checkpoints, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    return {"step": step, "rng": rng, "mixture": mixture.state_dict(),
+            "scheduler": scheduler.state_dict(), "bad_steps": bad_steps,
+            "world_size": dist.get_world_size()}
 
 
-def load_checkpoint(path: str, policy, optimizer, scheduler, mixture, engine) -> tuple[int, int]:
-    """Restore everything save_checkpoint wrote; returns (step, bad_steps)."""
-    rank_file = os.path.join(path, f"trainer_rank{dist.get_rank()}.pt")
-    if not os.path.exists(rank_file):
-        raise SystemExit(f"train.py: {path} has no state for rank {dist.get_rank()}: resume with "
-                         "the world size it was saved with, or write it as an HF folder "
-                         f"(python train.py export {path} OUT) and start from that")
-    model_state, optim_state = get_state_dict(policy, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(policy, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    trainer = torch.load(rank_file, weights_only=False)
+def restore_trainer_state(trainer: dict, scheduler, mixture, engine) -> tuple[int, int]:
+    """trainer_state's inverse; returns (step, bad_steps)."""
     torch.set_rng_state(trainer["rng"]["torch"])
     random.setstate(trainer["rng"]["python"])
     engine.rng.setstate(trainer["rng"]["engine"])
@@ -744,6 +766,13 @@ def load_checkpoint(path: str, policy, optimizer, scheduler, mixture, engine) ->
     mixture.load_state_dict(trainer["mixture"])
     scheduler.load_state_dict(trainer["scheduler"])
     return trainer["step"], trainer["bad_steps"]
+
+
+def save(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engine,
+         bad_steps: int) -> str:
+    return model_lib.save_checkpoint(
+        cfg.out_dir, step, policy, optimizer,
+        trainer_state(step, scheduler, mixture, engine, bad_steps), cfg.keep_checkpoints)
 
 
 def keep_metrics_until(path: str, step: int) -> None:
@@ -779,21 +808,36 @@ class StopSignal:
 # The run: user input checked before any model loads, then the loop.
 
 
-def load_inputs(cfg: Config) -> tuple[str, str | None, object, dict, dict]:
-    """The model folders, the tokenizer, each task's records and the held-out sets: everything a
-    user gives, each problem reported in one line (SystemExit) before the model loads. Prompts
+def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
+    """What a user gives, each problem reported in one line (SystemExit) before any model loads:
+    the model folders and tokenizers ({"model": ..., "referee_model": ...}: the policy's, and the
+    baseline arm's frozen referee's if any), each task's records and the held-out sets. Prompts
     longer than --max_prompt_tokens are dropped and counted, never cut (a cut conversation or
     candidate would change what is being judged)."""
-    names = [cfg.model] + ([cfg.referee_model] if cfg.referee_model else [])
-    try:  # one process per node resolves first: the default model may be converted, a hub model
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # downloaded into the node's cache
-            for name in names:
-                model_lib.resolve_model(name)
-        dist.barrier()
-        paths = [model_lib.resolve_model(name) for name in names]
-        tokenizer = model_lib.load_tokenizer(paths[0], cfg.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"train.py: --model {cfg.model!r}: {error}") from None
+    flags = {"model": cfg.model} | ({"referee_model": cfg.referee_model} if cfg.referee_model
+                                     else {})
+    def checked(flag: str, load):
+        try:
+            return load(flags[flag])
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"train.py: --{flag} {flags[flag]!r}: "
+                             f"{str(error).splitlines()[0]}") from None
+    # One process per node resolves first (the default model may be converted, a hub model
+    # downloaded into the node's cache); every rank meets at the barrier, error or not.
+    problem = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            for flag in flags:
+                checked(flag, model_lib.resolve_model)
+        except SystemExit as error:
+            problem = error
+    dist.barrier()
+    if problem:
+        raise problem
+    paths = {flag: checked(flag, model_lib.resolve_model) for flag in flags}
+    tokenizers = {flag: checked(flag, lambda name: model_lib.load_tokenizer(
+        paths[flag], cfg.trust_remote_code)) for flag in flags}
+    tokenizer = tokenizers["model"]
     def fits(record: dict) -> bool:
         prompt = render_prompt(record, tokenizer, think=cfg.referee_think)
         return len(prompt) <= cfg.max_prompt_tokens
@@ -828,7 +872,7 @@ def load_inputs(cfg: Config) -> tuple[str, str | None, object, dict, dict]:
             raise SystemExit(f"train.py: --eval_data: {error}") from None
         for name, records in eval_sets.items():
             print0(f"held-out {name}: {len(records)} records (the first that fit)")
-    return paths[0], paths[1] if cfg.referee_model else None, tokenizer, sources, eval_sets
+    return paths, tokenizers, sources, eval_sets
 
 
 def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config,
@@ -876,13 +920,13 @@ def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
     return metrics
 
 
-def build_models(cfg: Config, device: torch.device, model_path: str, referee_path: str | None,
-                 tokenizer) -> tuple:
+def build_models(cfg: Config, device: torch.device, paths: dict, tokenizers: dict) -> tuple:
     """The policy (FSDP2-sharded, fp32 master weights), its rollout engine, the referee's engine
     (the policy's own, or the baseline arm's frozen one), the frozen KL reference (or None), the
     compute dtype, and whether the engine shares the policy's parameters (nothing to sync)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
+    model_path, tokenizer = paths["model"], tokenizers["model"]
     policy = model_lib.load_model(model_path, torch.float32, cfg.trust_remote_code)
     model_lib.shard_model(policy, device, bf16=cuda and cfg.bf16,
                           activation_checkpointing=cfg.activation_checkpointing)
@@ -902,10 +946,9 @@ def build_models(cfg: Config, device: torch.device, model_path: str, referee_pat
     # parameters: no second copy in memory, nothing to sync after a step.
     shared = cfg.rollout == "hf" and engine.share_weights(policy)
     referee_engine = engine
-    if referee_path:  # the baseline arm: a frozen, separately trained referee, its own engine
-        referee_tokenizer = model_lib.load_tokenizer(referee_path, cfg.trust_remote_code)
+    if "referee_model" in paths:  # the baseline arm: a frozen, separately trained referee
         referee_engine = rollout.make_engine(
-            cfg.rollout, referee_path, referee_tokenizer, compute_dtype, device,
+            cfg.rollout, paths["referee_model"], tokenizers["referee_model"], compute_dtype, device,
             cfg.seed + world + rank, **engine_options(cfg, "referee"))
     ref_model = None  # the frozen KL reference; it never trains, so bf16 is fine on GPU
     if cfg.kl_coef > 0:
@@ -915,18 +958,30 @@ def build_models(cfg: Config, device: torch.device, model_path: str, referee_pat
 
 
 def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine, shared: bool) -> tuple:
-    """With --resume, restore the newest checkpoint and sync the engine; returns (step,
-    bad_steps), (0, 0) for a fresh run. Metrics lines of steps after the checkpoint are dropped:
-    those steps run again."""
-    if not cfg.resume or not checkpoint_dirs(cfg.out_dir):
-        if cfg.resume:
-            print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
+    """With --resume, restore the newest intact checkpoint (model.checkpoint_problem; a damaged
+    one is named and skipped) and sync the engine; returns (step, bad_steps), (0, 0) for a fresh
+    run. Metrics lines of steps after the checkpoint are dropped: those steps run again."""
+    if not cfg.resume:
         return 0, 0
-    latest = checkpoint_dirs(cfg.out_dir)[-1]
-    step, bad_steps = load_checkpoint(latest, policy, optimizer, scheduler, mixture, engine)
+    checkpoints = model_lib.checkpoint_dirs(cfg.out_dir)
+    if not checkpoints:
+        print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
+        return 0, 0
+    for path in reversed(checkpoints):
+        problem = model_lib.checkpoint_problem(path)
+        if problem is None:
+            break
+        print0(f"--resume: {problem}; trying the one before it")
+    else:
+        raise SystemExit(f"train.py: --resume: no intact checkpoint in {cfg.out_dir}/checkpoints "
+                         f"(the {len(checkpoints)} there are named above): start afresh with "
+                         "--overwrite, or in another --out_dir")
+    trainer = model_lib.load_checkpoint(path, policy, optimizer)
+    step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engine)
     if not shared:
         engine.load_weights(policy.state_dict())
-    print0(f"resumed from {latest} at step {step}")
+    newest = "" if path == checkpoints[-1] else ", the newest intact one"
+    print0(f"resumed from {path} at step {step}{newest}")
     if dist.get_rank() == 0:
         keep_metrics_until(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
     return step, bad_steps
@@ -959,15 +1014,16 @@ def main(argv=None) -> int:
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
                          f"of the world size {world}")
-    model_path, referee_path, tokenizer, sources, eval_sets = load_inputs(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_out_dir(cfg)
+    paths, tokenizers, sources, eval_sets = load_inputs(cfg)
+    tokenizer = tokenizers["model"]
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
 
     # ---- the policy (FSDP2, fp32 master weights), its rollout engine, the referee's ----------
     policy, engine, referee_engine, ref_model, compute_dtype, shared = build_models(
-        cfg, device, model_path, referee_path, tokenizer)
+        cfg, device, paths, tokenizers)
     mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
                            cfg.prompts_per_step, cfg.seed, rank, world)
     # fused: one kernel per step; the default foreach path holds a model-sized temporary
@@ -1085,7 +1141,7 @@ def main(argv=None) -> int:
                             | {"tok/s": f"{metrics['tokens_per_s']:.0f}"})
             bar.update(1)
         if bad_steps >= cfg.max_bad_steps:
-            last = checkpoint_dirs(cfg.out_dir)
+            last = model_lib.checkpoint_dirs(cfg.out_dir)
             print0(f"stopping: {bad_steps} non-finite steps in a row (lower --lr or check the "
                    f"data); the last good checkpoint is "
                    f"{last[-1] if last else 'none (set --save_every)'}")
@@ -1094,15 +1150,14 @@ def main(argv=None) -> int:
         # ---- 10. checkpoint ----------------------------------------------------------------------
         stopping = stop.agreed()
         if stopping or (cfg.save_every and step % cfg.save_every == 0):
-            path = save_checkpoint(cfg, step, policy, optimizer, scheduler, mixture, engine,
-                                   bad_steps)
+            path = save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
             print0(f"saved {path}")
         if stopping:
             print0("stopped by signal after a clean save; continue with --resume")
             return 0
     bar.close()
     if cfg.save_every and step % cfg.save_every:
-        save_checkpoint(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
+        save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
     if rank == 0:
         metrics_file.close()
     finish(cfg, policy, tokenizer, compute_dtype, metrics_path)
@@ -1162,9 +1217,18 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> None:
     if not os.path.isfile(run_config):
         raise SystemExit(f"train.py export: no {run_config}: export a checkpoint where its run "
                          "left it (RUN/checkpoints/step_N, beside RUN/config.json)")
+    problem = model_lib.checkpoint_problem(checkpoint)
+    if problem:
+        raise SystemExit(f"train.py export: {problem}; export an intact one "
+                         f"(in {os.path.dirname(os.path.abspath(checkpoint))})")
+    check_writable(out_dir, f"train.py export: {out_dir}")
     with open(run_config) as f:
         run_cfg = json.load(f)
-    model_path = model_lib.resolve_model(run_cfg["model"])
+    try:
+        model_path = model_lib.resolve_model(run_cfg["model"])
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"train.py export: the run's model {run_cfg['model']!r}: "
+                         f"{str(error).splitlines()[0]}") from None
     policy = model_lib.load_model(model_path, torch.float32, run_cfg["trust_remote_code"])
     state = {"model": policy.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)
@@ -1191,6 +1255,19 @@ if __name__ == "__main__":
             print(evaluation.plot_run(os.path.join(sys.argv[2], "metrics.jsonl"), out))
         except ValueError as error:  # an empty metrics file: a run still in its first evaluation
             raise SystemExit(f"train.py plot: {error}") from None
+        sys.exit(0)
+    if sys.argv[1:2] == ["compare"]:  # python train.py compare OUT.png LABEL=RUN_DIR ...
+        runs = dict(arg.partition("=")[::2] for arg in sys.argv[3:])
+        if len(sys.argv) < 5 or not all(runs) or not all(runs.values()):
+            raise SystemExit("usage: python train.py compare OUT.png LABEL=RUN_DIR LABEL=RUN_DIR ...")
+        for label, run_dir in runs.items():
+            if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+                raise SystemExit(f"train.py compare: no metrics.jsonl in {run_dir} ({label})")
+        try:
+            print(evaluation.plot_arms({label: os.path.join(run_dir, "metrics.jsonl")
+                                        for label, run_dir in runs.items()}, sys.argv[2]))
+        except ValueError as error:
+            raise SystemExit(f"train.py compare: {error}") from None
         sys.exit(0)
     try:
         code = main()

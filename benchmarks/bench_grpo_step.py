@@ -119,8 +119,7 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
             return out
         return wrapper
 
-    model_lib.shared_prompt_logprobs = timed(model_lib.shared_prompt_logprobs)
-    model_lib.completion_logprobs = timed(model_lib.completion_logprobs)
+    model_lib.batch_logprobs = timed(model_lib.batch_logprobs)
     train.optimizer_step = timed(train.optimizer_step, "optimizer")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=True)  # as train.py
