@@ -357,6 +357,33 @@ def load_with_counts(spec: str, split: str | None = None,
     return records, dict(skipped)
 
 
+def load_sources(specs: dict[str, str], fits: Callable, limit: int | None = None,
+                 budget: str = "the prompt budget", say: Callable = print) -> dict[str, list[dict]]:
+    """Each task's records (specs: task -> spec, as train.py's --TASK_data flags), only those for
+    which `fits(record)`: longer prompts are dropped and counted, never cut (a cut conversation
+    or candidate would change what is judged). `say` reports each source's count and skips.
+    DataError, naming the flag, on a bad source, records of another task, or none that fit."""
+    sources = {}
+    for task, spec in specs.items():
+        try:
+            records, skipped = load_with_counts(spec, limit=limit)
+        except DataError as error:
+            raise DataError(f"--{task}_data: {error}") from None
+        wrong = {r["task"] for r in records} - {task}
+        if wrong:
+            raise DataError(f"--{task}_data {spec!r} holds {sorted(wrong)} records; pick a "
+                            f"{task} source")
+        fitting = [r for r in records if fits(r)]
+        if len(fitting) < len(records):
+            skipped[f"prompt over {budget}"] = len(records) - len(fitting)
+        if not fitting:
+            raise DataError(f"--{task}_data {spec!r}: no prompt fits in {budget}")
+        say(f"data {task}: {len(fitting)} records from {spec}"
+            + (f", skipped {dict(skipped)}" if skipped else ""))
+        sources[task] = fitting
+    return sources
+
+
 def load(spec: str, split: str | None = None, limit: int | None = None) -> list[dict]:
     """Records of `spec`; prints how many rows were skipped and why, so no drop is silent."""
     records, skipped = load_with_counts(spec, split, limit)
@@ -502,6 +529,45 @@ def group_gold_target(record: dict, others: list[dict], k: int, rng: random.Rand
     if len(responses) < k:
         return None
     return gold_target(dict(record, responses=responses, ranking=list(range(k))), rng, think)
+
+
+def cold_start_examples(sources: dict[str, list[dict]], count: int, group_size: int,
+                        group_every: int, orders: int, fits: Callable, rng: random.Random,
+                        think: bool = True) -> tuple[list[tuple[list[dict], str]], dict]:
+    """The cold start's schedule (train.cold_start): `count` examples (prompt messages, target
+    text) drawn from three pools, each shuffled by `rng`, then cycled: verdicts on a pair
+    (gold_target, a pair's in the `orders` orders GRPO shows it, kept together), verdicts on
+    group_size candidates (group_gold_target: the K that self-judging shows), and worked solutions.
+    Referee and solver examples alternate; every `group_every`-th referee example ranks
+    group_size candidates (0: pairs only). Only examples for which `fits(example)` (the token
+    budgets) serve. Returns the examples ([] when no pool has one) and each pool's size."""
+    pools = {"pairs": [], "groups": [], "verifiable": []}
+    grouped = group_every > 0 and group_size > 2
+    for record in sources.get("preference", []):
+        shown = shown_orders(len(record["responses"]), orders, rng)
+        pools["pairs"].append([gold_target(record, rng, think, order) for order in shown])
+        if grouped:
+            pools["groups"].append(
+                [group_gold_target(record, sources["preference"], group_size, rng, think)])
+    for record in sources.get("verifiable", []):
+        pools["verifiable"].append([gold_target(record, rng, think)])
+    for name, pool in pools.items():
+        kept = [[e for e in together if e is not None and fits(e)] for together in pool]
+        pool = [together for together in kept if together]
+        rng.shuffle(pool)
+        pools[name] = [example for together in pool for example in together]
+    sizes = {name: len(pool) for name, pool in pools.items()}
+    tasks = [task for task, ok in (("referee", pools["pairs"] or pools["groups"]),
+                                   ("verifiable", pools["verifiable"])) if ok]
+    examples, used = [], Counter()
+    for i in range(count if tasks else 0):
+        name = tasks[i % len(tasks)]
+        if name == "referee":
+            wants_group = grouped and i // len(tasks) % group_every == group_every - 1
+            name = "groups" if (wants_group or not pools["pairs"]) and pools["groups"] else "pairs"
+        examples.append(pools[name][used[name] % len(pools[name])])
+        used[name] += 1
+    return examples, sizes
 
 
 class Mixture:

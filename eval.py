@@ -585,6 +585,33 @@ def plot_arms(runs: dict[str, str], out_path: str, referee_set: str = "hh_rlhf")
     return out_path
 
 
+def plot_command(argv: list[str]) -> str:
+    """`python train.py plot RUN_DIR [OUT.png]` (a run's curves; default RUN_DIR/curves.png) and
+    `python train.py compare OUT.png LABEL=RUN_DIR LABEL=RUN_DIR ...` (plot_arms): the PNG's
+    path; SystemExit with one line on a bad argument or a run without metrics."""
+    command, args = argv[0], argv[1:]
+    if command == "plot":
+        if len(args) not in (1, 2):
+            raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]")
+        runs, out = {"": args[0]}, args[1] if len(args) == 2 else os.path.join(args[0],
+                                                                             "curves.png")
+    else:
+        runs = dict(arg.partition("=")[::2] for arg in args[1:])
+        if len(args) < 3 or not all(runs) or not all(runs.values()):
+            raise SystemExit("usage: python train.py compare OUT.png LABEL=RUN_DIR LABEL=RUN_DIR "
+                             "...")
+        out = args[0]
+    for label, run_dir in runs.items():
+        if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            raise SystemExit(f"train.py {command}: no metrics.jsonl in {run_dir} "
+                             f"({label or 'RUN_DIR'} holds a metrics.jsonl)")
+    paths = {label: os.path.join(run_dir, "metrics.jsonl") for label, run_dir in runs.items()}
+    try:  # an empty metrics file: a run still in its first evaluation
+        return plot_run(paths[""], out) if command == "plot" else plot_arms(paths, out)
+    except ValueError as error:
+        raise SystemExit(f"train.py {command}: {error}") from None
+
+
 # ======================================================================================== CLI
 class Results:
     """--out (settings and metrics per task, rewritten atomically) and its items file (a JSON

@@ -19,6 +19,8 @@ either packing; `mask` is 1 on real tokens. All tensors are plain torch tensors;
 project is imported.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -201,3 +203,58 @@ def loss_metrics(
         "ratio_mean": (ratio * mask).sum() / count,
         "kl_mean": (kl * mask).sum() / count,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's samples in micro-batches under a token budget (train.update; model.collate makes
+# the tensors). The loss's denominators are the step's global counts (aggregate), so any split
+# gives the same loss and gradient.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One completion to train on."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    sampler_logprobs: list[float] | None = None  # vLLM's, for the IS correction
+
+
+def row_tokens(row: list[Sample]) -> int:
+    """Length of a row scored as one sequence: the shared prompt, then every completion."""
+    return len(row[0].prompt_ids) + sum(len(s.completion_ids) for s in row)
+
+
+def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> list[list[Sample]]:
+    """The sequences the trainer runs: one per sample, or with `share_prompt` the samples of one
+    prompt packed behind it, as many per row as `token_budget` allows (a GRPO group's prompt then
+    goes through the model once instead of G times: model.pack_rows)."""
+    if not share_prompt:
+        return [[s] for s in samples]
+    by_prompt = {}  # prompt -> its samples, in first-seen order
+    for s in samples:
+        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+    rows = []
+    for group in by_prompt.values():
+        row = []
+        for s in group:
+            if row and row_tokens(row + [s]) > token_budget:
+                rows.append(row)
+                row = []
+            row.append(s)
+        rows.append(row)
+    return rows
+
+
+def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list[Sample]]]:
+    """Pack rows, longest first, so that (padded length x rows) stays within the budget.
+
+    Sorting by length puts rows of similar length together, which cuts padding; a row longer
+    than the budget still gets a micro-batch of its own."""
+    batches, current = [], []
+    for row in sorted(rows, key=row_tokens, reverse=True):
+        if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(row)
+    return batches + [current] if current else batches

@@ -3,6 +3,7 @@ export the causal LM (the default one from PyPI alone if need be), and score com
 GRPO's ratio: log p_T(token | prefix) at temperature T, never holding [batch, seq, vocab] logits."""
 
 import ctypes
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -12,7 +13,6 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo import Sample
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,39 @@ def score_tokens(model, input_ids, attention_mask, position_ids, src_rows, src_c
     return logprobs, (entropy if with_entropy else None)
 
 
+def init_distributed(timeout_min: float = 60) -> tuple[int, int, torch.device]:
+    """gloo on CPU, NCCL on GPU; a one-process group when not launched by torchrun.
+    `timeout_min` bounds every collective: the backends' defaults (NCCL: 10 min) are shorter than
+    a model download or a final export on one rank while the others wait."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if "RANK" in os.environ:  # torchrun (single- or multi-node rendezvous) set the env
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # plain `python train.py`: the same code path with world size 1, no port needed
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        local_rank = 0
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(values: list, op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce a few numbers across ranks in one collective (every rank must call it). Values may
+    be floats or 0-dim tensors still on the GPU: stacked where they are and read back in one
+    transfer, so a step's metrics cost one host sync, not one per value."""
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    t = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                     else torch.full((), float(v), dtype=torch.float64, device=device)
+                     for v in values]) if values else torch.zeros(0, dtype=torch.float64,
+                                                                  device=device)  # [n]
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def shard_model(model, device: torch.device, bf16: bool = False,
                 activation_checkpointing: bool = False):
     """FSDP2: every decoder layer its own unit, then the root (embeddings, norm, output layer)."""
@@ -493,6 +528,16 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: s
     return out_dir
 
 
+def export_run(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: str,
+               generation_config, run_config: dict) -> str:
+    """`export_hf`, with the run's config beside the weights as urpo_config.json (eval.py takes
+    the verdict format from it): train.py's final/ and every export of a checkpoint."""
+    out_dir = export_hf(state_dict, config, tokenizer, out_dir, generation_config)
+    with open(os.path.join(out_dir, "urpo_config.json"), "w") as f:
+        json.dump(run_config, f, indent=2)
+    return out_dir
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: model and optimizer sharded by torch.distributed.checkpoint (DCP), each rank's
 # trainer state beside them, and a manifest written last
@@ -585,6 +630,59 @@ def checkpoint_problem(path: str) -> str | None:
     return problems[0] if problems else None
 
 
+def checkpoint_weights(path: str, model) -> dict[str, torch.Tensor]:
+    """`model`'s full state dict read from a checkpoint's shards (no process group needed)."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    return state["model"]
+
+
+def check_writable(folder: str) -> None:
+    """Make `folder` and write a file into it; ValueError in one line when the file system says
+    no (a path under a file, no permission, a read-only disk)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write there ({type(error).__name__}: {error.strerror or error}): "
+                         "pick a folder you can write to") from None
+
+
+def export_checkpoint(checkpoint: str, out_dir: str) -> str:
+    """Write RUN/checkpoints/step_N as an HF folder with its run's config (export_run), read
+    without a process group (DCP reads every shard into full tensors); returns the folder.
+    ValueError, in one line, when it is no checkpoint, not beside its RUN/config.json, damaged,
+    when `out_dir` cannot be written or the run's model cannot be found."""
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
+                              "config.json")
+    if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
+        raise ValueError(f"no checkpoint at {checkpoint} (expected RUN/checkpoints/step_N, "
+                         "written by train.py)")
+    if not os.path.isfile(run_config):
+        raise ValueError(f"no {run_config}: export a checkpoint where its run left it "
+                         "(RUN/checkpoints/step_N, beside RUN/config.json)")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ValueError(f"{problem}; export an intact one "
+                         f"(in {os.path.dirname(os.path.abspath(checkpoint))})")
+    try:
+        check_writable(out_dir)
+    except ValueError as error:
+        raise ValueError(f"{out_dir}: {error}") from None
+    with open(run_config) as f:
+        run_cfg = json.load(f)
+    try:
+        model_path = resolve_model(run_cfg["model"])
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the run's model {run_cfg['model']!r}: "
+                         f"{str(error).splitlines()[0]}") from None
+    policy = load_model(model_path, torch.float32, run_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(model_path, run_cfg["trust_remote_code"])
+    return export_run(checkpoint_weights(checkpoint, policy), policy.config, tokenizer, out_dir,
+                      policy.generation_config, run_cfg)
+
+
 def load_checkpoint(path: str, policy, optimizer) -> dict:
     """Load the model and optimizer shards of `path` into `policy` and `optimizer` (collective)
     and return this rank's trainer state; SystemExit when the checkpoint has none for this rank
@@ -603,57 +701,8 @@ def load_checkpoint(path: str, policy, optimizer) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Micro-batches: the samples of a step as model inputs, under a token budget (train.update)
+# A micro-batch as model inputs (its samples: grpo.rows_of, grpo.micro_batches)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    """One completion to train on."""
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    advantage: float
-    sampler_logprobs: list[float] | None = None  # vLLM's, for the IS correction
-
-
-def row_tokens(row: list[Sample]) -> int:
-    """Length of a row scored as one sequence: the shared prompt, then every completion."""
-    return len(row[0].prompt_ids) + sum(len(s.completion_ids) for s in row)
-
-
-def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> list[list[Sample]]:
-    """The sequences the trainer runs: one per sample, or with `share_prompt` the samples of one
-    prompt packed behind it, as many per row as `token_budget` allows (a GRPO group's prompt then
-    goes through the model once instead of G times: model.pack_rows)."""
-    if not share_prompt:
-        return [[s] for s in samples]
-    by_prompt = {}  # prompt -> its samples, in first-seen order
-    for s in samples:
-        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
-    rows = []
-    for group in by_prompt.values():
-        row = []
-        for s in group:
-            if row and row_tokens(row + [s]) > token_budget:
-                rows.append(row)
-                row = []
-            row.append(s)
-        rows.append(row)
-    return rows
-
-
-def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list[Sample]]]:
-    """Pack rows, longest first, so that (padded length x rows) stays within the budget.
-
-    Sorting by length puts rows of similar length together, which cuts padding; a row longer
-    than the budget still gets a micro-batch of its own."""
-    batches, current = [], []
-    for row in sorted(rows, key=row_tokens, reverse=True):
-        if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current = []
-        current.append(row)
-    return batches + [current] if current else batches
-
 
 def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
             share_prompt: bool) -> dict:

@@ -139,7 +139,7 @@ def _packed_linears(model, rows: int):
     a decoding step multiplies a few rows by every weight, and MKL's plain sgemm streamed them at
     ~40% of memory bandwidth; packed, one SmolLM2-135M decoding step of 12 rows fell from ~115 to
     ~85 ms (README, "Figures behind the code's comments"). Packed per call (0.3-0.6 s, 135M), not
-    kept: weights change in place between calls (share_weights: the trainer's own), and the copy,
+    kept: weights change in place between calls (use_policy_weights), and the copy,
     the size of the weights, is freed with the call. `rows` hints the layout at the batch size.
     Elsewhere (GPU, bf16, no oneDNN) the model is left as it is."""
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -184,7 +184,7 @@ class HFEngine:
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.rng = random.Random(seed)
-        self.shares_weights = False
+        self.uses_policy_weights = False
         self.model = load_model(model_path, dtype, trust_remote_code).to(self.device).eval()
         self.model.requires_grad_(False)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings  # rows of embeddings
@@ -325,7 +325,7 @@ class HFEngine:
             max=logits.shape[-1] - 1)  # [b]
         return token, logp.gather(1, token[:, None]).squeeze(1)
 
-    def share_weights(self, model) -> bool:
+    def use_policy_weights(self, model) -> bool:
         """Sample from `model`'s own parameters instead of a copy where exact: same names,
         shapes, dtype and device, and FSDP2 shards holding whole tensors (world size 1). Returns
         whether it did; then optimizer steps reach the engine at once, without `load_weights`."""
@@ -340,7 +340,7 @@ class HFEngine:
             return False
         for name, param in mine.items():
             param.data = theirs[name]  # the same storage: no copy
-        self.shares_weights = True
+        self.uses_policy_weights = True
         return True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

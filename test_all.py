@@ -1705,12 +1705,12 @@ def test_packed_linears_leave_a_replaced_forward_alone():
     assert "forward" not in model[0].__dict__
 
 
-def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
+def test_use_policy_weights_follows_the_trainer(tiny_dir, tmp_path):
     tokenizer = load_tokenizer(tiny_dir)
     prompts = prompts_of(tokenizer)
     engine = HFEngine(tiny_dir, tokenizer)
     trainer_model = load_model(tiny_dir)
-    assert engine.share_weights(trainer_model) and engine.shares_weights
+    assert engine.use_policy_weights(trainer_model) and engine.uses_policy_weights
     assert (engine.model.lm_head.weight.data_ptr()
             == trainer_model.model.embed_tokens.weight.data_ptr())
     before = [g[0].token_ids  # a call before the update: nothing of it may outlive the call
@@ -1729,8 +1729,8 @@ def test_share_weights_follows_the_trainer(tiny_dir, tmp_path):
     # A copy is kept where sharing would not be exact, e.g. another dtype (a bf16 engine); FSDP2
     # shards of 2 ranks: see dp_worker.
     other = HFEngine(tiny_dir, tokenizer)
-    assert (not other.share_weights(load_model(tiny_dir, torch.bfloat16))
-            and not other.shares_weights)
+    assert (not other.use_policy_weights(load_model(tiny_dir, torch.bfloat16))
+            and not other.uses_policy_weights)
 
 
 def test_load_weights_changes_generation(tiny_dir, tmp_path):
@@ -2178,11 +2178,11 @@ def dataclasses_replace(cfg, **changes):
 
 
 def test_micro_batches_respect_the_token_budget():
-    samples = [model_lib.Sample([p] * p, [2] * c, 0.0)
+    samples = [grpo.Sample([p] * p, [2] * c, 0.0)
                for p, c in [(3, 2), (10, 5), (4, 1), (2, 2), (6, 6)]]
-    batches = model_lib.micro_batches(
-        model_lib.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
-    lengths = [[model_lib.row_tokens(row) for row in b] for b in batches]
+    batches = grpo.micro_batches(
+        grpo.rows_of(samples, share_prompt=False, token_budget=30), token_budget=30)
+    lengths = [[grpo.row_tokens(row) for row in b] for b in batches]
     # Longest first: 15 and 12 pad to 15 x 2 = 30 <= 30; a third (15 x 3 = 45) opens a new batch.
     assert lengths == [[15, 12], [5, 5, 4]]
     assert sorted(sum(lengths, [])) == sorted(len(s.prompt_ids) + len(s.completion_ids)
@@ -2191,14 +2191,14 @@ def test_micro_batches_respect_the_token_budget():
 
 def test_rows_share_a_prompt_within_the_budget():
     a, b = [7] * 4, [8] * 3
-    samples = [model_lib.Sample(a, [1] * 3, 0.0), model_lib.Sample(b, [1] * 2, 0.0),
-               model_lib.Sample(a, [1] * 5, 0.0), model_lib.Sample(a, [1] * 2, 0.0),
-               model_lib.Sample(b, [1] * 1, 0.0)]
-    rows = model_lib.rows_of(samples, share_prompt=True, token_budget=12)
+    samples = [grpo.Sample(a, [1] * 3, 0.0), grpo.Sample(b, [1] * 2, 0.0),
+               grpo.Sample(a, [1] * 5, 0.0), grpo.Sample(a, [1] * 2, 0.0),
+               grpo.Sample(b, [1] * 1, 0.0)]
+    rows = grpo.rows_of(samples, share_prompt=True, token_budget=12)
     # prompt a: 4 + 3 + 5 = 12 fits, + 2 would not; prompt b: 3 + 2 + 1 = 6.
     assert [[samples.index(s) for s in row] for row in rows] == [[0, 2], [3], [1, 4]]
-    assert [model_lib.row_tokens(row) for row in rows] == [12, 6, 6]
-    assert model_lib.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
+    assert [grpo.row_tokens(row) for row in rows] == [12, 6, 6]
+    assert grpo.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
@@ -2211,7 +2211,7 @@ def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group,
         for i in range(4):
             completion = torch.randint(3, 200, (1 + (5 * i + group) % 7,),
                                        generator=generator).tolist()
-            samples.append(model_lib.Sample(prompt, completion, advantage=float(i) - 1.5,
+            samples.append(grpo.Sample(prompt, completion, advantage=float(i) - 1.5,
                                         sampler_logprobs=[-2.0] * len(completion)))
     results = []
     for share in (True, False):
@@ -2236,13 +2236,13 @@ def test_backward_leaves_the_gradient_of_the_loss(tiny_dir, process_group):
     # -sum(A_b * logp_bt) / tokens; several micro-batches (and gradient buffers made before the
     # first backward) must add up to exactly that.
     generator = torch.Generator().manual_seed(5)
-    samples = [model_lib.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
+    samples = [grpo.Sample(torch.randint(3, 200, (3 + i,), generator=generator).tolist(),
                                 torch.randint(3, 200, (2 + i % 3,), generator=generator).tolist(),
                                 advantage=1.0 - i / 2)
                for i in range(5)]
     policy = model_lib.load_model(tiny_dir)
     cfg = tiny_cfg(micro_batch_tokens=20, share_prompt=False)
-    assert len(model_lib.micro_batches(model_lib.rows_of(samples, False, 20), 20)) > 1
+    assert len(grpo.micro_batches(grpo.rows_of(samples, False, 20), 20)) > 1
     train.backward(policy, train.prepare_batch(policy, samples, cfg, 0, torch.device("cpu")), cfg,
                    train.Tally())
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -2282,7 +2282,7 @@ def test_config_flags_presets_and_errors(capsys):
         train.parse_config(["--help"])
     help_text = capsys.readouterr().out
     # the field comment is the help
-    assert "--referee_orders" in help_text and "shuffled orders" in help_text
+    assert "--referee_orders" in help_text and "orders per self-refereed group" in help_text
 
 
 def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(capsys):
@@ -2401,7 +2401,7 @@ def test_update_takes_every_optimizer_step_of_the_batch(tiny_dir, process_group)
     # mu = 3 optimizer steps on one rollout batch: old log-probs taken once, so from the second
     # step on the ratio moves away from 1 and the clip can act; every step is taken.
     generator = torch.Generator().manual_seed(7)
-    samples = [model_lib.Sample(torch.randint(3, 200, (4,), generator=generator).tolist(),
+    samples = [grpo.Sample(torch.randint(3, 200, (4,), generator=generator).tolist(),
                                 torch.randint(3, 200, (3,), generator=generator).tolist(),
                                 advantage=a)
                for a in (1.0, -1.0, 0.5, -0.5)]
@@ -2461,14 +2461,15 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     for i in range(7):  # 7 sequences: rank 0 gets 4, rank 1 gets 3 (and one micro-batch fewer)
         prompt = torch.randint(3, 200, (3 + i % 3,), generator=generator).tolist()
         completion = torch.randint(3, 200, (2 + i,), generator=generator).tolist()
-        samples.append(model_lib.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
+        samples.append(grpo.Sample(prompt, completion, advantage=float(i % 3) - 1.0))
     for i in range(3):  # more completions of two prompts, as a referee group over two orders
         completion = torch.randint(3, 200, (3 + i,), generator=generator).tolist()
-        samples.append(model_lib.Sample(samples[i % 2].prompt_ids, completion, advantage=0.5 - i))
+        samples.append(grpo.Sample(samples[i % 2].prompt_ids, completion, advantage=0.5 - i))
     cfg = tiny_cfg(micro_batch_tokens=20, loss_agg=os.environ.get("AGG", "token-mean"))
     policy = model_lib.shard_model(model_lib.load_model(model_dir), torch.device("cpu"))
     # An engine can use the trainer's parameters only where a shard is the whole tensor.
-    assert HFEngine(model_dir, load_tokenizer(model_dir)).share_weights(policy) == (world == 1)
+    assert HFEngine(model_dir, load_tokenizer(model_dir)).use_policy_weights(policy) == (
+        world == 1)
     # AdamW would hide a gradient off by the world size
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
     batch = train.prepare_batch(policy, samples[rank::world], cfg, 0, torch.device("cpu"))
@@ -2638,7 +2639,7 @@ def crash_during_save_worker(*args) -> None:
                 f.write(b"half a shard")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(state, checkpoint_id=checkpoint_id)
-    train.dcp.save = dying_save
+    model_lib.dcp.save = dying_save
     synthetic_reward_worker(*args)
 
 

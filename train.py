@@ -2,11 +2,14 @@
 
 Each step draws a batch mixing three kinds of prompts (README.md, "The method"):
   verifiable  the player answers a math problem; rule-checked reward (reward.math_rewards)
-  preference  the referee ranks K given answers; reward = agreement with the gold ranking
+  preference  the referee ranks K given answers, shown in --referee_group_orders orders (one
+              group); reward = agreement with the gold ranking
   open        the player answers an instruction; the same model then ranks the group of answers
-              in M shuffled orders (the self-referee pass), and those rankings are the rewards
-and runs them through one GRPO update. `main` is the algorithm, one banner per phase; the
-pieces it calls sit above it in the order it calls them, the end-of-run writers below it.
+              in M orders (the self-referee pass), and those rankings are the rewards
+and runs them through one GRPO update. Reading order: Config and its presets; the step's
+functions in the order `main` calls them (sample, roll out, reward, self-referee, advantage,
+update, sync, evaluate; the cold start before the first step); `main`, one banner per phase.
+Below the line "Plumbing" nothing is URPO: flags, input checks, models, checkpoints, logging.
 
 Run:
   python train.py                                        # CPU default: SmolLM2-135M, minutes
@@ -20,10 +23,13 @@ Run:
 
 Everything a run writes lands in --out_dir: config.json, metrics.jsonl (one line per step),
 samples.jsonl (every --samples_every steps), checkpoints/, curves.png and final/ (an HF folder).
+A fresh run refuses an --out_dir that holds an earlier run (--resume or --overwrite).
 """
+from __future__ import annotations  # annotations name classes defined further down
+
 import argparse
+import contextlib
 import dataclasses
-import datetime
 import importlib.util
 import json
 import math
@@ -32,23 +38,22 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
 import data
 import eval as evaluation
 import model as model_lib
 import rollout
-from grpo import (AGGREGATIONS, group_advantages, grpo_loss, presentation_advantages,
-                  truncated_is_weights)
+from grpo import (AGGREGATIONS, Sample, group_advantages, grpo_loss, micro_batches,
+                  presentation_advantages, rows_of, truncated_is_weights)
 from data import TASKS
+from model import all_reduce, init_distributed
 from reward import (consistency_rewards, math_rewards, ranking_reward, read_verdict,
                     timed_out_checks)
 
@@ -170,6 +175,522 @@ PRESETS = {
 RENAMED = {"--judge_max_new_tokens": "--referee_max_new_tokens"}  # old flag -> its new name
 
 
+
+# ==============================================================================================
+# One URPO step: its functions in the order main calls them
+# ==============================================================================================
+
+
+# ---- 1. sample -----------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """G completions in one role: of one prompt, or (a preference record) of L prompts that show
+    its candidates in L orders, G / L completions each (--referee_group_orders)."""
+    record: dict  # the unified record (data.py)
+    prompts: list[list[int]]  # the rendered prompt(s) the completions continue, one per order
+    orders: list[list[int]] | None = None  # preference: orders[l][j] is shown as [j+1] in prompt l
+    completions: list = dataclasses.field(default_factory=list)  # G rollout.Completion, by prompt
+    rewards: list[float] | None = None  # None: an open group no verdict could rank (dropped)
+    advantages: list[float] | None = None
+
+    def prompt_of(self, i: int) -> int:
+        """The prompt (presentation) that completion i continues."""
+        return i * len(self.prompts) // len(self.completions)
+
+
+def render_prompt(record: dict, tokenizer, order: list[int] | None = None,
+                  think: bool = True) -> list[int]:
+    """Token ids of a record's prompt: the referee template for preference records (candidates
+    shown in `order`), the player template otherwise."""
+    if record["task"] == "preference":
+        order = order if order is not None else list(range(len(record["responses"])))
+        messages = data.referee_prompt(record["messages"], record["responses"], order, think)
+        return model_lib.chat_ids(tokenizer, messages)
+    return model_lib.chat_ids(tokenizer, data.player_prompt(record))
+
+
+def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
+                  tally: Tally) -> list[Group]:
+    """Player prompts for verifiable and open records; for preference records the referee
+    prompt in --referee_group_orders orders (data.shown_orders: with 2, a random order and its
+    reverse), one group. Why: under one shown order per group, a referee that always names [1]
+    gets the same reward on all G samples, advantage 0: position bias is never unlearnt."""
+    groups = []
+    for record in batch:
+        orders = None
+        if record["task"] == "preference":
+            orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
+        prompts = [render_prompt(record, tokenizer, order, cfg.referee_think)
+                   for order in orders or [None]]
+        if max(map(len, prompts)) > cfg.max_prompt_tokens:  # another order can be a token longer
+            tally.add(f"count/skipped_long_prompts/{record['task']}", 1)
+            continue
+        groups.append(Group(record, prompts, orders))
+    return groups
+
+
+# ---- 3. reward (2. roll out: rollout.sample_groups) ----------------------------------------------
+
+def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
+    """Rewards with a ground truth: math answers checked against the gold answer, and referee
+    verdicts on preference pairs scored against the gold ranking."""
+    verifiable = [g for g in groups if g.record["task"] == "verifiable"]
+    texts = [c.text for g in verifiable for c in g.completions]
+    timed_out = timed_out_checks()
+    flat = math_rewards(texts, [g.record["answer"] for g in verifiable for _ in g.completions])
+    if texts:  # a machine too busy for math-verify shows here before it shows as a lower reward
+        tally.add("count/math_timeouts/verifiable", timed_out_checks() - timed_out)
+    for i, g in enumerate(verifiable):
+        g.rewards = flat[i * cfg.group_size:(i + 1) * cfg.group_size]
+    for g in (g for g in groups if g.record["task"] == "preference"):
+        orders = [g.orders[g.prompt_of(i)] for i in range(len(g.completions))]
+        rankings = [read_verdict(c.text, order) for c, order in zip(g.completions, orders)]
+        g.rewards = [cfg.invalid_reward if r is None else ranking_reward(r, g.record["ranking"])
+                     for r in rankings]
+        bests = [None if r is None else r[0] for r in rankings]  # original candidates
+        if cfg.consistency_coef:
+            bonus = consistency_rewards(bests, len(g.orders), cfg.consistency_coef)
+            g.rewards = [r + b for r, b in zip(g.rewards, bonus)]
+        tally_verdicts(tally, "preference", orders, rankings,
+                       [len(text) for text in g.record["responses"]], g.record["ranking"][0])
+        per = len(g.completions) // len(g.orders)  # aligned samples of two orders: same verdict?
+        for i in range(per, len(bests)):
+            for j in range(i % per, i, per):
+                same = bests[i] is not None and bests[i] == bests[j]
+                tally.add("referee/position_consistency/preference", float(same))
+
+
+def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
+                   rankings: list[list[int] | None], lengths: list[int],
+                   gold_best: int | None = None) -> None:
+    """What the referee's verdicts show, per verdict: invalid, the first shown ranked best
+    (position bias), the longest candidate ranked best (length bias), and with a gold best its
+    accuracy, split by whether the gold best was shown first ("second": any later place)."""
+    for order, ranking in zip(orders, rankings, strict=True):
+        tally.add(f"referee/invalid_rate/{task}", float(ranking is None))
+        if ranking is not None:
+            tally.add(f"referee/first_shown_best/{task}", float(ranking[0] == order[0]))
+            tally.add(f"referee/longer_best/{task}", float(lengths[ranking[0]] == max(lengths)))
+        if gold_best is not None:
+            right = float(ranking is not None and ranking[0] == gold_best)
+            tally.add(f"referee/accuracy/{task}", right)
+            shown = "first" if order[0] == gold_best else "second"
+            tally.add(f"referee/accuracy_chosen_{shown}/{task}", right)
+
+
+# ---- 4. the self-referee pass --------------------------------------------------------------------
+
+def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: random.Random,
+                      tally: Tally) -> list[rollout.Verdict]:
+    """URPO's own step: the referee (the policy itself, or the baseline arm's frozen referee)
+    ranks each open group in M shuffled orders; the rankings are the answers' rewards. Returns
+    the verdicts, for metrics and the samples file."""
+    open_groups = [g for g in groups if g.record["task"] == "open"]
+    if not open_groups:
+        return []
+    judged = rollout.self_referee(  # the referee's own tokenizer: the baseline's may differ
+        referee_engine, referee_engine.tokenizer, [g.record["messages"] for g in open_groups],
+        [[c.text for c in g.completions] for g in open_groups], cfg.referee_orders,
+        cfg.temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think)
+    for g, rewards in zip(open_groups, judged.rewards):
+        g.rewards = rewards
+    tally.add("count/dropped_groups/open", judged.dropped)
+    tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
+    tops = defaultdict(list)  # the best answer of each valid verdict, per group
+    for verdict in judged.verdicts:
+        answers = [c.text for c in open_groups[verdict.group].completions]
+        tally_verdicts(tally, "open", [verdict.order], [verdict.ranking], list(map(len, answers)))
+        if verdict.ranking is not None:
+            tops[verdict.group].append(verdict.ranking[0])
+    for best in tops.values():  # pairs of valid verdicts on one group that agree on the best
+        for i, a in enumerate(best):
+            for b in best[i + 1:]:
+                tally.add("referee/order_agreement/open", float(a == b))
+    return judged.verdicts
+
+
+# ---- 5. advantage --------------------------------------------------------------------------------
+
+def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> list:
+    """GRPO advantages per group, and the completions that carry a learning signal."""
+    samples = []
+    for g in groups:
+        task = g.record["task"]
+        lengths = [len(c.token_ids) for c in g.completions]
+        tally.add(f"completion_len/{task}", sum(lengths) / len(lengths), len(lengths))
+        cut = sum(c.finish_reason == "length" for c in g.completions) / len(lengths)
+        tally.add(f"truncated/{task}", cut, len(lengths))
+        if g.rewards is None:
+            continue
+        tally.add(f"reward/{task}", sum(g.rewards) / len(g.rewards))
+        if cfg.referee_advantage == "eis" and task == "preference":
+            adv = presentation_advantages(torch.tensor(g.rewards), len(g.prompts),
+                                          scale=cfg.scale_advantages)  # [G]
+        else:
+            adv = group_advantages(torch.tensor(g.rewards), cfg.group_size,
+                                   scale=cfg.scale_advantages)  # [G]
+        g.advantages = adv.tolist()
+        has_signal = bool(adv.abs().max() > 0)
+        tally.add(f"nonzero_adv_share/{task}", float(has_signal))
+        # A group of equal rewards has zero advantages: no policy gradient, only cost. Leaving it
+        # out (as DAPO's dynamic sampling does) also keeps it out of the token-mean's denominator.
+        if not has_signal and cfg.skip_zero_advantage:
+            continue
+        for i, (c, a) in enumerate(zip(g.completions, g.advantages)):
+            if c.token_ids:  # the sampler's log-probs serve the IS correction of vLLM rollouts
+                sampler = c.logprobs if cfg.rollout == "vllm" else None
+                samples.append(Sample(g.prompts[g.prompt_of(i)], list(c.token_ids), a,
+                                                sampler))
+    return samples
+
+
+# ---- 6. update: mu optimizer steps on one rollout batch, micro-batches by a token budget ---------
+
+def update(policy, optimizer, scheduler, samples: list, cfg: Config, pad_id: int, tally: Tally,
+           kl_reference=None) -> list[bool]:
+    """The GRPO update of one rollout batch: cfg.updates_per_batch optimizer steps (mu), each
+    over all micro-batches; returns whether each step was taken (False: non-finite, skipped)."""
+    device = next(policy.parameters()).device
+    batch = prepare_batch(policy, samples, cfg, pad_id, device, kl_reference)
+    taken = []
+    for mu in range(cfg.updates_per_batch):
+        loss = backward(policy, batch, cfg, tally, first=mu == 0)
+        grad_norm, ok = optimizer_step(policy, optimizer, scheduler, cfg, loss)
+        if batch["num_seqs"]:  # a step with nothing to train on (no rank) logs no loss
+            tally.add("loss", loss)
+            tally.add("grad_norm", grad_norm if ok else float("nan"))
+        tally.add("count/skipped_nonfinite_steps", float(not ok))
+        taken.append(ok)
+    return taken
+
+
+def prepare_batch(policy, samples: list, cfg: Config, pad_id: int, device: torch.device,
+                  kl_reference=None) -> dict:
+    """The step's micro-batches as tensors (model.collate), and the global counts the loss is
+    normalised by. Every rank gets the same number of micro-batches (FSDP's collectives must
+    match): a rank short of data adds dummy ones whose loss weighs 0. Old log-probs (for more
+    than one update per batch) and the KL reference's (kl_coef > 0) are taken here, once."""
+    rows = rows_of(samples, cfg.share_prompt, cfg.micro_batch_tokens)
+    batches = micro_batches(rows, cfg.micro_batch_tokens)
+    num_tokens, num_seqs = all_reduce([sum(len(s.completion_ids) for s in samples), len(samples)])
+    num_micro = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
+    dummy = [[Sample([pad_id], [pad_id], 0.0)]]
+    micro = [model_lib.collate(b, pad_id, device, cfg.share_prompt)
+             for b in batches + [dummy] * (num_micro - len(batches))]
+    with torch.no_grad():
+        for mb in micro:
+            # One update per batch: old log-probs equal the current ones, no forward needed.
+            mb["old_logprobs"] = (model_lib.batch_logprobs(policy, mb, cfg.temperature)[0]
+                                  if cfg.updates_per_batch > 1 else None)
+            mb["reference_logprobs"] = (
+                model_lib.batch_logprobs(kl_reference, mb, cfg.temperature)[0]
+                if kl_reference is not None else None)
+    weights = [1.0] * len(batches) + [0.0] * (num_micro - len(batches))
+    return dict(micro=micro, weights=weights, num_tokens=num_tokens, num_seqs=num_seqs)
+
+
+def backward(policy, batch: dict, cfg: Config, tally: Tally, first: bool = True) -> float:
+    """Gradients of the GRPO loss of this rank's micro-batches, summed into the parameters'
+    .grad; returns the global loss. `first`: the batch's first update, whose metrics are kept."""
+    device, world = next(policy.parameters()).device, dist.get_world_size()
+    # Gradient buffers up front, one per parameter (FSDP then adds each micro-batch into them):
+    # made inside the first backward, between its short-lived tensors, they fragment the CPU heap.
+    # A step in which no rank has data leaves them None, so the optimizer step is a no-op.
+    for param in policy.parameters():
+        if batch["micro"] and param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+    local_loss = 0.0
+    for mb, weight in zip(batch["micro"], batch["weights"]):
+        # [S, C]: column j of row s is token j of completion s (model.collate), either layout
+        logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature,
+                                                 with_entropy=first)  # [S, C]
+        old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()  # [S, C]
+        is_weights = None
+        if cfg.rollout == "vllm" and mb["sampler_logprobs"] is not None:
+            # Truncated IS: the sampler's numerics differ from the trainer's; reweight to ours.
+            is_weights = truncated_is_weights(old, mb["sampler_logprobs"], cfg.is_cap)  # [S, C]
+        loss, metrics = grpo_loss(
+            logp, old, mb["advantages"], mb["completion_mask"], mb["reference_logprobs"],
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, is_weights=is_weights, agg=cfg.loss_agg,
+            num_tokens=batch["num_tokens"], num_seqs=batch["num_seqs"], max_len=cfg.max_new_tokens)
+        # FSDP averages gradients over ranks; the loss is normalised by the global counts
+        # already, so scale by the world size to turn that average back into the sum.
+        (loss * weight * world).backward()
+        model_lib.release_freed_memory(device)
+        local_loss = local_loss + loss.detach() * weight
+        if weight and first:  # 0-dim tensors: read back once per step, in Tally.reduce
+            mask = mb["completion_mask"]
+            n = mask.sum()
+            for name, value in metrics.items():
+                tally.add(name, value, n)
+            tally.add("logprob_mean", (logp.detach() * mask).sum() / n, n)  # cold start: -NLL
+            if entropy is not None:
+                tally.add("entropy", (entropy * mask).sum() / n, n)
+            if is_weights is not None:
+                tally.add("is/weight_mean", (is_weights * mask).sum() / n, n)
+                tally.add("is/capped_frac", ((is_weights >= cfg.is_cap) * mask).sum() / n, n)
+    return all_reduce([local_loss])[0]
+
+
+def optimizer_step(policy, optimizer, scheduler, cfg: Config, loss: float) -> tuple[float, bool]:
+    """Clip, check, step. Returns the pre-clip gradient norm and whether the step was taken.
+    Loss and norm are global (FSDP's clip reduces over all shards), so every rank decides the
+    same: a non-finite loss or gradient skips the step everywhere."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    ok = math.isfinite(grad_norm) and math.isfinite(loss)
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, ok
+
+
+# ---- 7. sync -------------------------------------------------------------------------------------
+
+def sync(engine, policy, engine_is_policy: bool) -> None:
+    """The engine samples the next batch from the policy's current weights: the sharded state
+    dict itself, gathered tensor by tensor into the engine's copy (collective), unless the engine
+    samples from the policy's own parameters. vLLM on GPU takes its memory back first."""
+    engine.wake_up()
+    if not engine_is_policy:
+        engine.load_weights(policy.state_dict())
+
+
+# ---- 8. held-out evaluation ----------------------------------------------------------------------
+
+def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
+                      cfg: Config) -> dict[str, float]:
+    """Held-out metrics of every set for the metrics line: means as eval/<set>/<metric>, counts as
+    count/eval/<set>/<count>; a metric with nothing to measure (NaN) is left out. Each rank judges
+    its share of the items (eval.held_out_items), every rank gets them all, in the sets' order,
+    and the metrics (and their bootstrap intervals) are computed from all of them. The engine's
+    sampling state is restored afterwards: evaluating does not change the training run."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards = {name: records[rank::world] for name, records in eval_sets.items()
+              if records[rank::world]}
+    engine_rng = engine.rng.getstate()
+    mine = evaluation.held_out_items(
+        engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
+        referee_max_new_tokens=cfg.referee_max_new_tokens)  # a verdict as long as in training
+    engine.rng.setstate(engine_rng)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    judged = {}
+    for name, records in eval_sets.items():
+        items = [None] * len(records)  # rank r judged records r, r + world, ...
+        for r, theirs in enumerate(everyone):
+            if name in theirs:
+                kind, items[r::world] = theirs[name]
+        if records:
+            judged[name] = (kind, items)
+    metrics = {}
+    for name, value in evaluation.held_out_metrics(judged).items():
+        count = name.split("/", 1)[1] in evaluation.TRAINING_COUNTS
+        if math.isfinite(value):
+            metrics[f"count/eval/{name}" if count else f"eval/{name}"] = value
+    return metrics
+
+
+# ---- Before the first step: the cold start (ours, not the paper's) -------------------------------
+
+def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -> dict:
+    """Supervised steps on gold-formatted targets from the training data, before GRPO
+    (data.cold_start_examples): the referee's gold rankings written as verdicts (a pair's in the
+    --referee_group_orders orders GRPO shows it in, every --cold_start_group_every-th one
+    ranking group_size candidates, the K of the self-referee pass) and worked solutions ending
+    in \\boxed{}. Ours, not the paper's: the paper starts from a 7B model that already follows
+    output formats; a small model that never writes a valid verdict or a box gives GRPO nothing
+    to compare. Each step is `update` with advantage 1 and ratio 1 under token-mean aggregation,
+    whatever the run's --loss_agg: the gradient of the token-mean NLL; its own AdamW at
+    --cold_start_lr, dropped afterwards. Examples over --max_prompt_tokens or --max_new_tokens
+    are left out; the KL reference stays the model as loaded. Returns the step-0 metrics (NLL of
+    the first and last step, time)."""
+    started = time.perf_counter()
+
+    def sample(example) -> Sample:
+        prompt_ids = model_lib.chat_ids(tokenizer, example[0])
+        target_ids = (tokenizer(example[1], add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id])
+        return Sample(prompt_ids, target_ids, advantage=1.0)
+
+    def fits(example) -> bool:
+        s = sample(example)
+        return (len(s.prompt_ids) <= cfg.max_prompt_tokens
+                and len(s.completion_ids) <= cfg.max_new_tokens)
+    examples, sizes = data.cold_start_examples(
+        sources, cfg.cold_start_steps * cfg.cold_start_batch, cfg.group_size,
+        cfg.cold_start_group_every, cfg.referee_group_orders, fits,
+        random.Random(f"{cfg.seed}/cold_start"), cfg.referee_think)
+    print0("cold start examples within the budgets: " + ", ".join(
+        f"{size} {name}" for name, size in sizes.items()))
+    if not examples:
+        raise SystemExit("train.py: --cold_start_steps: no preference record or worked solution "
+                         "fits in --max_prompt_tokens and --max_new_tokens; set the steps to 0 "
+                         "or raise the budgets")
+    samples = [sample(example) for example in examples]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, fused=True)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    # One update of the token-mean NLL, whatever the run's --loss_agg (a seq-sum-norm cold start
+    # would shrink by mean length / --max_new_tokens, a confound of that ablation)
+    supervised = dataclasses.replace(cfg, updates_per_batch=1, loss_agg="token-mean")
+    rank, world, nll = dist.get_rank(), dist.get_world_size(), []
+    policy.train()
+    for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=rank != 0,
+                     dynamic_ncols=True):
+        size, tally = cfg.cold_start_batch, Tally()
+        update(policy, optimizer, constant, samples[step * size:(step + 1) * size][rank::world],
+               supervised, tokenizer.pad_token_id, tally)
+        nll.append(-tally.reduce()["logprob_mean"])
+        print0(f"cold start step {step + 1}: NLL {nll[-1]:.3f} per target token")
+    return {"cold_start/nll_first": nll[0], "cold_start/nll_last": nll[-1],
+            "time/cold_start": time.perf_counter() - started}
+
+
+def before_training(cfg: Config, policy, engine, engine_is_policy: bool, tokenizer,
+                    sources: dict, eval_sets: dict) -> dict:
+    """Step 0: the held-out evaluation of the model as loaded (--eval_start_end), then the cold
+    start (--cold_start_steps, ours) and a sync; returns the step-0 metrics line."""
+    line = {"step": 0}
+    if cfg.eval_start_end and eval_sets:
+        print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
+        t = time.perf_counter()
+        line |= evaluate_held_out(engine, tokenizer, eval_sets, cfg)
+        line["time/eval"] = time.perf_counter() - t
+        print0("  " + ", ".join(f"{name} {text}" for name, text
+                                in evaluation.format_metrics(line, "eval/").items()))
+    if cfg.cold_start_steps:
+        engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
+        line |= cold_start(policy, sources, tokenizer, cfg)
+        sync(engine, policy, engine_is_policy)
+    return line
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    rank, world, device = init_distributed(cfg.dist_timeout_min)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
+                         f"of the world size {world}")
+    check_out_dir(cfg)
+    paths, tokenizers, sources, eval_sets = load_inputs(cfg)
+    tokenizer = tokenizers["model"]
+
+    # ---- the policy (FSDP2, fp32 master weights), its rollout engine, the referee's ----------
+    policy, engine, referee_engine, kl_reference, compute_dtype, engine_is_policy = build_models(
+        cfg, device, paths, tokenizers)
+    mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
+                           cfg.prompts_per_step, cfg.seed, rank, world)
+    # fused: one kernel per step; the default foreach path holds a model-sized temporary
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
+    # The vLLM guard scores one prompt of each source with engine and trainer after every sync.
+    guard_ids = [render_prompt(records[0], tokenizer)[:128] for records in sources.values()
+                 ] if cfg.rollout == "vllm" else []
+    step, bad_steps = resume(cfg, policy, optimizer, scheduler, mixture, engine, engine_is_policy)
+    log = RunLog(cfg, step, tokenizer)
+
+    # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ------------
+    if step == 0:
+        log.write(before_training(cfg, policy, engine, engine_is_policy, tokenizer, sources,
+                                  eval_sets))
+    if guard_ids:
+        gaps = check_engine(engine, policy, guard_ids, cfg, step)
+        print0("log-prob gap engine vs trainer at start: mean {:.2e}, max {:.2e}".format(*gaps))
+    stop = StopSignal()
+    while step < cfg.steps:
+        tally, seconds, started = Tally(), {}, time.perf_counter()
+        # Every random choice of a step derives from (seed, step, rank): a resume replays it.
+        step_seed = (cfg.seed * 1_000_003 + step) * 1_009 + rank
+        rng = random.Random(step_seed)
+        torch.manual_seed(step_seed)
+
+        # ---- 1. sample: this rank's prompts of the step, mixed by task weight ------------------
+        groups = build_prompts(mixture.next_batch(), tokenizer, cfg, rng, tally)
+
+        # ---- 2. roll out: G completions per group, player and referee prompts alike ------------
+        with timed(seconds, "rollout"):
+            for g, completions in zip(groups, rollout.sample_groups(
+                    engine, [g.prompts for g in groups], cfg.group_size, cfg.temperature,
+                    cfg.max_new_tokens)):
+                g.completions = completions
+
+        # ---- 3. reward: answers checked against gold answers, verdicts against gold rankings ----
+        with timed(seconds, "reward"):
+            rule_rewards(groups, cfg, tally)
+
+        # ---- 4. self-referee pass: the referee ranks each open group; the ranks are rewards -----
+        with timed(seconds, "self_referee"):
+            verdicts = self_referee_pass(groups, referee_engine, cfg, rng, tally)
+
+        # ---- 5. advantage: normalise rewards within each group -----------------------------------
+        samples = advantages_and_samples(groups, cfg, tally)
+
+        # ---- 6. update: the GRPO loss, backward, mu optimizer steps ------------------------------
+        with timed(seconds, "train"):
+            engine.sleep()  # vLLM on GPU: hand the engine's memory to the trainer until the sync
+            policy.train()
+            for ok in update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id,
+                             tally, kl_reference):
+                bad_steps = 0 if ok else bad_steps + 1
+
+        # ---- 7. sync: the engine samples the next batch from the new weights ---------------------
+        with timed(seconds, "sync"):
+            sync(engine, policy, engine_is_policy)
+        step += 1
+        if guard_ids:  # refuse to sample the next batch from weights that did not arrive
+            gap_mean, gap_max = check_engine(engine, policy, guard_ids, cfg, step)
+            tally.add("logprob_gap/mean", gap_mean)
+            tally.add("logprob_gap/max", gap_max)
+
+        # ---- 8. eval: held-out referee and player metrics with the live engine ------------------
+        held_out = {}
+        if (cfg.eval_every and step % cfg.eval_every == 0) or (
+                cfg.eval_start_end and step == cfg.steps):
+            with timed(seconds, "eval"):
+                held_out = evaluate_held_out(engine, tokenizer, eval_sets, cfg)
+
+        # ---- 9. log ------------------------------------------------------------------------------
+        generated = all_reduce([sum(len(c.token_ids) for g in groups for c in g.completions)
+                                + sum(v.num_tokens for v in verdicts)])[0]
+        elapsed = time.perf_counter() - started
+        log.write(tally.reduce() | held_out | {f"time/{k}": v for k, v in seconds.items()} | {
+            "step": step, "lr": scheduler.get_last_lr()[0], "time/step": elapsed,
+            "tokens_per_s": generated / elapsed}, groups, verdicts)
+        if bad_steps >= cfg.max_bad_steps:
+            last = model_lib.checkpoint_dirs(cfg.out_dir)
+            print0(f"stopping: {bad_steps} non-finite steps in a row (lower --lr or check the "
+                   f"data); the last good checkpoint is "
+                   f"{last[-1] if last else 'none (set --save_every)'}")
+            return 1
+
+        # ---- 10. checkpoint ----------------------------------------------------------------------
+        stopping = stop.agreed()
+        if stopping or (cfg.save_every and step % cfg.save_every == 0):
+            print0(f"saved {save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)}")
+        if stopping:
+            print0("stopped by signal after a clean save; continue with --resume")
+            return 0
+    if cfg.save_every and step % cfg.save_every:
+        save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
+    log.close()
+    finish(cfg, policy, tokenizer, compute_dtype, log.metrics_path)
+    dist.barrier()
+    for e in {id(engine): engine, id(referee_engine): referee_engine}.values():
+        e.close()  # after the last collective: vLLM's teardown also ends torchrun's group
+    return 0
+
+
+# ==============================================================================================
+# Plumbing: flags, input checks, models, checkpoints, logging, distributed helpers;
+# nothing below is URPO
+# ==============================================================================================
+
+
 def parse_config(argv=None) -> Config:
     """Config from the command line: the preset's overrides first, then explicit flags.
     Raises SystemExit with one line per problem (config_problems)."""
@@ -260,6 +781,21 @@ def config_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def task_weights(cfg: Config) -> dict[str, float]:
+    """--task_weights as {task: weight}; ValueError names the flag and the expected form."""
+    weights = {}
+    for item in filter(None, cfg.task_weights.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            name = ""
+        if name.strip() not in TASKS:
+            raise ValueError(f"--task_weights {cfg.task_weights!r}: {item!r} is not TASK=WEIGHT "
+                             f"with TASK one of {', '.join(TASKS)}")
+    return weights
+
+
 EARLIER_RUN = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves.png")
 
 
@@ -268,7 +804,10 @@ def check_out_dir(cfg: Config) -> None:
     earlier one's metrics, checkpoints or final/ unless told to (--overwrite deletes them first;
     --resume continues it). SystemExit with one line otherwise. Every rank checks; rank 0
     deletes."""
-    check_writable(cfg.out_dir, f"train.py: --out_dir {cfg.out_dir!r}")
+    try:
+        model_lib.check_writable(cfg.out_dir)
+    except ValueError as error:
+        raise SystemExit(f"train.py: --out_dir {cfg.out_dir!r}: {error}") from None
     def holds(name: str) -> bool:  # a non-empty file or folder
         path = os.path.join(cfg.out_dir, name)
         if os.path.isdir(path):
@@ -289,523 +828,6 @@ def check_out_dir(cfg: Config) -> None:
         raise SystemExit(f"train.py: --resume: {cfg.out_dir!r} holds an earlier run's "
                          "metrics.jsonl but no checkpoint to continue it from: start afresh "
                          "there with --overwrite, or pick another --out_dir")
-
-
-def check_writable(folder: str, what: str) -> None:
-    """Make `folder` and write a file into it; SystemExit in one line, starting with `what`,
-    when the file system says no (a path under a file, no permission, a read-only disk)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise SystemExit(f"{what}: cannot write there ({type(error).__name__}: "
-                         f"{error.strerror or error}): pick a folder you can write to") from None
-
-
-def task_weights(cfg: Config) -> dict[str, float]:
-    """--task_weights as {task: weight}; ValueError names the flag and the expected form."""
-    weights = {}
-    for item in filter(None, cfg.task_weights.split(",")):
-        name, _, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            name = ""
-        if name.strip() not in TASKS:
-            raise ValueError(f"--task_weights {cfg.task_weights!r}: {item!r} is not TASK=WEIGHT "
-                             f"with TASK one of {', '.join(TASKS)}")
-    return weights
-
-
-def engine_options(cfg: Config, role: str) -> dict:
-    """make_engine's options for the policy's engine (role "policy") or the baseline arm's frozen
-    referee ("referee"). Only the policy's engine syncs, so only it sleeps while the trainer runs:
-    vLLM allows one sleep-mode allocator per process, and a second engine asking for it fails at
-    its first weight load. The referee stays resident on its own, smaller share of the GPU."""
-    if role not in ("policy", "referee"):
-        raise ValueError(f"unknown engine role {role!r}: policy or referee")
-    options = dict(context_len=cfg.max_model_len or None, trust_remote_code=cfg.trust_remote_code)
-    if cfg.rollout != "vllm":
-        return options
-    if role == "policy":
-        return options | dict(gpu_memory_utilization=cfg.vllm_memory, enable_sleep=cfg.vllm_sleep)
-    return options | dict(gpu_memory_utilization=cfg.referee_vllm_memory, enable_sleep=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed plumbing: every rank runs this same script; rank 0 also prints and writes.
-
-
-def init_distributed(timeout_min: float = 60) -> tuple[int, int, torch.device]:
-    """gloo on CPU, NCCL on GPU; a one-process group when not launched by torchrun.
-    `timeout_min` bounds every collective: the backends' defaults (NCCL: 10 min) are shorter than
-    a model download or a final export on one rank while the others wait."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = datetime.timedelta(minutes=timeout_min)
-    if "RANK" in os.environ:  # torchrun (single- or multi-node rendezvous) set the env
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=timeout)
-    else:  # plain `python train.py`: the same code path with world size 1, no port needed
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
-        local_rank = 0
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce(values: list, op=dist.ReduceOp.SUM) -> list[float]:
-    """Reduce a few numbers across ranks in one collective (every rank must call it). Values may
-    be floats or 0-dim tensors still on the GPU: stacked where they are and read back in one
-    transfer, so a step's metrics cost one host sync, not one per value."""
-    cuda = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    t = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
-                     else torch.full((), float(v), dtype=torch.float64, device=device)
-                     for v in values]) if values else torch.zeros(0, dtype=torch.float64,
-                                                                  device=device)  # [n]
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-class Tally:
-    """Per-step metric sums and counts, reduced across ranks in one all-reduce at log time."""
-
-    def __init__(self):
-        self.sums, self.counts = defaultdict(float), defaultdict(float)
-
-    def add(self, name: str, value, count=1.0) -> None:
-        """value and count: floats, or 0-dim tensors left on their device until reduce()."""
-        self.sums[name] = self.sums[name] + value * count
-        self.counts[name] = self.counts[name] + count
-
-    def reduce(self) -> dict[str, float]:
-        """Means across ranks; names starting with "count/" are totals instead."""
-        names = [None] * dist.get_world_size()
-        dist.all_gather_object(names, sorted(self.sums))  # ranks may have seen different tasks
-        names = sorted(set().union(*names))
-        totals = all_reduce([self.sums[n] for n in names] + [self.counts[n] for n in names])
-        sums, counts = totals[: len(names)], totals[len(names):]
-        return {n: s if n.startswith("count/") else s / c
-                for n, s, c in zip(names, sums, counts) if c > 0}
-
-
-def print0(*args) -> None:
-    if dist.get_rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))
-
-
-# ----------------------------------------------------------------------------------------------
-# One step's data: groups of completions, their rewards and advantages.
-
-
-@dataclass
-class Group:
-    """G completions in one role: of one prompt, or (a preference record) of L prompts that show
-    its candidates in L orders, G / L completions each (--referee_group_orders)."""
-    record: dict  # the unified record (data.py)
-    prompts: list[list[int]]  # the rendered prompt(s) the completions continue, one per order
-    orders: list[list[int]] | None = None  # preference: orders[l][j] is shown as [j+1] in prompt l
-    completions: list = dataclasses.field(default_factory=list)  # G rollout.Completion, by prompt
-    rewards: list[float] | None = None  # None: an open group no verdict could rank (dropped)
-    advantages: list[float] | None = None
-
-    def prompt_of(self, i: int) -> int:
-        """The prompt (presentation) that completion i continues."""
-        return i * len(self.prompts) // len(self.completions)
-
-
-def render_prompt(record: dict, tokenizer, order: list[int] | None = None,
-                  think: bool = True) -> list[int]:
-    """Token ids of a record's prompt: the referee template for preference records (candidates
-    shown in `order`), the player template otherwise."""
-    if record["task"] == "preference":
-        order = order if order is not None else list(range(len(record["responses"])))
-        messages = data.referee_prompt(record["messages"], record["responses"], order, think)
-        return model_lib.chat_ids(tokenizer, messages)
-    return model_lib.chat_ids(tokenizer, data.player_prompt(record))
-
-
-def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
-                  tally: Tally) -> list[Group]:
-    """Player prompts for verifiable and open records; for preference records the referee
-    prompt in --referee_group_orders orders (data.shown_orders: with 2, a random order and its
-    reverse), one group. Why: under one shown order per group, a referee that always names [1]
-    gets the same reward on all G samples, advantage 0: position bias is never unlearnt."""
-    groups = []
-    for record in batch:
-        orders = None
-        if record["task"] == "preference":
-            orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
-        prompts = [render_prompt(record, tokenizer, order, cfg.referee_think)
-                   for order in orders or [None]]
-        if max(map(len, prompts)) > cfg.max_prompt_tokens:  # another order can be a token longer
-            tally.add(f"count/skipped_long_prompts/{record['task']}", 1)
-            continue
-        groups.append(Group(record, prompts, orders))
-    return groups
-
-
-def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
-                   rankings: list[list[int] | None], lengths: list[int],
-                   gold_best: int | None = None) -> None:
-    """What the referee's verdicts show, per verdict: invalid, the first shown ranked best
-    (position bias), the longest candidate ranked best (length bias), and with a gold best its
-    accuracy, split by whether the gold best was shown first ("second": any later place)."""
-    for order, ranking in zip(orders, rankings, strict=True):
-        tally.add(f"referee/invalid_rate/{task}", float(ranking is None))
-        if ranking is not None:
-            tally.add(f"referee/first_shown_best/{task}", float(ranking[0] == order[0]))
-            tally.add(f"referee/longer_best/{task}", float(lengths[ranking[0]] == max(lengths)))
-        if gold_best is not None:
-            right = float(ranking is not None and ranking[0] == gold_best)
-            tally.add(f"referee/accuracy/{task}", right)
-            shown = "first" if order[0] == gold_best else "second"
-            tally.add(f"referee/accuracy_chosen_{shown}/{task}", right)
-
-
-def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
-    """Rewards with a ground truth: math answers checked against the gold answer, and referee
-    verdicts on preference pairs scored against the gold ranking."""
-    verifiable = [g for g in groups if g.record["task"] == "verifiable"]
-    texts = [c.text for g in verifiable for c in g.completions]
-    timed_out = timed_out_checks()
-    flat = math_rewards(texts, [g.record["answer"] for g in verifiable for _ in g.completions])
-    if texts:  # a machine too busy for math-verify shows here before it shows as a lower reward
-        tally.add("count/math_timeouts/verifiable", timed_out_checks() - timed_out)
-    for i, g in enumerate(verifiable):
-        g.rewards = flat[i * cfg.group_size:(i + 1) * cfg.group_size]
-    for g in (g for g in groups if g.record["task"] == "preference"):
-        orders = [g.orders[g.prompt_of(i)] for i in range(len(g.completions))]
-        rankings = [read_verdict(c.text, order) for c, order in zip(g.completions, orders)]
-        g.rewards = [cfg.invalid_reward if r is None else ranking_reward(r, g.record["ranking"])
-                     for r in rankings]
-        bests = [None if r is None else r[0] for r in rankings]  # original candidates
-        if cfg.consistency_coef:
-            bonus = consistency_rewards(bests, len(g.orders), cfg.consistency_coef)
-            g.rewards = [r + b for r, b in zip(g.rewards, bonus)]
-        tally_verdicts(tally, "preference", orders, rankings,
-                       [len(text) for text in g.record["responses"]], g.record["ranking"][0])
-        per = len(g.completions) // len(g.orders)  # aligned samples of two orders: same verdict?
-        for i in range(per, len(bests)):
-            for j in range(i % per, i, per):
-                same = bests[i] is not None and bests[i] == bests[j]
-                tally.add("referee/position_consistency/preference", float(same))
-
-
-def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: random.Random,
-                      tally: Tally) -> list[rollout.Verdict]:
-    """URPO's own step: the referee (the policy itself, or the baseline arm's frozen referee)
-    ranks each open group in M shuffled orders; the rankings are the answers' rewards. Returns
-    the verdicts, for metrics and the samples file."""
-    open_groups = [g for g in groups if g.record["task"] == "open"]
-    if not open_groups:
-        return []
-    judged = rollout.self_referee(  # the referee's own tokenizer: the baseline's may differ
-        referee_engine, referee_engine.tokenizer, [g.record["messages"] for g in open_groups],
-        [[c.text for c in g.completions] for g in open_groups], cfg.referee_orders,
-        cfg.temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think)
-    for g, rewards in zip(open_groups, judged.rewards):
-        g.rewards = rewards
-    tally.add("count/dropped_groups/open", judged.dropped)
-    tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
-    tops = defaultdict(list)  # the best answer of each valid verdict, per group
-    for verdict in judged.verdicts:
-        answers = [c.text for c in open_groups[verdict.group].completions]
-        tally_verdicts(tally, "open", [verdict.order], [verdict.ranking], list(map(len, answers)))
-        if verdict.ranking is not None:
-            tops[verdict.group].append(verdict.ranking[0])
-    for best in tops.values():  # pairs of valid verdicts on one group that agree on the best
-        for i, a in enumerate(best):
-            for b in best[i + 1:]:
-                tally.add("referee/order_agreement/open", float(a == b))
-    return judged.verdicts
-
-
-def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> list:
-    """GRPO advantages per group, and the completions that carry a learning signal."""
-    samples = []
-    for g in groups:
-        task = g.record["task"]
-        lengths = [len(c.token_ids) for c in g.completions]
-        tally.add(f"completion_len/{task}", sum(lengths) / len(lengths), len(lengths))
-        cut = sum(c.finish_reason == "length" for c in g.completions) / len(lengths)
-        tally.add(f"truncated/{task}", cut, len(lengths))
-        if g.rewards is None:
-            continue
-        tally.add(f"reward/{task}", sum(g.rewards) / len(g.rewards))
-        if cfg.referee_advantage == "eis" and task == "preference":
-            adv = presentation_advantages(torch.tensor(g.rewards), len(g.prompts),
-                                          scale=cfg.scale_advantages)  # [G]
-        else:
-            adv = group_advantages(torch.tensor(g.rewards), cfg.group_size,
-                                   scale=cfg.scale_advantages)  # [G]
-        g.advantages = adv.tolist()
-        has_signal = bool(adv.abs().max() > 0)
-        tally.add(f"nonzero_adv_share/{task}", float(has_signal))
-        # A group of equal rewards has zero advantages: no policy gradient, only cost. Leaving it
-        # out (as DAPO's dynamic sampling does) also keeps it out of the token-mean's denominator.
-        if not has_signal and cfg.skip_zero_advantage:
-            continue
-        for i, (c, a) in enumerate(zip(g.completions, g.advantages)):
-            if c.token_ids:  # the sampler's log-probs serve the IS correction of vLLM rollouts
-                sampler = c.logprobs if cfg.rollout == "vllm" else None
-                samples.append(model_lib.Sample(g.prompts[g.prompt_of(i)], list(c.token_ids), a,
-                                                sampler))
-    return samples
-
-
-# ----------------------------------------------------------------------------------------------
-# The update: mu optimizer steps on one rollout batch, micro-batches by a token budget.
-
-
-def prepare_batch(policy, samples: list, cfg: Config, pad_id: int, device: torch.device,
-                  ref_model=None) -> dict:
-    """The step's micro-batches as tensors (model.collate), and the global counts the loss is
-    normalised by. Every rank gets the same number of micro-batches (FSDP's collectives must
-    match): a rank short of data adds dummy ones whose loss weighs 0. Old log-probs (for more
-    than one update per batch) and the reference's (kl_coef > 0) are taken here, once."""
-    rows = model_lib.rows_of(samples, cfg.share_prompt, cfg.micro_batch_tokens)
-    batches = model_lib.micro_batches(rows, cfg.micro_batch_tokens)
-    num_tokens, num_seqs = all_reduce([sum(len(s.completion_ids) for s in samples), len(samples)])
-    num_micro = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
-    dummy = [[model_lib.Sample([pad_id], [pad_id], 0.0)]]
-    micro = [model_lib.collate(b, pad_id, device, cfg.share_prompt)
-             for b in batches + [dummy] * (num_micro - len(batches))]
-    with torch.no_grad():
-        for mb in micro:
-            # One update per batch: old log-probs equal the current ones, no forward needed.
-            mb["old"] = (model_lib.batch_logprobs(policy, mb, cfg.temperature)[0]
-                         if cfg.updates_per_batch > 1 else None)
-            mb["ref"] = (model_lib.batch_logprobs(ref_model, mb, cfg.temperature)[0]
-                         if ref_model is not None else None)
-    weights = [1.0] * len(batches) + [0.0] * (num_micro - len(batches))
-    return dict(micro=micro, weights=weights, num_tokens=num_tokens, num_seqs=num_seqs)
-
-
-def backward(policy, batch: dict, cfg: Config, tally: Tally, first: bool = True) -> float:
-    """Gradients of the GRPO loss of this rank's micro-batches, summed into the parameters'
-    .grad; returns the global loss. `first`: the batch's first update, whose metrics are kept."""
-    device, world = next(policy.parameters()).device, dist.get_world_size()
-    # Gradient buffers up front, one per parameter (FSDP then adds each micro-batch into them):
-    # made inside the first backward, between its short-lived tensors, they fragment the CPU heap.
-    # A step in which no rank has data leaves them None, so the optimizer step is a no-op.
-    for param in policy.parameters():
-        if batch["micro"] and param.requires_grad and param.grad is None:
-            param.grad = torch.zeros_like(param)
-    local_loss = 0.0
-    for mb, weight in zip(batch["micro"], batch["weights"]):
-        # [S, C]: column j of row s is token j of completion s (model.collate), either layout
-        logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature,
-                                                 with_entropy=first)  # [S, C]
-        old = mb["old"] if mb["old"] is not None else logp.detach()  # [S, C]
-        is_weights = None
-        if cfg.rollout == "vllm" and mb["sampler_logprobs"] is not None:
-            # Truncated IS: the sampler's numerics differ from the trainer's; reweight to ours.
-            is_weights = truncated_is_weights(old, mb["sampler_logprobs"], cfg.is_cap)  # [S, C]
-        loss, metrics = grpo_loss(
-            logp, old, mb["advantages"], mb["completion_mask"], mb["ref"], clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, is_weights=is_weights, agg=cfg.loss_agg,
-            num_tokens=batch["num_tokens"], num_seqs=batch["num_seqs"], max_len=cfg.max_new_tokens)
-        # FSDP averages gradients over ranks; the loss is normalised by the global counts
-        # already, so scale by the world size to turn that average back into the sum.
-        (loss * weight * world).backward()
-        model_lib.release_freed_memory(device)
-        local_loss = local_loss + loss.detach() * weight
-        if weight and first:  # 0-dim tensors: read back once per step, in Tally.reduce
-            mask = mb["completion_mask"]
-            n = mask.sum()
-            for name, value in metrics.items():
-                tally.add(name, value, n)
-            tally.add("logprob_mean", (logp.detach() * mask).sum() / n, n)  # cold start: -NLL
-            if entropy is not None:
-                tally.add("entropy", (entropy * mask).sum() / n, n)
-            if is_weights is not None:
-                tally.add("is/weight_mean", (is_weights * mask).sum() / n, n)
-                tally.add("is/capped_frac", ((is_weights >= cfg.is_cap) * mask).sum() / n, n)
-    return all_reduce([local_loss])[0]
-
-
-def optimizer_step(policy, optimizer, scheduler, cfg: Config, loss: float) -> tuple[float, bool]:
-    """Clip, check, step. Returns the pre-clip gradient norm and whether the step was taken.
-    Loss and norm are global (FSDP's clip reduces over all shards), so every rank decides the
-    same: a non-finite loss or gradient skips the step everywhere."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    ok = math.isfinite(grad_norm) and math.isfinite(loss)
-    if ok:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, ok
-
-
-def update(policy, optimizer, scheduler, samples: list, cfg: Config, pad_id: int, tally: Tally,
-           ref_model=None) -> list[bool]:
-    """The GRPO update of one rollout batch: cfg.updates_per_batch optimizer steps (mu), each
-    over all micro-batches; returns whether each step was taken (False: non-finite, skipped)."""
-    device = next(policy.parameters()).device
-    batch = prepare_batch(policy, samples, cfg, pad_id, device, ref_model)
-    taken = []
-    for mu in range(cfg.updates_per_batch):
-        loss = backward(policy, batch, cfg, tally, first=mu == 0)
-        grad_norm, ok = optimizer_step(policy, optimizer, scheduler, cfg, loss)
-        if batch["num_seqs"]:  # a step with nothing to train on (no rank) logs no loss
-            tally.add("loss", loss)
-            tally.add("grad_norm", grad_norm if ok else float("nan"))
-        tally.add("count/skipped_nonfinite_steps", float(not ok))
-        taken.append(ok)
-    return taken
-
-
-def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -> dict:
-    """Supervised steps on gold-formatted targets from the training data, before GRPO: the
-    referee's gold rankings written as verdicts, and worked solutions ending in \\boxed{}
-    (data.gold_target); every --cold_start_group_every-th verdict ranks group_size candidates,
-    a pair widened with replies to other conversations (data.group_gold_target): the K that the
-    self-referee pass shows, which pairs alone never teach; a pair's verdicts come in the
-    --referee_group_orders orders that GRPO shows it in. Ours, not the paper's: the paper starts
-    from a 7B model that already follows output formats; a small model that never writes a valid
-    verdict or a box gives GRPO nothing to compare. It is `update` with advantage 1 and ratio 1
-    under --loss_agg token-mean, whatever the run's: the gradient of the token-mean NLL; its own
-    AdamW at --cold_start_lr, dropped afterwards. Referee and solver examples alternate within each batch; examples over
-    --max_prompt_tokens or --max_new_tokens are left out. The KL reference (--kl_coef > 0)
-    stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step,
-    time)."""
-    started = time.perf_counter()
-    rng = random.Random(f"{cfg.seed}/cold_start")
-
-    def sample(example):  # None: no example, or one over the budgets
-        if example is None:
-            return None
-        prompt_ids = model_lib.chat_ids(tokenizer, example[0])
-        target_ids = (tokenizer(example[1], add_special_tokens=False)["input_ids"]
-                      + [tokenizer.eos_token_id])
-        if len(prompt_ids) <= cfg.max_prompt_tokens and len(target_ids) <= cfg.max_new_tokens:
-            return model_lib.Sample(prompt_ids, target_ids, advantage=1.0)
-        return None
-
-    # Each pool holds lists of examples kept together: a pair's verdicts in the
-    # --referee_group_orders orders that GRPO shows it in (both orders: no position to imitate)
-    pools = {"pairs": [], "groups": [], "verifiable": []}  # verdicts on K and on G, solutions
-    grouped = cfg.cold_start_group_every > 0 and cfg.group_size > 2
-    for record in sources.get("preference", []):
-        orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
-        pools["pairs"].append([sample(data.gold_target(record, rng, cfg.referee_think, order))
-                               for order in orders])
-        if grouped:
-            pools["groups"].append([sample(data.group_gold_target(
-                record, sources["preference"], cfg.group_size, rng, cfg.referee_think))])
-    for record in sources.get("verifiable", []):
-        pools["verifiable"].append([sample(data.gold_target(record, rng, cfg.referee_think))])
-    for name, pool in pools.items():
-        pool[:] = [kept for kept in ([s for s in together if s is not None] for together in pool)
-                   if kept]
-        rng.shuffle(pool)
-        pools[name] = [s for together in pool for s in together]
-    print0("cold start examples within the budgets: " + ", ".join(
-        f"{len(pool)} {name}" for name, pool in pools.items()))
-    referee = pools["pairs"] or pools["groups"]
-    tasks = [task for task, ok in (("referee", referee), ("verifiable", pools["verifiable"])) if ok]
-    if not tasks:
-        raise SystemExit("train.py: --cold_start_steps: no preference record or worked solution "
-                         "fits in --max_prompt_tokens and --max_new_tokens; set the steps to 0 "
-                         "or raise the budgets")
-    examples, used = [], defaultdict(int)  # tasks alternate, each pool cycles
-    for i in range(cfg.cold_start_steps * cfg.cold_start_batch):
-        name = tasks[i % len(tasks)]
-        if name == "referee":  # every Nth referee example ranks G candidates
-            every = cfg.cold_start_group_every
-            wants_group = grouped and i // len(tasks) % every == every - 1
-            name = "groups" if (wants_group or not pools["pairs"]) and pools["groups"] else "pairs"
-        examples.append(pools[name][used[name] % len(pools[name])])
-        used[name] += 1
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, fused=True)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    # One update of the token-mean NLL, whatever the run's --loss_agg (a seq-sum-norm cold start
-    # would shrink by mean length / --max_new_tokens, a confound of that ablation)
-    supervised = dataclasses.replace(cfg, updates_per_batch=1, loss_agg="token-mean")
-    rank, world, nll = dist.get_rank(), dist.get_world_size(), []
-    policy.train()
-    for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=rank != 0,
-                     dynamic_ncols=True):
-        size = cfg.cold_start_batch
-        tally = Tally()
-        update(policy, optimizer, constant, examples[step * size:(step + 1) * size][rank::world],
-               supervised, tokenizer.pad_token_id, tally)
-        nll.append(-tally.reduce()["logprob_mean"])
-        print0(f"cold start step {step + 1}: NLL {nll[-1]:.3f} per target token")
-    return {"cold_start/nll_first": nll[0], "cold_start/nll_last": nll[-1],
-            "time/cold_start": time.perf_counter() - started}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (model.save_checkpoint: sharded, verified, renamed into place) hold the model, the
-# optimizer and each rank's trainer state below: RNG states, data position, LR schedule.
-
-
-def trainer_state(step: int, scheduler, mixture, engine, bad_steps: int) -> dict:
-    """This rank's state beside the model and optimizer: a resume replays the run exactly."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "engine": engine.rng.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    return {"step": step, "rng": rng, "mixture": mixture.state_dict(),
-            "scheduler": scheduler.state_dict(), "bad_steps": bad_steps,
-            "world_size": dist.get_world_size()}
-
-
-def restore_trainer_state(trainer: dict, scheduler, mixture, engine) -> tuple[int, int]:
-    """trainer_state's inverse; returns (step, bad_steps)."""
-    torch.set_rng_state(trainer["rng"]["torch"])
-    random.setstate(trainer["rng"]["python"])
-    engine.rng.setstate(trainer["rng"]["engine"])
-    if trainer["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(trainer["rng"]["cuda"])
-    mixture.load_state_dict(trainer["mixture"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    return trainer["step"], trainer["bad_steps"]
-
-
-def save(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engine,
-         bad_steps: int) -> str:
-    return model_lib.save_checkpoint(
-        cfg.out_dir, step, policy, optimizer,
-        trainer_state(step, scheduler, mixture, engine, bad_steps), cfg.keep_checkpoints)
-
-
-def keep_metrics_until(path: str, step: int) -> None:
-    """Drop the metrics lines of steps after `step` (a resumed run runs them again)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the run to finish its current step, save, and exit 0."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: the user really wants out now
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"[rank {dist.get_rank()}] signal {signum}: finishing this step, then saving")
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (one collective: no rank waits)."""
-        return all_reduce([float(self.requested)], dist.ReduceOp.MAX)[0] > 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: user input checked before any model loads, then the loop.
 
 
 def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
@@ -841,28 +863,13 @@ def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
     def fits(record: dict) -> bool:
         prompt = render_prompt(record, tokenizer, think=cfg.referee_think)
         return len(prompt) <= cfg.max_prompt_tokens
-    sources = {}
-    for task, weight in task_weights(cfg).items():
-        spec = getattr(cfg, f"{task}_data")
-        if weight <= 0:
-            continue
-        try:
-            records, skipped = data.load_with_counts(spec, limit=cfg.data_limit or None)
-        except data.DataError as error:
-            raise SystemExit(f"train.py: --{task}_data: {error}") from None
-        wrong = {r["task"] for r in records} - {task}
-        if wrong:
-            raise SystemExit(f"train.py: --{task}_data {spec!r} holds {sorted(wrong)} records; "
-                             f"pick a {task} source")
-        fitting = [r for r in records if fits(r)]
-        if len(fitting) < len(records):
-            skipped["prompt over --max_prompt_tokens"] = len(records) - len(fitting)
-        if not fitting:
-            raise SystemExit(f"train.py: --{task}_data {spec!r}: no prompt fits in "
-                             f"--max_prompt_tokens {cfg.max_prompt_tokens}")
-        print0(f"data {task}: {len(fitting)} records from {spec}"
-               + (f", skipped {dict(skipped)}" if skipped else ""))
-        sources[task] = fitting
+    specs = {task: getattr(cfg, f"{task}_data") for task, weight in task_weights(cfg).items()
+             if weight > 0}
+    try:
+        sources = data.load_sources(specs, fits, cfg.data_limit or None,
+                                    f"--max_prompt_tokens {cfg.max_prompt_tokens}", print0)
+    except data.DataError as error:
+        raise SystemExit(f"train.py: {error}") from None
     eval_sets = {}
     if cfg.eval_every or cfg.eval_start_end:
         try:
@@ -875,55 +882,11 @@ def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
     return paths, tokenizers, sources, eval_sets
 
 
-def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config,
-                 step: int) -> tuple[float, float]:
-    """vLLM's guard: the log-prob gap between the engine and the trainer on a few fixed prompts;
-    the run stops on every rank together when the engine is not sampling from the trained
-    weights (rollout.check_logprob_gap)."""
-    trainer = lambda ids: rollout.trainer_prompt_logprobs(policy, ids)
-    mean_gap, max_gap = rollout.logprob_gap(engine, trainer, guard_ids)
-    mean_gap, max_gap = all_reduce([mean_gap, max_gap], dist.ReduceOp.MAX)
-    rollout.check_logprob_gap(mean_gap, max_gap, cfg.logprob_gap_max, step)
-    return mean_gap, max_gap
-
-
-def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
-                      cfg: Config) -> dict[str, float]:
-    """Held-out metrics of every set for the metrics line: means as eval/<set>/<metric>, counts as
-    count/eval/<set>/<count>; a metric with nothing to measure (NaN) is left out. Each rank judges
-    its share of the items (eval.held_out_items), every rank gets them all, in the sets' order,
-    and the metrics (and their bootstrap intervals) are computed from all of them. The engine's
-    sampling state is restored afterwards: evaluating does not change the training run."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    shards = {name: records[rank::world] for name, records in eval_sets.items()
-              if records[rank::world]}
-    engine_rng = engine.rng.getstate()
-    mine = evaluation.held_out_items(
-        engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
-        referee_max_new_tokens=cfg.referee_max_new_tokens)  # a verdict as long as in training
-    engine.rng.setstate(engine_rng)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    judged = {}
-    for name, records in eval_sets.items():
-        items = [None] * len(records)  # rank r judged records r, r + world, ...
-        for r, theirs in enumerate(everyone):
-            if name in theirs:
-                kind, items[r::world] = theirs[name]
-        if records:
-            judged[name] = (kind, items)
-    metrics = {}
-    for name, value in evaluation.held_out_metrics(judged).items():
-        count = name.split("/", 1)[1] in evaluation.TRAINING_COUNTS
-        if math.isfinite(value):
-            metrics[f"count/eval/{name}" if count else f"eval/{name}"] = value
-    return metrics
-
-
 def build_models(cfg: Config, device: torch.device, paths: dict, tokenizers: dict) -> tuple:
     """The policy (FSDP2-sharded, fp32 master weights), its rollout engine, the referee's engine
     (the policy's own, or the baseline arm's frozen one), the frozen KL reference (or None), the
-    compute dtype, and whether the engine shares the policy's parameters (nothing to sync)."""
+    compute dtype, and whether the engine samples from the policy's own parameters (then there
+    is nothing to sync)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     model_path, tokenizer = paths["model"], tokenizers["model"]
@@ -944,20 +907,38 @@ def build_models(cfg: Config, device: torch.device, paths: dict, tokenizers: dic
                          "--max_model_len, up to what the model supports)")
     # At world size 1 with an fp32 engine the HF engine samples from the policy's own
     # parameters: no second copy in memory, nothing to sync after a step.
-    shared = cfg.rollout == "hf" and engine.share_weights(policy)
+    engine_is_policy = False
+    if cfg.rollout == "hf":
+        engine_is_policy = engine.use_policy_weights(policy)
     referee_engine = engine
     if "referee_model" in paths:  # the baseline arm: a frozen, separately trained referee
         referee_engine = rollout.make_engine(
             cfg.rollout, paths["referee_model"], tokenizers["referee_model"], compute_dtype, device,
             cfg.seed + world + rank, **engine_options(cfg, "referee"))
-    ref_model = None  # the frozen KL reference; it never trains, so bf16 is fine on GPU
+    kl_reference = None  # frozen; it never trains, so bf16 is fine on GPU
     if cfg.kl_coef > 0:
-        ref_model = model_lib.load_model(model_path, compute_dtype, cfg.trust_remote_code)
-        ref_model = ref_model.to(device).eval()
-    return policy, engine, referee_engine, ref_model, compute_dtype, shared
+        kl_reference = model_lib.load_model(model_path, compute_dtype, cfg.trust_remote_code)
+        kl_reference = kl_reference.to(device).eval()
+    return policy, engine, referee_engine, kl_reference, compute_dtype, engine_is_policy
 
 
-def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine, shared: bool) -> tuple:
+def engine_options(cfg: Config, role: str) -> dict:
+    """make_engine's options for the policy's engine (role "policy") or the baseline arm's frozen
+    referee ("referee"). Only the policy's engine syncs, so only it sleeps while the trainer runs:
+    vLLM allows one sleep-mode allocator per process, and a second engine asking for it fails at
+    its first weight load. The referee stays resident on its own, smaller share of the GPU."""
+    if role not in ("policy", "referee"):
+        raise ValueError(f"unknown engine role {role!r}: policy or referee")
+    options = dict(context_len=cfg.max_model_len or None, trust_remote_code=cfg.trust_remote_code)
+    if cfg.rollout != "vllm":
+        return options
+    if role == "policy":
+        return options | dict(gpu_memory_utilization=cfg.vllm_memory, enable_sleep=cfg.vllm_sleep)
+    return options | dict(gpu_memory_utilization=cfg.referee_vllm_memory, enable_sleep=False)
+
+
+def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine,
+           engine_is_policy: bool) -> tuple:
     """With --resume, restore the newest intact checkpoint (model.checkpoint_problem; a damaged
     one is named and skipped) and sync the engine; returns (step, bad_steps), (0, 0) for a fresh
     run. Metrics lines of steps after the checkpoint are dropped: those steps run again."""
@@ -978,8 +959,7 @@ def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine, shared: b
                          "--overwrite, or in another --out_dir")
     trainer = model_lib.load_checkpoint(path, policy, optimizer)
     step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engine)
-    if not shared:
-        engine.load_weights(policy.state_dict())
+    sync(engine, policy, engine_is_policy)
     newest = "" if path == checkpoints[-1] else ", the newest intact one"
     print0(f"resumed from {path} at step {step}{newest}")
     if dist.get_rank() == 0:
@@ -987,184 +967,157 @@ def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine, shared: b
     return step, bad_steps
 
 
-def before_training(cfg: Config, policy, engine, shared: bool, tokenizer, sources: dict,
-                    eval_sets: dict) -> dict:
-    """Step 0: the held-out evaluation of the model as loaded (--eval_start_end), then the cold
-    start (--cold_start_steps, ours) and a sync; returns the step-0 metrics line."""
-    line = {"step": 0}
-    if cfg.eval_start_end and eval_sets:
-        print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
-        t = time.perf_counter()
-        line |= evaluate_held_out(engine, tokenizer, eval_sets, cfg)
-        line["time/eval"] = time.perf_counter() - t
-        print0("  " + ", ".join(f"{name} {text}" for name, text
-                                in evaluation.format_metrics(line, "eval/").items()))
-    if cfg.cold_start_steps:
-        engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
-        line |= cold_start(policy, sources, tokenizer, cfg)
-        engine.wake_up()
-        if not shared:
-            engine.load_weights(policy.state_dict())
-    return line
+def save(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engine,
+         bad_steps: int) -> str:
+    """model.save_checkpoint with this rank's trainer state (collective); returns the folder."""
+    return model_lib.save_checkpoint(
+        cfg.out_dir, step, policy, optimizer,
+        trainer_state(step, scheduler, mixture, engine, bad_steps), cfg.keep_checkpoints)
 
 
-def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    rank, world, device = init_distributed(cfg.dist_timeout_min)
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
-                         f"of the world size {world}")
-    check_out_dir(cfg)
-    paths, tokenizers, sources, eval_sets = load_inputs(cfg)
-    tokenizer = tokenizers["model"]
-    if rank == 0:
+def trainer_state(step: int, scheduler, mixture, engine, bad_steps: int) -> dict:
+    """This rank's state beside the model and optimizer: a resume replays the run exactly."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "engine": engine.rng.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    return {"step": step, "rng": rng, "mixture": mixture.state_dict(),
+            "scheduler": scheduler.state_dict(), "bad_steps": bad_steps,
+            "world_size": dist.get_world_size()}
+
+
+def restore_trainer_state(trainer: dict, scheduler, mixture, engine) -> tuple[int, int]:
+    """trainer_state's inverse; returns (step, bad_steps)."""
+    torch.set_rng_state(trainer["rng"]["torch"])
+    random.setstate(trainer["rng"]["python"])
+    engine.rng.setstate(trainer["rng"]["engine"])
+    if trainer["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(trainer["rng"]["cuda"])
+    mixture.load_state_dict(trainer["mixture"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    return trainer["step"], trainer["bad_steps"]
+
+
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop the metrics lines of steps after `step` (a resumed run runs them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the run to finish its current step, save, and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"[rank {dist.get_rank()}] signal {signum}: finishing this step, then saving")
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (one collective: no rank waits)."""
+        return all_reduce([float(self.requested)], dist.ReduceOp.MAX)[0] > 0
+
+
+class RunLog:
+    """Rank 0's writers: metrics.jsonl (a line per step; appended to on resume), wandb when
+    asked, samples.jsonl every --samples_every steps, the progress bar. Also writes
+    config.json."""
+
+    def __init__(self, cfg: Config, start_step: int, tokenizer):
+        self.cfg, self.tokenizer, self.rank0 = cfg, tokenizer, dist.get_rank() == 0
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.wandb = self.file = None
+        self.bar = tqdm(total=cfg.steps, initial=start_step, desc="URPO", disable=not self.rank0,
+                        dynamic_ncols=True)
+        if not self.rank0:
+            return
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
+            json.dump(dataclasses.asdict(cfg) | {"world_size": dist.get_world_size()}, f,
+                      indent=2)
+        if cfg.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
+            except ImportError:
+                print0("--wandb: wandb is not installed (pip install wandb); metrics.jsonl only")
+        self.file = open(self.metrics_path, "a" if start_step else "w")
 
-    # ---- the policy (FSDP2, fp32 master weights), its rollout engine, the referee's ----------
-    policy, engine, referee_engine, ref_model, compute_dtype, shared = build_models(
-        cfg, device, paths, tokenizers)
-    mixture = data.Mixture(sources, {t: w for t, w in task_weights(cfg).items() if t in sources},
-                           cfg.prompts_per_step, cfg.seed, rank, world)
-    # fused: one kernel per step; the default foreach path holds a model-sized temporary
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
-    # The vLLM guard scores one prompt of each source with engine and trainer after every sync.
-    guard_ids = [render_prompt(records[0], tokenizer)[:128] for records in sources.values()
-                 ] if cfg.rollout == "vllm" else []
+    def write(self, line: dict, groups: list | None = None, verdicts: list | None = None) -> None:
+        """One metrics line; a step's line (with its groups) also moves the bar and the samples."""
+        if not self.rank0 or len(line) <= 1:  # a line of its step alone says nothing
+            return
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(line, step=line["step"])
+        if groups is None:
+            return
+        step, every = line["step"], self.cfg.samples_every
+        if every and (step % every == 0 or step == 1):
+            write_samples(self.cfg, step, groups, verdicts, self.tokenizer)
+        self.bar.set_postfix({t[:4]: f"{line[f'reward/{t}']:.2f}" for t in TASKS
+                              if f"reward/{t}" in line} | {"tok/s": f"{line['tokens_per_s']:.0f}"})
+        self.bar.update(1)
 
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start_step, bad_steps = resume(cfg, policy, optimizer, scheduler, mixture, engine, shared)
-    wandb_run = None
-    if cfg.wandb and rank == 0:
-        try:
-            import wandb
-            wandb_run = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
-        except ImportError:
-            print0("--wandb: wandb is not installed (pip install wandb); metrics.jsonl only")
-    metrics_file = open(metrics_path, "a" if start_step else "w") if rank == 0 else None
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
-    # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ------------
-    if start_step == 0:
-        line = before_training(cfg, policy, engine, shared, tokenizer, sources, eval_sets)
-        if rank == 0 and len(line) > 1:
-            metrics_file.write(json.dumps(line) + "\n")
-            metrics_file.flush()
-    if guard_ids:
-        gaps = check_engine(engine, policy, guard_ids, cfg, start_step)
-        print0("log-prob gap engine vs trainer at start: mean {:.2e}, max {:.2e}".format(*gaps))
 
-    stop = StopSignal()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="URPO", disable=rank != 0,
-               dynamic_ncols=True)
-    step = start_step
-    while step < cfg.steps:
-        tally, seconds = Tally(), defaultdict(float)
-        started = time.perf_counter()
-        # Every random choice of a step derives from (seed, step, rank): a resume replays it.
-        step_seed = (cfg.seed * 1_000_003 + step) * 1_009 + rank
-        rng = random.Random(step_seed)
-        torch.manual_seed(step_seed)
+@contextlib.contextmanager
+def timed(seconds: dict, phase: str):
+    """seconds[phase] = the wall time of the block (time/<phase> in the metrics line)."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - start
 
-        # ---- 1. sample: this rank's prompts of the step, mixed by task weight ------------------
-        groups = build_prompts(mixture.next_batch(), tokenizer, cfg, rng, tally)
 
-        # ---- 2. roll out: G completions per prompt, player and referee prompts alike ------------
-        t = time.perf_counter()
-        outputs = rollout.sample_groups(engine, [g.prompts for g in groups], cfg.group_size,
-                                        cfg.temperature, cfg.max_new_tokens)
-        for g, completions in zip(groups, outputs):
-            g.completions = completions
-        seconds["rollout"] = time.perf_counter() - t
+def check_engine(engine, policy, guard_ids: list[list[int]], cfg: Config,
+                 step: int) -> tuple[float, float]:
+    """vLLM's guard: the log-prob gap between the engine and the trainer on a few fixed prompts;
+    the run stops on every rank together when the engine is not sampling from the trained
+    weights (rollout.check_logprob_gap)."""
+    trainer = lambda ids: rollout.trainer_prompt_logprobs(policy, ids)
+    mean_gap, max_gap = rollout.logprob_gap(engine, trainer, guard_ids)
+    mean_gap, max_gap = all_reduce([mean_gap, max_gap], dist.ReduceOp.MAX)
+    rollout.check_logprob_gap(mean_gap, max_gap, cfg.logprob_gap_max, step)
+    return mean_gap, max_gap
 
-        # ---- 3. reward: answers checked against gold answers, verdicts against gold rankings ----
-        t = time.perf_counter()
-        rule_rewards(groups, cfg, tally)
-        seconds["reward"] = time.perf_counter() - t
 
-        # ---- 4. self-referee pass: the referee ranks each open group; the ranks are rewards -----
-        t = time.perf_counter()
-        verdicts = self_referee_pass(groups, referee_engine, cfg, rng, tally)
-        seconds["self_referee"] = time.perf_counter() - t
+class Tally:
+    """Per-step metric sums and counts, reduced across ranks in one all-reduce at log time."""
 
-        # ---- 5. advantage: normalise rewards within each group -----------------------------------
-        samples = advantages_and_samples(groups, cfg, tally)
+    def __init__(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(float)
 
-        # ---- 6. update: the GRPO loss, backward, mu optimizer steps ------------------------------
-        t = time.perf_counter()
-        engine.sleep()  # vLLM on GPU: hand the engine's memory to the trainer until the sync
-        policy.train()
-        for ok in update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id,
-                         tally, ref_model):
-            bad_steps = 0 if ok else bad_steps + 1
-        seconds["train"] = time.perf_counter() - t
+    def add(self, name: str, value, count=1.0) -> None:
+        """value and count: floats, or 0-dim tensors left on their device until reduce()."""
+        self.sums[name] = self.sums[name] + value * count
+        self.counts[name] = self.counts[name] + count
 
-        # ---- 7. sync: the engine samples the next batch from the new weights ---------------------
-        t = time.perf_counter()
-        engine.wake_up()
-        if not shared:  # the sharded state dict itself, gathered tensor by tensor into the engine
-            engine.load_weights(policy.state_dict())
-        seconds["sync"] = time.perf_counter() - t
-        step += 1
-        if guard_ids:  # refuse to sample the next batch from weights that did not arrive
-            gap_mean, gap_max = check_engine(engine, policy, guard_ids, cfg, step)
-            tally.add("logprob_gap/mean", gap_mean)
-            tally.add("logprob_gap/max", gap_max)
+    def reduce(self) -> dict[str, float]:
+        """Means across ranks; names starting with "count/" are totals instead."""
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, sorted(self.sums))  # ranks may have seen different tasks
+        names = sorted(set().union(*names))
+        totals = all_reduce([self.sums[n] for n in names] + [self.counts[n] for n in names])
+        sums, counts = totals[: len(names)], totals[len(names):]
+        return {n: s if n.startswith("count/") else s / c
+                for n, s, c in zip(names, sums, counts) if c > 0}
 
-        # ---- 8. eval: held-out referee and player metrics with the live engine ------------------
-        held_out = {}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (
-                cfg.eval_start_end and step == cfg.steps):
-            t = time.perf_counter()
-            held_out = evaluate_held_out(engine, tokenizer, eval_sets, cfg)
-            seconds["eval"] = time.perf_counter() - t
 
-        # ---- 9. log ------------------------------------------------------------------------------
-        metrics = tally.reduce() | held_out
-        generated = all_reduce([sum(len(c.token_ids) for g in groups for c in g.completions)
-                                + sum(v.num_tokens for v in verdicts)])[0]
-        elapsed = time.perf_counter() - started
-        metrics |= {f"time/{k}": v for k, v in seconds.items()} | {
-            "step": step, "lr": scheduler.get_last_lr()[0], "time/step": elapsed,
-            "tokens_per_s": generated / elapsed}
-        if rank == 0:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if wandb_run:
-                wandb_run.log(metrics, step=step)
-            if cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
-                write_samples(cfg, step, groups, verdicts, tokenizer)
-            bar.set_postfix({t[:4]: f"{metrics[f'reward/{t}']:.2f}" for t in TASKS
-                             if f"reward/{t}" in metrics}
-                            | {"tok/s": f"{metrics['tokens_per_s']:.0f}"})
-            bar.update(1)
-        if bad_steps >= cfg.max_bad_steps:
-            last = model_lib.checkpoint_dirs(cfg.out_dir)
-            print0(f"stopping: {bad_steps} non-finite steps in a row (lower --lr or check the "
-                   f"data); the last good checkpoint is "
-                   f"{last[-1] if last else 'none (set --save_every)'}")
-            return 1
-
-        # ---- 10. checkpoint ----------------------------------------------------------------------
-        stopping = stop.agreed()
-        if stopping or (cfg.save_every and step % cfg.save_every == 0):
-            path = save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
-            print0(f"saved {path}")
-        if stopping:
-            print0("stopped by signal after a clean save; continue with --resume")
-            return 0
-    bar.close()
-    if cfg.save_every and step % cfg.save_every:
-        save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
-    if rank == 0:
-        metrics_file.close()
-    finish(cfg, policy, tokenizer, compute_dtype, metrics_path)
-    dist.barrier()
-    for e in {id(engine): engine, id(referee_engine): referee_engine}.values():
-        e.close()  # after the last collective: vLLM's teardown also ends torchrun's group
-    return 0
+def print0(*args) -> None:
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
 
 
 def finish(cfg: Config, policy, tokenizer, compute_dtype: torch.dtype, metrics_path: str) -> None:
@@ -1174,10 +1127,8 @@ def finish(cfg: Config, policy, tokenizer, compute_dtype: torch.dtype, metrics_p
     final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if dist.get_rank() != 0:
         return
-    final = model_lib.export_hf(final_state, policy.config, tokenizer,
-                                os.path.join(cfg.out_dir, "final"), policy.generation_config)
-    with open(os.path.join(final, "urpo_config.json"), "w") as f:  # eval.py reads the format
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    model_lib.export_run(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"),
+                         policy.generation_config, dataclasses.asdict(cfg))
     try:  # a report that fails must not keep the other ranks waiting at main's last barrier
         print0(evaluation.before_and_after(metrics_path))
         if cfg.plot:
@@ -1206,69 +1157,17 @@ def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, t
             f.write(json.dumps(line) + "\n")
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> None:
-    """Write checkpoint CHECKPOINT of a run as a plain HF folder (no process group needed: DCP
-    reads every shard into full tensors)."""
-    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
-                              "config.json")
-    if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
-        raise SystemExit(f"train.py export: no checkpoint at {checkpoint} (expected "
-                         "RUN/checkpoints/step_N, written by train.py)")
-    if not os.path.isfile(run_config):
-        raise SystemExit(f"train.py export: no {run_config}: export a checkpoint where its run "
-                         "left it (RUN/checkpoints/step_N, beside RUN/config.json)")
-    problem = model_lib.checkpoint_problem(checkpoint)
-    if problem:
-        raise SystemExit(f"train.py export: {problem}; export an intact one "
-                         f"(in {os.path.dirname(os.path.abspath(checkpoint))})")
-    check_writable(out_dir, f"train.py export: {out_dir}")
-    with open(run_config) as f:
-        run_cfg = json.load(f)
-    try:
-        model_path = model_lib.resolve_model(run_cfg["model"])
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"train.py export: the run's model {run_cfg['model']!r}: "
-                         f"{str(error).splitlines()[0]}") from None
-    policy = model_lib.load_model(model_path, torch.float32, run_cfg["trust_remote_code"])
-    state = {"model": policy.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint)
-    tokenizer = model_lib.load_tokenizer(model_path, run_cfg["trust_remote_code"])
-    model_lib.export_hf(state["model"], policy.config, tokenizer, out_dir, policy.generation_config)
-    with open(os.path.join(out_dir, "urpo_config.json"), "w") as f:  # eval.py reads the format
-        json.dump(run_cfg, f, indent=2)
-    print(f"exported {checkpoint} to {out_dir}")
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["export"]:  # python train.py export RUN/checkpoints/step_0000100 OUT_DIR
         if len(sys.argv) != 4:
             raise SystemExit("usage: python train.py export CHECKPOINT_DIR OUT_DIR")
-        sys.exit(export_checkpoint(sys.argv[2], sys.argv[3]))
-    if sys.argv[1:2] == ["plot"]:  # python train.py plot RUN_DIR [OUT.png]
-        if len(sys.argv) not in (3, 4):
-            raise SystemExit("usage: python train.py plot RUN_DIR [OUT.png]")
-        if not os.path.isfile(os.path.join(sys.argv[2], "metrics.jsonl")):
-            raise SystemExit(f"train.py plot: no metrics.jsonl in {sys.argv[2]} "
-                             "(RUN_DIR holds a metrics.jsonl)")
-        out = sys.argv[3] if len(sys.argv) == 4 else os.path.join(sys.argv[2], "curves.png")
         try:
-            print(evaluation.plot_run(os.path.join(sys.argv[2], "metrics.jsonl"), out))
-        except ValueError as error:  # an empty metrics file: a run still in its first evaluation
-            raise SystemExit(f"train.py plot: {error}") from None
-        sys.exit(0)
-    if sys.argv[1:2] == ["compare"]:  # python train.py compare OUT.png LABEL=RUN_DIR ...
-        runs = dict(arg.partition("=")[::2] for arg in sys.argv[3:])
-        if len(sys.argv) < 5 or not all(runs) or not all(runs.values()):
-            raise SystemExit("usage: python train.py compare OUT.png LABEL=RUN_DIR LABEL=RUN_DIR ...")
-        for label, run_dir in runs.items():
-            if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-                raise SystemExit(f"train.py compare: no metrics.jsonl in {run_dir} ({label})")
-        try:
-            print(evaluation.plot_arms({label: os.path.join(run_dir, "metrics.jsonl")
-                                        for label, run_dir in runs.items()}, sys.argv[2]))
+            print(f"exported {sys.argv[2]} to {model_lib.export_checkpoint(*sys.argv[2:])}")
         except ValueError as error:
-            raise SystemExit(f"train.py compare: {error}") from None
+            raise SystemExit(f"train.py export: {error}") from None
         sys.exit(0)
+    if sys.argv[1:2] in (["plot"], ["compare"]):  # curves of a run, or the arms of an ablation
+        sys.exit(print(evaluation.plot_command(sys.argv[1:])))
     try:
         code = main()
     except SystemExit as error:  # a user error (a message): said by rank 0, not once per rank

@@ -92,6 +92,7 @@ def peak_rss_gb() -> float:
 def run_ours(args, prompts: list[list[dict]]) -> dict:
     sys.path.insert(0, ROOT)
     import torch
+    import grpo
     import model as model_lib
     import rollout
     import train
@@ -104,7 +105,7 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
     model_lib.shard_model(policy, device, activation_checkpointing=args.activation_checkpointing)
     engine = rollout.HFEngine(path, tokenizer, torch.float32, device, seed=0)
     # as train.py does at world size 1: no second copy, no sync
-    shared = engine.share_weights(policy)
+    engine_is_policy = engine.use_policy_weights(policy)
     cfg = train.Config(rollout="hf", group_size=args.group_size,
                        max_new_tokens=args.max_new_tokens, lr=args.lr)
     # The log-probs and optimizer columns: the forward passes and the optimizer step inside
@@ -136,19 +137,19 @@ def run_ours(args, prompts: list[list[dict]]) -> dict:
         for ids, completions in zip(prompt_ids, groups):
             adv = group_advantages(torch.tensor([reward_fn(c.text) for c in completions]),
                                    args.group_size)  # [G]
-            samples += [model_lib.Sample(ids, list(c.token_ids), float(a))
+            samples += [grpo.Sample(ids, list(c.token_ids), float(a))
                         for c, a in zip(completions, adv) if c.token_ids]
         # micro_batch completions per forward/backward, as TRL's micro-batches: the token budget of
         # micro_batch / G groups of the longest (a group is one packed row: model.rows_of).
-        rows = model_lib.rows_of(samples, cfg.share_prompt, token_budget=10**9)
+        rows = grpo.rows_of(samples, cfg.share_prompt, token_budget=10**9)
         cfg.micro_batch_tokens = (max(1, args.micro_batch // args.group_size)
-                                  * max(map(model_lib.row_tokens, rows)))
+                                  * max(map(grpo.row_tokens, rows)))
         policy.train()
         train.update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id,
                      train.Tally())
         t3 = time.perf_counter()
         t2 = t3 - forward["optimizer"]
-        if not shared:
+        if not engine_is_policy:
             engine.load_weights(model_lib.full_state_dict(policy))
         t4 = time.perf_counter()
         tokens = sum(len(c.token_ids) for g in groups for c in g)

@@ -136,6 +136,7 @@ def precision_rows(model_dir: str, device: torch.device, gap_max: float,
                    grad_error_max: float) -> list[tuple]:
     """Engine vs trainer log-probs, and the output layer's bf16 weight gradient, in process."""
     import data
+    import grpo
     import model as model_lib
     import rollout
     import train
@@ -147,7 +148,7 @@ def precision_rows(model_dir: str, device: torch.device, gap_max: float,
     engine.load_weights(policy.state_dict())
     records = data.load("gsm8k:samples/gsm8k/test.first100.jsonl", limit=4)
     prompts = [model_lib.chat_ids(tokenizer, data.player_prompt(r)) for r in records]
-    samples = [model_lib.Sample(prompt, c.token_ids, 1.0, c.logprobs)
+    samples = [grpo.Sample(prompt, c.token_ids, 1.0, c.logprobs)
                for prompt, group in zip(prompts, engine.generate(prompts, 2, 1.0, 32))
                for c in group]
     batch = model_lib.collate([[s] for s in samples], tokenizer.pad_token_id, device, False)
