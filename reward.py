@@ -138,15 +138,22 @@ def rank_scores(ranking: list[int], k: int) -> list[float]:
 
 
 def self_rewards(rankings: list[list[int] | None], k: int) -> list[float] | None:
-    """Self-assessed rewards of a group of k answers: mean rank score over the valid rankings.
+    """Self-assessed rewards of a group of k answers from the referee's rankings of them.
 
-    `rankings` holds the M referee passes, already mapped to original indices (None where the
-    referee's output did not parse). None when no ranking is valid: the group is dropped.
+    `rankings` holds the verdicts, already mapped to answer indices, best first (None where the
+    referee's output did not parse); a ranking may show all k answers (URPO's listwise pass) or
+    some (a pairwise tournament). In a ranking of n answers, position p scores (n - 1 - p) /
+    (n - 1) (`rank_scores`); an answer's reward is its mean score over the valid rankings that
+    show it, 0.5 if none does. None when no ranking is valid: the group is dropped.
     """
-    valid = [rank_scores(ranking, k) for ranking in rankings if ranking is not None]
+    valid = [ranking for ranking in rankings if ranking is not None]
     if not valid:
         return None
-    return [sum(scores) / len(valid) for scores in zip(*valid)]
+    scores = [[] for _ in range(k)]
+    for ranking in valid:
+        for position, answer in enumerate(ranking):
+            scores[answer].append((len(ranking) - 1 - position) / (len(ranking) - 1))
+    return [sum(s) / len(s) if s else 0.5 for s in scores]
 
 
 def consistency_rewards(bests: list[int | None], presentations: int, coef: float) -> list[float]:

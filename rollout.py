@@ -31,7 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt, shown_orders
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
-from reward import read_verdict, self_rewards
+from reward import read_verdict, self_rewards, to_original
 
 
 @dataclass
@@ -459,13 +459,23 @@ class SelfRefereeResult:
     skipped_long: int = 0  # referee prompts that did not fit in the engine's context (not run)
 
 
+def listwise_jobs(answers: list[list[str]], num_orders: int,
+                  rng: random.Random) -> list[tuple[int, list[int]]]:
+    """The self-reward protocol, as one list of verdicts to ask for: (group, shown), the indices
+    of the answers a verdict sees, in the order shown. URPO's listwise protocol: per group,
+    `num_orders` verdicts on all G answers, in data.shown_orders (each answer shown first as
+    evenly as num_orders allows, an order followed by its reverse). Another protocol (a pairwise
+    tournament, say) is another list: every verdict becomes rewards the same way."""
+    return [(group, order) for group, group_answers in enumerate(answers)
+            for order in shown_orders(len(group_answers), num_orders, rng)]
+
+
 def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
                  num_orders: int, temperature: float, max_new_tokens: int,
                  rng: random.Random, think: bool = True) -> SelfRefereeResult:
     """The self-referee pass (README.md, "The method"): `engine` (the policy's, or the baseline
-    arm's frozen referee) judges answers[g] to conversations[g] in `num_orders` orders from
-    `rng` (data.shown_orders: each answer shown first as evenly as num_orders allows, an order
-    followed by its reverse); position p of a valid ranking of K scores (K - 1 - p) / (K - 1),
+    arm's frozen referee) judges answers[g] to conversations[g] in the verdicts `listwise_jobs`
+    asks for; position p of a valid ranking of n shown answers scores (n - 1 - p) / (n - 1),
     averaged into each answer's reward (reward.self_rewards); a group with no valid ranking is
     dropped. E.g. orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]: with an even
     num_orders, a referee that ranks by shown position alone gives every answer the same reward,
@@ -473,17 +483,16 @@ def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: li
     if num_orders < 1 or len(conversations) != len(answers):
         raise ValueError(f"need num_orders >= 1 and one conversation per group of answers; got "
                          f"{num_orders}, {len(conversations)} and {len(answers)}")
-    jobs = []  # (group, shown order), num_orders per group
-    for group, group_answers in enumerate(answers):
-        for order in shown_orders(len(group_answers), num_orders, rng):
-            jobs.append((group, order))
+    jobs = listwise_jobs(answers, num_orders, rng)
     verdicts = referee(engine, tokenizer, [conversations[g] for g, _ in jobs],
-                       [answers[g] for g, _ in jobs], [order for _, order in jobs], temperature,
+                       [[answers[g][i] for i in shown] for g, shown in jobs],
+                       [list(range(len(shown))) for _, shown in jobs], temperature,
                        max_new_tokens, think)
     kept = []
-    for (group, _), verdict in zip(jobs, verdicts):
-        if verdict is not None:
-            verdict.group = group
+    for (group, shown), verdict in zip(jobs, verdicts):
+        if verdict is not None:  # shown positions -> the group's answer indices
+            verdict.group, verdict.order = group, shown
+            verdict.ranking = to_original(verdict.ranking, shown)
             kept.append(verdict)
     rewards = [self_rewards([v.ranking for v in kept if v.group == group], len(group_answers))
                for group, group_answers in enumerate(answers)]

@@ -1875,6 +1875,38 @@ def test_self_referee_orders_give_a_position_biased_referee_nothing_to_reward(k,
                            torch.zeros(k))
 
 
+def tournament_jobs(answers, num_orders, rng):
+    """README's worked example: a pairwise tournament, every pair of a group's answers judged
+    in both orders (num_orders and rng unused)."""
+    return [(group, shown) for group, group_answers in enumerate(answers)
+            for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))
+            for shown in ([i, j], [j, i])]
+
+
+@pytest.mark.parametrize("protocol", ["listwise", "tournament"])
+def test_any_self_reward_protocol_pays_content_and_not_position(monkeypatch, protocol):
+    # The invariants of a self-reward protocol, whichever verdicts it asks for: a referee that
+    # ranks by shown position alone gives every answer the same reward (advantage 0), and one
+    # that ranks by content gives the answers rewards in that order.
+    if protocol == "tournament":
+        monkeypatch.setattr(rollout, "listwise_jobs", tournament_jobs)
+    tokenizer = tiny_tokenizer()
+    conversations = [[{"role": "user", "content": "q-consistent"}]]
+    answers = [ANSWERS["q-consistent"]]  # alphabetical: apple pie > banana split > cherry tart
+    for script, check in ((lambda q, shown, n: "<answer>" + " > ".join(
+            f"[{j + 1}]" for j in range(len(shown))) + "</answer>", "equal"),
+                          (referee_script, "ordered")):
+        for seed in range(3):
+            result = self_referee(ScriptedReferee(tokenizer, script), tokenizer, conversations,
+                                  answers, num_orders=2, temperature=1.0, max_new_tokens=8,
+                                  rng=random.Random(seed))
+            rewards = result.rewards[0]
+            if check == "equal":
+                assert rewards == pytest.approx([0.5] * 3)
+            else:
+                assert rewards[0] > rewards[1] > rewards[2]
+
+
 class CountingEngine:
     """An engine that records its calls; completion j of prompt p says which prompt it continues."""
     def __init__(self):
@@ -2201,7 +2233,7 @@ def test_rows_share_a_prompt_within_the_budget():
     assert grpo.rows_of(samples, share_prompt=False, token_budget=12) == [[s] for s in samples]
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
 def test_share_prompt_gives_the_same_loss_and_gradients(tiny_dir, process_group, agg):
     # The packed update is the per-sequence update, to rounding: loss, metrics and gradients.
     generator = torch.Generator().manual_seed(3)
@@ -2493,7 +2525,7 @@ def dp_worker(model_dir: str, out_file: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
 def test_two_processes_match_one(tiny_dir, tmp_path, agg):
     env = os.environ | {"AGG": agg, "OMP_NUM_THREADS": "1"}
     worker = [os.path.join(HERE, "test_all.py"), "dp_worker", tiny_dir]

@@ -145,6 +145,8 @@ class Config:
     eval_pairs: int = option(8, "pairs per held-out referee set, each judged in both orders")
     eval_max_new_tokens: int = option(96, "budget of an answer during evaluation")
     eval_start_end: bool = option(True, "also evaluate before the first step and after the last")
+    eval_after_cold_start: bool = option(False, "step 0's evaluation after the cold start, not "
+                                         "before it")
     plot: bool = option(True, "draw curves.png at the end")
     wandb: str = option("", "wandb project (logs there too when installed)")
 
@@ -271,7 +273,8 @@ def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
         tally.add(f"referee/invalid_rate/{task}", float(ranking is None))
         if ranking is not None:
             tally.add(f"referee/first_shown_best/{task}", float(ranking[0] == order[0]))
-            tally.add(f"referee/longer_best/{task}", float(lengths[ranking[0]] == max(lengths)))
+            longest = max(lengths[i] for i in order)  # of the candidates this verdict saw
+            tally.add(f"referee/longer_best/{task}", float(lengths[ranking[0]] == longest))
         if gold_best is not None:
             right = float(ranking is not None and ranking[0] == gold_best)
             tally.add(f"referee/accuracy/{task}", right)
@@ -551,20 +554,26 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
 
 def before_training(cfg: Config, policy, engine, engine_is_policy: bool, tokenizer,
                     sources: dict, eval_sets: dict) -> dict:
-    """Step 0: the held-out evaluation of the model as loaded (--eval_start_end), then the cold
-    start (--cold_start_steps, ours) and a sync; returns the step-0 metrics line."""
+    """Step 0: the cold start (--cold_start_steps, ours) and a sync, with the held-out evaluation
+    (--eval_start_end) of the model as loaded, or with --eval_after_cold_start of the model GRPO
+    starts from; returns the step-0 metrics line."""
     line = {"step": 0}
-    if cfg.eval_start_end and eval_sets:
-        print0(f"held-out evaluation before training ({', '.join(eval_sets)}; greedy)")
-        t = time.perf_counter()
-        line |= evaluate_held_out(engine, tokenizer, eval_sets, cfg)
-        line["time/eval"] = time.perf_counter() - t
-        print0("  " + ", ".join(f"{name} {text}" for name, text
-                                in evaluation.format_metrics(line, "eval/").items()))
+    def evaluate(when: str):
+        if cfg.eval_start_end and eval_sets:
+            print0(f"held-out evaluation {when} ({', '.join(eval_sets)}; greedy)")
+            t = time.perf_counter()
+            line.update(evaluate_held_out(engine, tokenizer, eval_sets, cfg))
+            line["time/eval"] = time.perf_counter() - t
+            print0("  " + ", ".join(f"{name} {text}" for name, text
+                                    in evaluation.format_metrics(line, "eval/").items()))
+    if not cfg.eval_after_cold_start:
+        evaluate("before training")
     if cfg.cold_start_steps:
         engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
-        line |= cold_start(policy, sources, tokenizer, cfg)
+        line.update(cold_start(policy, sources, tokenizer, cfg))
         sync(engine, policy, engine_is_policy)
+    if cfg.eval_after_cold_start:
+        evaluate("after the cold start")
     return line
 
 
