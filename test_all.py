@@ -591,6 +591,14 @@ def test_grpo_loss_clipping_gradients():
     # seq 0: [0 (clipped), -0.5 / 5, -1.1 / 5]; seq 1: [0 (clipped), 1.5 / 5, 0 (padding)]
     expected = torch.tensor([[0.0, -0.1, -0.22], [0.0, 0.3, 0.0]])
     assert torch.allclose(logprobs.grad, expected)
+    # Between the bounds' values, which bound is which decides: ratio 1.25 with A > 0 is inside
+    # 1 + clip_high = 1.28 (gradient -1.25 / 2), ratio 0.75 with A < 0 is below 1 - clip_low = 0.8
+    # (clipped: 0); swapped bounds (0.72, 1.2) would do the opposite.
+    logprobs = torch.tensor([[1.25], [0.75]]).log().requires_grad_()
+    loss, _ = grpo.grpo_loss(logprobs, torch.zeros(2, 1), torch.tensor([1.0, -1.0]),
+                             torch.ones(2, 1))
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.625], [0.0]]))
 
 
 def test_grpo_loss_seq_mean_and_seq_sum_norm():
