@@ -67,7 +67,7 @@ def option(default, help: str):
 class Config:
     """Every setting of a run; each field is a flag (parse_config), its help in its metadata."""
     preset: str = option("cpu", "overrides applied before the flags: " + ", ".join(
-        ["cpu", "cpu_long", "paper", "baseline_referee", "baseline_player"]))
+        ["cpu", "cpu_long", "cpu_referee", "paper", "baseline_referee", "baseline_player"]))
     # model and data
     model: str = option(model_lib.DEFAULT_MODEL, "hub id or HF folder: player and referee")
     trust_remote_code: bool = option(False, "allow model code from the hub")
@@ -166,6 +166,15 @@ PRESETS = {
     ),
     # The CPU default, run for about an hour on 2 cores: does anything move beyond the start?
     "cpu_long": dict(steps=80, eval_every=20, eval_limit=16, out_dir="runs/urpo_cpu_long"),
+    # The referee's run on 2 CPU cores (~30 min): a longer cold start, preference data twice as
+    # often, EIS advantages with the consistency reward, 200 held-out pairs in both orders.
+    # Its baseline arm: the same with --referee_group_orders 1 (README, "The referee's run").
+    "cpu_referee": dict(
+        steps=20, prompts_per_step=4, task_weights="verifiable=1,preference=2,open=1",
+        cold_start_steps=40, referee_advantage="eis", consistency_coef=0.5,
+        eval_every=10, eval_after_cold_start=True, eval_limit=16, eval_pairs=200,
+        eval_data="gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/helpful-base/"
+                  "test.rows1001-1600.jsonl.gz", out_dir="runs/urpo_cpu_referee"),
     # Baseline arm, stage 1: a separate referee trained on preference data alone.
     "baseline_referee": dict(task_weights="verifiable=0,preference=1,open=0",
                              out_dir="runs/baseline_referee"),
@@ -583,7 +592,7 @@ def main(argv=None) -> int:
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
                          f"of the world size {world}")
-    check_out_dir(cfg)
+    checkpoint = check_out_dir(cfg)  # with --resume, the newest intact checkpoint (or "")
     paths, tokenizers, sources, eval_sets = load_inputs(cfg)
     tokenizer = tokenizers["model"]
 
@@ -600,7 +609,8 @@ def main(argv=None) -> int:
     # The vLLM guard scores one prompt of each source with engine and trainer after every sync.
     guard_ids = [render_prompt(records[0], tokenizer)[:128] for records in sources.values()
                  ] if cfg.rollout == "vllm" else []
-    step, bad_steps = resume(cfg, policy, optimizer, scheduler, mixture, engine, engine_is_policy)
+    step, bad_steps = resume(cfg, checkpoint, policy, optimizer, scheduler, mixture, engine,
+                             engine_is_policy)
     log = RunLog(cfg, step, tokenizer)
 
     # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ------------
@@ -808,11 +818,12 @@ def task_weights(cfg: Config) -> dict[str, float]:
 EARLIER_RUN = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves.png")
 
 
-def check_out_dir(cfg: Config) -> None:
+def check_out_dir(cfg: Config) -> str:
     """Before any model loads: --out_dir must be writable, and a fresh run must not overwrite an
     earlier one's metrics, checkpoints or final/ unless told to (--overwrite deletes them first;
     --resume continues it). SystemExit with one line otherwise. Every rank checks; rank 0
-    deletes."""
+    deletes. Returns the checkpoint --resume continues from: the newest intact one
+    (model.checkpoint_problem; a damaged one is named and skipped), "" for none or a fresh run."""
     try:
         model_lib.check_writable(cfg.out_dir)
     except ValueError as error:
@@ -823,6 +834,7 @@ def check_out_dir(cfg: Config) -> None:
             return bool(os.listdir(path))
         return os.path.isfile(path) and os.path.getsize(path) > 0
     earlier = [name for name in EARLIER_RUN if holds(name)]
+    checkpoints = model_lib.checkpoint_dirs(cfg.out_dir) if cfg.resume else []
     if cfg.overwrite:
         dist.barrier()
         for name in earlier if dist.get_rank() == 0 else []:
@@ -833,10 +845,20 @@ def check_out_dir(cfg: Config) -> None:
         raise SystemExit(f"train.py: --out_dir {cfg.out_dir!r} holds an earlier run "
                          f"({', '.join(earlier)}): continue it with --resume, start afresh there "
                          "with --overwrite, or pick another --out_dir")
-    elif cfg.resume and "metrics.jsonl" in earlier and not model_lib.checkpoint_dirs(cfg.out_dir):
+    elif cfg.resume and "metrics.jsonl" in earlier and not checkpoints:
         raise SystemExit(f"train.py: --resume: {cfg.out_dir!r} holds an earlier run's "
                          "metrics.jsonl but no checkpoint to continue it from: start afresh "
                          "there with --overwrite, or pick another --out_dir")
+    for path in reversed(checkpoints):
+        problem = model_lib.checkpoint_problem(path)
+        if problem is None:
+            return path
+        print0(f"--resume: {problem}; trying the one before it")
+    if checkpoints:
+        raise SystemExit(f"train.py: --resume: no intact checkpoint in {cfg.out_dir}/checkpoints "
+                         f"(the {len(checkpoints)} there are named above): start afresh with "
+                         "--overwrite, or in another --out_dir")
+    return ""
 
 
 def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
@@ -946,30 +968,20 @@ def engine_options(cfg: Config, role: str) -> dict:
     return options | dict(gpu_memory_utilization=cfg.referee_vllm_memory, enable_sleep=False)
 
 
-def resume(cfg: Config, policy, optimizer, scheduler, mixture, engine,
+def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engine,
            engine_is_policy: bool) -> tuple:
-    """With --resume, restore the newest intact checkpoint (model.checkpoint_problem; a damaged
-    one is named and skipped) and sync the engine; returns (step, bad_steps), (0, 0) for a fresh
-    run. Metrics lines of steps after the checkpoint are dropped: those steps run again."""
+    """With --resume, restore checkpoint `path` (check_out_dir chose it: the newest intact one)
+    and sync the engine; returns (step, bad_steps), (0, 0) for a fresh run. Metrics lines of
+    steps after the checkpoint are dropped: those steps run again."""
     if not cfg.resume:
         return 0, 0
-    checkpoints = model_lib.checkpoint_dirs(cfg.out_dir)
-    if not checkpoints:
+    if not path:
         print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
         return 0, 0
-    for path in reversed(checkpoints):
-        problem = model_lib.checkpoint_problem(path)
-        if problem is None:
-            break
-        print0(f"--resume: {problem}; trying the one before it")
-    else:
-        raise SystemExit(f"train.py: --resume: no intact checkpoint in {cfg.out_dir}/checkpoints "
-                         f"(the {len(checkpoints)} there are named above): start afresh with "
-                         "--overwrite, or in another --out_dir")
     trainer = model_lib.load_checkpoint(path, policy, optimizer)
     step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engine)
     sync(engine, policy, engine_is_policy)
-    newest = "" if path == checkpoints[-1] else ", the newest intact one"
+    newest = "" if path == model_lib.checkpoint_dirs(cfg.out_dir)[-1] else ", the newest intact one"
     print0(f"resumed from {path} at step {step}{newest}")
     if dist.get_rank() == 0:
         keep_metrics_until(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
