@@ -2777,7 +2777,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_dir, tmp_path):
     assert not (out / "final").exists()
     # the skipped steps left the weights as they were: the newest checkpoint is still
     # the initial model
-    saved = load_checkpoint_dict(train.checkpoint_dirs(str(out))[-1])["model"]
+    saved = load_checkpoint_dict(model_lib.checkpoint_dirs(str(out))[-1])["model"]
     for name, tensor in model_lib.load_model(tiny_dir).state_dict().items():
         torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)
 
@@ -2790,7 +2790,7 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
     assert run.wait() == 0
-    (checkpoint,) = train.checkpoint_dirs(str(out))
+    (checkpoint,) = model_lib.checkpoint_dirs(str(out))
     subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf")],
                    check=True, cwd=HERE)
     exported = model_lib.load_model(str(tmp_path / "hf"))
