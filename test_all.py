@@ -1220,14 +1220,15 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(tokenizer, seed: int = 0):
-    """A random 2-layer Llama (hidden 64, 4 heads, tied embeddings) over the tokenizer's vocab."""
+def tiny_model(tokenizer, seed: int = 0, initializer_range: float = 0.2):
+    """A random 2-layer Llama (hidden 64, 4 heads, tied embeddings) over the tokenizer's vocab;
+    the default initializer_range gives peaked outputs (greedy is stable), 0.02 near-uniform."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=4096,  # referee prompts fit
-        tie_word_embeddings=True, initializer_range=0.2,  # peaked outputs: greedy is stable
+        tie_word_embeddings=True, initializer_range=initializer_range,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -2206,13 +2207,8 @@ def test_a_tiny_referee_learns_a_content_rule_with_balanced_groups(process_group
                                         pad_token="<pad>", unk_token="[UNK]")
     tokenizer.add_tokens(SYNTHETIC_VERDICTS)
     tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(2)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    # near-uniform outputs: every verdict token is drawn at first, so the format can be learnt
+    tiny_model(tokenizer, seed=2, initializer_range=0.02).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     tokenizer = model_lib.load_tokenizer(str(tmp_path))
     cfg = tiny_cfg(max_new_tokens=2, referee_max_new_tokens=2, eval_max_new_tokens=2,

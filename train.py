@@ -166,8 +166,9 @@ PRESETS = {
     ),
     # The CPU default, run for about an hour on 2 cores: does anything move beyond the start?
     "cpu_long": dict(steps=80, eval_every=20, eval_limit=16, out_dir="runs/urpo_cpu_long"),
-    # The referee's run on 2 CPU cores (~30 min): a longer cold start, preference data twice as
-    # often, EIS advantages with the consistency reward, 200 held-out pairs in both orders.
+    # The referee's run (~1 h on 2 CPU cores, both arms side by side): a longer cold start,
+    # preference data twice as often, EIS advantages with the consistency reward, 200 held-out
+    # pairs in both orders.
     # Its baseline arm: the same with --referee_group_orders 1 (README, "The referee's run").
     "cpu_referee": dict(
         steps=20, prompts_per_step=4, task_weights="verifiable=1,preference=2,open=1",
