@@ -195,8 +195,9 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
     """Accuracy (pass@1: mean reward over each problem's samples, then over problems; with its 95%
-    bootstrap interval over problems), also per subject and level, the shares of answers with a \\boxed{} and cut by the token limit, and
-    `timeouts`: checks out of time (scored 0; absent from items older than this count)."""
+    bootstrap interval over problems), also per subject and level, the shares of answers with a
+    \\boxed{} and cut by the token limit, and `timeouts`: checks out of time (scored 0; absent
+    from items older than this count)."""
     items, skipped = scored(items)
     metrics = {}
     with_interval(metrics, "accuracy", [mean(item["rewards"]) for item in items])

@@ -620,7 +620,8 @@ def checkpoint_problem(path: str) -> str | None:
         if not os.path.isfile(file):
             problems.append(f"{file} is missing")
         elif os.path.getsize(file) != manifest[name][0]:
-            problems.append(f"{file} has {os.path.getsize(file)} bytes, {manifest[name][0]} written")
+            size = os.path.getsize(file)
+            problems.append(f"{file} has {size} bytes, {manifest[name][0]} written")
         elif _digest(file) != manifest[name]:
             problems.append(f"{file} is damaged (its sha256 differs from the one written)")
     if dist.is_initialized():

@@ -2189,7 +2189,8 @@ def synthetic_referee_record(index: int, fillers: list[str], rng: random.Random)
     flip = rng.random() < 0.5
     return dict(id=str(index), task="preference", source="synthetic", answer=None, meta={},
                 messages=[{"role": "user", "content": "pick one"}],
-                responses=[poor, good] if flip else [good, poor], ranking=[1, 0] if flip else [0, 1])
+                responses=[poor, good] if flip else [good, poor],
+                ranking=[1, 0] if flip else [0, 1])
 
 
 def test_a_tiny_referee_learns_a_content_rule_with_balanced_groups(process_group, tmp_path):
@@ -2801,7 +2802,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_pat
     out = tmp_path / "run"
     assert run_worker(run_args(tiny_dir, out)).returncode == 0  # steps 4, saved at 2 and 4
     older, newest = model_lib.checkpoint_dirs(str(out))
-    assert model_lib.checkpoint_problem(older) is None and model_lib.checkpoint_problem(newest) is None
+    assert model_lib.checkpoint_problem(older) is None
+    assert model_lib.checkpoint_problem(newest) is None
     shard = os.path.join(newest, "__0_0.distcp")
     size = os.path.getsize(shard)
     with open(shard, "r+b") as f:

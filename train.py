@@ -691,7 +691,8 @@ def main(argv=None) -> int:
         # ---- 10. checkpoint ----------------------------------------------------------------------
         stopping = stop.agreed()
         if stopping or (cfg.save_every and step % cfg.save_every == 0):
-            print0(f"saved {save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)}")
+            saved = save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
+            print0(f"saved {saved}")
         if stopping:
             print0("stopped by signal after a clean save; continue with --resume")
             return 0

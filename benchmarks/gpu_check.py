@@ -7,10 +7,11 @@ Nothing is downloaded: the model is a random-init Qwen2.5 shape (bench_mfu.SHAPE
 tokenizer bundled in samples/smollm2_tokenizer/, the data the excerpts in samples/. Checked, each a
 row of the table printed at the end (exit status 1 when any row fails):
 
-  urpo steps      `python train.py` itself (HF engine, bf16 compute under FSDP2 at world size 1 on
-                  CUDA): a few URPO steps with every task, a checkpoint, finite losses. The verifiable
-                  reward is replaced by the share of letters before "m" (a random model never boxes a
-                  right answer, so without it no group would vary and nothing would train).
+  urpo steps      `python train.py` itself (HF engine, bf16 compute under FSDP2 at world size 1
+                  on CUDA): a few URPO steps with every task, a checkpoint, finite losses. The
+                  verifiable reward is replaced by the share of letters before "m" (a random model
+                  never boxes a right answer, so without it no group would vary and nothing would
+                  train).
   resume          the same run continued with --resume: the step after the checkpoint runs.
   export          `python train.py export` of the checkpoint: an HF folder that loads.
   log-prob gap    engine (bf16 copy) vs trainer (FSDP2, bf16 compute) on sampled completions, the
@@ -57,7 +58,8 @@ def parse_args(argv=None):
 
 def random_model(shape: str, folder: str) -> str:
     """A random-init Qwen2 of `shape` over the bundled SmolLM2 tokenizer, saved as an HF folder."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import (AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast,
+                              Qwen2Config)
     from bench_mfu import SHAPES
     with gzip.open(os.path.join(TOKENIZER, "tokenizer.json.gz"), "rt", encoding="utf-8") as f:
         tokenizer_json = os.path.join(folder, "tokenizer.json.src")
@@ -118,8 +120,8 @@ def urpo_rows(model_dir: str, work: str, log: str) -> list[tuple]:
     resumed = run(worker + flags + ["--steps", "3", "--resume"], log)
     steps = ([json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
              if resumed.returncode == 0 else [])
-    rows.append(("resume", f"steps {steps}", "resumed at 2, step 3 run",
-                 resumed.returncode == 0 and "resumed from" in resumed.stdout and steps[-1:] == [3]))
+    resumed_ok = resumed.returncode == 0 and "resumed from" in resumed.stdout and steps[-1:] == [3]
+    rows.append(("resume", f"steps {steps}", "resumed at 2, step 3 run", resumed_ok))
     checkpoints = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     exported = run([sys.executable, "train.py", "export",
                     os.path.join(run_dir, "checkpoints", checkpoints[-1]),
@@ -179,8 +181,8 @@ def precision_rows(model_dir: str, device: torch.device, gap_max: float,
 def mfu_rows(shapes: list[str], device: str, log: str) -> list[tuple]:
     rows = []
     for shape in shapes:
-        small = ["--batch", "2", "--seq", "32", "--warmup", "1", "--steps", "2"] if shape == "tiny" \
-            else ["--batch", "4", "--seq", "2048", "--warmup", "2", "--steps", "5"]
+        small = (["--batch", "2", "--seq", "32", "--warmup", "1", "--steps", "2"] if shape == "tiny"
+                 else ["--batch", "4", "--seq", "2048", "--warmup", "2", "--steps", "5"])
         result = run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_mfu.py"),
                       "--shape", shape, *small], log)
         found = re.search(r"MFU ([0-9.]+)%", result.stdout)

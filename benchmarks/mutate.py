@@ -1,5 +1,6 @@
-"""The README's forking table, checked: break each row's place on purpose (benchmarks/mutations.json),
-run the row's tests on a scratch copy of the repository, and report CAUGHT (a test failed) or MISSED.
+"""The README's forking table, checked: break each row's place on purpose
+(benchmarks/mutations.json), run the row's tests on a scratch copy of the repository, and report
+CAUGHT (a test failed) or MISSED.
 usage: python benchmarks/mutate.py [NAME_FILTER]      (~5 min on 2 CPU cores)"""
 import json, os, shutil, subprocess, sys, tempfile
 repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,17 +11,21 @@ for m in json.load(open(os.path.join(repo, "benchmarks", "mutations.json"))):
     if only not in m["name"]:
         continue
     shutil.rmtree(scratch, ignore_errors=True)
-    shutil.copytree(repo, scratch, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "__pycache__"))
+    skip = shutil.ignore_patterns(".git", ".venv*", "runs", "__pycache__")
+    shutil.copytree(repo, scratch, ignore=skip)
     path = os.path.join(scratch, m["file"])
     text = open(path).read()
     if text.count(m["old"]) != 1:
-        rows.append((m["row"], m["name"], f"NOT APPLIED ({text.count(m['old'])} matches)", m["tests"]))
+        matches = text.count(m["old"])
+        rows.append((m["row"], m["name"], f"NOT APPLIED ({matches} matches)", m["tests"]))
         continue
     open(path, "w").write(text.replace(m["old"], m["new"]))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "test_all.py", "-k", m["tests"]], cwd=scratch, capture_output=True, text=True)
+    pytest = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    run = subprocess.run(pytest + ["test_all.py", "-k", m["tests"]],
+                         cwd=scratch, capture_output=True, text=True)
     tail = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
-    failed = [l.split(" ")[1].split("::")[1] for l in run.stdout.splitlines() if l.startswith("FAILED")]
+    failed = [line.split(" ")[1].split("::")[1] for line in run.stdout.splitlines()
+              if line.startswith("FAILED")]
     rows.append((m["row"], m["name"], ("CAUGHT by " + ",".join(failed)) if run.returncode == 1
                  else f"MISSED (rc {run.returncode}: {tail})", m["tests"]))
     print(" | ".join(rows[-1][:3]), flush=True)
