@@ -787,7 +787,16 @@ def parse_args(argv=None):
              "trained, read from its urpo_config.json or its run's config.json; else on)")
     add("--seed", type=int, default=0, help="seed of the shown orders and sampling")
     add("--out", default="results.json", help="results file (resumable)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    counts = {flag: getattr(args, flag) for flag in  # checked before any data or model loads
+              ("limit", "batch_size", "max_new_tokens", "referee_max_new_tokens", "samples")}
+    problems = [f"--{flag} {value}: use 1 or more"
+                for flag, value in counts.items() if value is not None and value < 1]
+    if not 0 < args.temperature < math.inf:
+        problems.append(f"--temperature {args.temperature}: use a finite number > 0")
+    if problems:
+        raise SystemExit("eval.py: " + "\neval.py: ".join(problems))
+    return args
 
 
 def trained_referee_think(model: str) -> bool:

@@ -3291,6 +3291,19 @@ def test_cli_rejects_bad_input_before_generating(tmp_path):
     assert not os.path.exists(tmp_path / "r.items.jsonl")
 
 
+@pytest.mark.parametrize("flag", ["limit", "batch_size", "max_new_tokens",
+                                  "referee_max_new_tokens", "samples"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_eval_budget_below_one_is_named_in_one_line(flag, value):
+    with pytest.raises(SystemExit) as error:
+        evaluation.parse_args([f"--{flag}", value])
+    assert str(error.value) == f"eval.py: --{flag} {value}: use 1 or more"
+    for value in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit, match=f"^eval.py: --temperature {value}"):
+            evaluation.parse_args(["--temperature", value])
+    assert evaluation.parse_args(["--limit", "1", "--temperature", "0.6"]).limit == 1
+
+
 def test_a_torn_items_line_is_dropped_and_redone(tmp_path):
     results = evaluation.Results(str(tmp_path / "r.json"))
     results.start("gsm8k", {"limit": 2})
