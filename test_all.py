@@ -1493,12 +1493,22 @@ def test_tokenizer_problems_get_clear_errors(tmp_path):
         load_tokenizer(str(tmp_path / "c"))
 
 
-def test_resolve_model_errors_name_the_fix(tmp_path, tiny_dir):
+def test_resolve_model_errors_name_the_fix(tmp_path, tiny_dir, monkeypatch):
     assert model_lib.resolve_model(tiny_dir) == tiny_dir  # a complete folder is itself
     with pytest.raises(ValueError, match="has no config.json"):  # an empty one is not
         model_lib.resolve_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="local HF model folder"):
         model_lib.resolve_model("no-such-owner/no-such-model-xyz")
+    hub_calls = []  # a path is never a hub id: named at once, without asking the hub
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: hub_calls.append(a))
+    for path in (str(tmp_path / "missing"), "./missing", "runs/r1/final", "~/models/m"):
+        with pytest.raises(FileNotFoundError, match=f"^no folder at {re.escape(path)} "):
+            model_lib.resolve_model(path)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="weights.safetensors is a file: pass the HF model"):
+        model_lib.resolve_model(str(tmp_path / "weights.safetensors"))
+    assert hub_calls == []
+    assert not any(map(model_lib.is_path, ("gpt2", model_lib.DEFAULT_MODEL, "Qwen/Qwen2.5-0.5B")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3264,18 +3274,23 @@ def test_cli_scores_an_annotation_file_without_a_model(tmp_path):
     assert round(metrics["win_rate"], 2) == 64.64
 
 
-def test_cli_rejects_bad_input_before_generating(tmp_path):
+def test_cli_rejects_bad_input_before_generating(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "r.json")
     with pytest.raises(SystemExit, match="unknown task"):
-        evaluation.main(["--tasks", "gsm8k,mmlu", "--out", out])
+        evaluation.main(["--tasks", "rewardbench,mmlu", "--out", out])
+    assert capsys.readouterr().err == ""  # the error alone: no notice about verdict formats
     with pytest.raises(SystemExit, match="no file at"):
         evaluation.main(["--tasks", "gsm8k", "--gsm8k_data", "gsm8k:/nowhere.jsonl", "--out", out])
     with pytest.raises(SystemExit, match="needs verifiable records"):
         evaluation.main(["--tasks", "gsm8k", "--out", out, "--gsm8k_data",
                          f"rewardbench:{HERE}/samples/fixtures/rewardbench_filtered.jsonl"])
-    with pytest.raises(SystemExit, match="eval.py: --model '.*no_model': model .* is neither"):
-        evaluation.main(["--tasks", "gsm8k", "--out", out, "--model", str(tmp_path / "no_model"),
-                         "--gsm8k_data", f"gsm8k:{HERE}/samples/gsm8k/test.first100.jsonl"])
+    loaded_data = []  # a missing model is named before any data loads, and alone
+    monkeypatch.setattr(evaluation, "load_task_data", lambda *a: loaded_data.append(a))
+    for tasks in ("gsm8k", "rewardbench,gsm8k"):
+        with pytest.raises(SystemExit, match="^eval.py: --model '.*no_model': no folder at "):
+            evaluation.main(["--tasks", tasks, "--out", out, "--model", str(tmp_path / "no_model")])
+    assert loaded_data == [] and capsys.readouterr().err == ""
+    monkeypatch.undo()
     # a referee that does not exist is found before the evaluated model loads
     loaded = []
     real_load_engine = evaluation.load_engine
