@@ -46,7 +46,8 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, load_with_counts, player_prompt
-from model import DEFAULT_MODEL, chat_ids, is_path, load_tokenizer, resolve_model
+from model import (DEFAULT_MODEL, chat_ids, check_writable, is_path, load_tokenizer,
+                   resolve_model)
 from reward import RIGHT, TIMEOUT, last_boxed, math_checks
 from rollout import fits, make_engine, referee
 
@@ -616,15 +617,28 @@ def plot_command(argv: list[str]) -> str:
 # ======================================================================================== CLI
 class Results:
     """--out (settings and metrics per task, rewritten atomically) and its items file (a JSON
-    line per finished item, appended). A task rerun under other settings is an error."""
+    line per finished item, appended). A task rerun under other settings is an error; so are a
+    folder that cannot be written and a file that is no eval.py results file (SystemExit, one
+    line each)."""
 
     def __init__(self, path: str):
         self.path, self.items_path = path, os.path.splitext(path)[0] + ".items.jsonl"
         self.data, self.items = {"tasks": {}}, defaultdict(list)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            check_writable(os.path.dirname(os.path.abspath(path)))
+        except ValueError as error:
+            raise SystemExit(f"eval.py: --out {path!r}: {error}") from None
         if os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
+            try:
+                with open(path) as f:
+                    self.data = json.load(f)
+                problem = None if isinstance(self.data, dict) and isinstance(
+                    self.data.get("tasks"), dict) else "no 'tasks' object in it"
+            except (OSError, ValueError) as error:
+                problem = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            if problem:
+                raise SystemExit(f"eval.py: --out {path!r} is not an eval.py results file "
+                                 f"({problem}): choose another --out or delete that file")
         elif os.path.exists(self.items_path):
             os.remove(self.items_path)  # items without their results file: a fresh run
         if os.path.exists(self.items_path):
@@ -792,7 +806,7 @@ def parse_args(argv=None):
               ("limit", "batch_size", "max_new_tokens", "referee_max_new_tokens", "samples")}
     problems = [f"--{flag} {value}: use 1 or more"
                 for flag, value in counts.items() if value is not None and value < 1]
-    if not 0 < args.temperature < math.inf:
+    if args.samples > 1 and not 0 < args.temperature < math.inf:  # greedy (1) needs none
         problems.append(f"--temperature {args.temperature}: use a finite number > 0")
     if problems:
         raise SystemExit("eval.py: " + "\neval.py: ".join(problems))

@@ -13,6 +13,7 @@ import shutil
 import struct
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -645,7 +646,9 @@ def checkpoint_problem(path: str) -> str | None:
 def checkpoint_weights(path: str, model) -> dict[str, torch.Tensor]:
     """`model`'s full state dict read from a checkpoint's shards (no process group needed)."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     return state["model"]
 
 

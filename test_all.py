@@ -2413,6 +2413,12 @@ def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(ca
     assert any(line.startswith("  --loss_agg 'sum': use one of") for line in lines)
     with pytest.raises(SystemExit, match="--judge_max_new_tokens is now --referee_max_new_tokens"):
         train.parse_config(["--judge_max_new_tokens", "8"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a misspelt flag: argparse's error under a short usage line
+        train.parse_config(["--reasoning_data", "gsm8k"])
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: train.py [--preset NAME] [--FLAG VALUE ...]  (every flag: train.py --help)",
+        "train.py: error: unrecognized arguments: --reasoning_data gsm8k"]
     cfg = train.parse_config(["--rollout", "auto"])  # resolved once, in parse_config
     assert cfg.rollout in ("hf", "vllm") and train.config_problems(cfg) == []
     bad = train.Config(rollout="auto", task_weights="verifiable=x")
@@ -2801,6 +2807,12 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
                                "--overwrite")).returncode == 0
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
     assert model_lib.checkpoint_dirs(str(out)) == []
+    # --resume where no run is starts one, and says so before any model loads
+    fresh = run_worker(run_args(tiny_dir, tmp_path / "new", "--resume", "--steps", "1",
+                                "--save_every", "0"))
+    assert fresh.returncode == 0 and fresh.stdout.splitlines()[0] == (
+        f"--resume: no checkpoint in {tmp_path / 'new'}/checkpoints, starting from step 0 "
+        "(a fresh run: check --out_dir if you meant to continue one)")
     # a run without checkpoints cannot be resumed, and its metrics are not silently replaced
     resumed = run_worker(run_args(tiny_dir, out, "--resume"))
     assert resumed.returncode == 1 and resumed.stderr.strip().splitlines() == [
@@ -2825,6 +2837,14 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_pat
     assert f"resumed from {older} at step 2, the newest intact one" in resumed.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert model_lib.checkpoint_problem(model_lib.checkpoint_dirs(str(out))[-1]) is None
+    # settings that change what the run computes are refused; how long it runs is not
+    changed = run_worker(run_args(tiny_dir, out, "--resume", "--lr", "0.5", "--group_size", "4",
+                                  "--steps", "9", "--save_every", "3"))
+    assert changed.returncode == 1 and changed.stderr.strip().splitlines() == [
+        "train.py: --resume: --group_size 4 (the run's 2), --lr 0.5 (the run's 0.001) differ from "
+        f"{out}/config.json: resume with the run's settings (its --preset and flags), or start "
+        "another --out_dir"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
     # a changed byte, not a changed size: the sha256 says so; with none intact, one line, exit 1
     for path in model_lib.checkpoint_dirs(str(out)):
         with open(os.path.join(path, "trainer_rank0.pt"), "r+b") as f:
@@ -3291,6 +3311,12 @@ def test_cli_rejects_bad_input_before_generating(tmp_path, monkeypatch, capsys):
             evaluation.main(["--tasks", tasks, "--out", out, "--model", str(tmp_path / "no_model")])
     assert loaded_data == [] and capsys.readouterr().err == ""
     monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")
+    for bad, message in ((str(tmp_path / "afile" / "r.json"), "cannot write there"),
+                         (str(tmp_path / "afile"), r"is not an eval.py results file \(JSONDecode"),
+                         (GPT4_OUTPUTS, r"is not an eval.py results file \(no 'tasks' object")):
+        with pytest.raises(SystemExit, match=f"^eval.py: --out '{re.escape(bad)}'.*{message}"):
+            evaluation.main(["--tasks", "gsm8k", "--out", bad])
     # a referee that does not exist is found before the evaluated model loads
     loaded = []
     real_load_engine = evaluation.load_engine
@@ -3313,10 +3339,10 @@ def test_eval_budget_below_one_is_named_in_one_line(flag, value):
     with pytest.raises(SystemExit) as error:
         evaluation.parse_args([f"--{flag}", value])
     assert str(error.value) == f"eval.py: --{flag} {value}: use 1 or more"
-    for value in ("0", "-1", "nan", "inf"):
+    for value in ("0", "-1", "nan", "inf"):  # a temperature counts when it samples
         with pytest.raises(SystemExit, match=f"^eval.py: --temperature {value}"):
-            evaluation.parse_args(["--temperature", value])
-    assert evaluation.parse_args(["--limit", "1", "--temperature", "0.6"]).limit == 1
+            evaluation.parse_args(["--temperature", value, "--samples", "4"])
+    assert evaluation.parse_args(["--limit", "1", "--temperature", "0"]).samples == 1  # greedy
 
 
 def test_a_torn_items_line_is_dropped_and_redone(tmp_path):

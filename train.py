@@ -135,7 +135,8 @@ class Config:
     samples_every: int = option(5, "write prompts, completions, rewards every N steps")
     save_every: int = option(0, "checkpoint every N steps (0: only on SIGTERM; final/ always)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints")
-    resume: bool = option(False, "continue from the newest intact checkpoint in out_dir")
+    resume: bool = option(False, "continue from the newest intact checkpoint in out_dir, with "
+                          "its config.json's settings (none yet: start the run)")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run (its "
                              "metrics, samples, checkpoints and final/ are deleted)")
     eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
@@ -725,8 +726,10 @@ def parse_config(argv=None) -> Config:
     if preset not in PRESETS:
         raise SystemExit(f"train.py: unknown --preset {preset!r}; known: {', '.join(PRESETS)}")
     defaults = {**dataclasses.asdict(Config()), **PRESETS[preset], "preset": preset}
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(  # a short usage: a misspelt flag's error stays in view
+        prog="train.py", usage="train.py [--preset NAME] [--FLAG VALUE ...]  (every flag: "
+        "train.py --help)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
         default = defaults[field.name]
         kwargs = dict(default=default, help=f"{field.metadata['help']} (default: {default!r})")
@@ -854,13 +857,43 @@ def check_out_dir(cfg: Config) -> str:
     for path in reversed(checkpoints):
         problem = model_lib.checkpoint_problem(path)
         if problem is None:
+            check_resumed_config(cfg)
             return path
         print0(f"--resume: {problem}; trying the one before it")
     if checkpoints:
         raise SystemExit(f"train.py: --resume: no intact checkpoint in {cfg.out_dir}/checkpoints "
                          f"(the {len(checkpoints)} there are named above): start afresh with "
                          "--overwrite, or in another --out_dir")
+    if cfg.resume:  # a job script may always pass --resume: its first launch starts the run
+        print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0 "
+               "(a fresh run: check --out_dir if you meant to continue one)")
     return ""
+
+
+# What --resume may change: how long and how often, and where the work runs; not what it computes.
+RESUME_MAY_CHANGE = {"steps", "out_dir", "resume", "overwrite", "preset", "save_every",
+                     "keep_checkpoints", "samples_every", "eval_every", "plot", "wandb",
+                     "max_bad_steps", "dist_timeout_min", "rollout", "vllm_memory", "vllm_sleep",
+                     "referee_vllm_memory", "activation_checkpointing", "micro_batch_tokens"}
+
+
+def check_resumed_config(cfg: Config) -> None:
+    """SystemExit in one line when --resume is given settings that differ from the run's
+    config.json beyond RESUME_MAY_CHANGE: the steps already run would be recorded under settings
+    they did not run with (a preset counts by the values it gives, not by its name)."""
+    try:
+        with open(os.path.join(cfg.out_dir, "config.json")) as f:
+            ran = json.load(f)
+    except (OSError, ValueError):  # no readable record of the run: nothing to compare with
+        return
+    changed = [f"--{name} {value!r} (the run's {ran[name]!r})"
+               for name, value in dataclasses.asdict(cfg).items()
+               if name in ran and name not in RESUME_MAY_CHANGE and ran[name] != value]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if changed[6:] else "")
+        raise SystemExit(f"train.py: --resume: {shown} differ from {cfg.out_dir}/config.json: "
+                         "resume with the run's settings (its --preset and flags), or start "
+                         "another --out_dir")
 
 
 def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
@@ -975,10 +1008,7 @@ def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engine
     """With --resume, restore checkpoint `path` (check_out_dir chose it: the newest intact one)
     and sync the engine; returns (step, bad_steps), (0, 0) for a fresh run. Metrics lines of
     steps after the checkpoint are dropped: those steps run again."""
-    if not cfg.resume:
-        return 0, 0
-    if not path:
-        print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0")
+    if not path:  # a fresh run (check_out_dir said so when --resume found no checkpoint)
         return 0, 0
     trainer = model_lib.load_checkpoint(path, policy, optimizer)
     step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engine)

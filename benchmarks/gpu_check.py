@@ -1,6 +1,6 @@
 """One command for the first GPU a session is lent: train.py's own path on CUDA, checked.
 
-    python benchmarks/gpu_check.py                              # one H100/H200: ~5 min
+    python benchmarks/gpu_check.py                              # one H100/H200: <= 8 min
     python benchmarks/gpu_check.py --device cpu --shape tiny    # the CI dry run (a test runs it)
 
 Nothing is downloaded: the model is a random-init Qwen2.5 shape (bench_mfu.SHAPES) with the SmolLM2
