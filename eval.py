@@ -664,8 +664,9 @@ class Results:
         entry = self.data["tasks"].get(task)
         used = entry and (entry["status"] == "done" or self.items[task])
         if used and entry["settings"] != settings:
-            raise SystemExit(f"{self.path} holds '{task}' run with {entry['settings']}, not "
-                             f"{settings}: choose another --out or delete that file")
+            raise SystemExit(f"eval.py: {self.path} holds '{task}' run with "
+                             f"{entry['settings']}, not {settings}: choose another --out or "
+                             "delete that file")
         return bool(entry) and entry["settings"] == settings and entry["status"] == "done"
 
     def start(self, task: str, settings: dict):
@@ -712,16 +713,16 @@ def load_task_data(task: str, spec: str, limit: int | None) -> list[dict]:
     try:
         records, skipped = load_with_counts(spec, split=split, limit=limit)
     except DataError as error:
-        raise SystemExit(f"--{task}_data: {error}") from error
+        raise SystemExit(f"eval.py: --{task}_data: {error}") from error
     print(f"{task}: {spec}: {len(records)} records, skipped rows {skipped or 'none'}")
     if not records:
-        raise SystemExit(f"--{task}_data {spec} gave no usable records")
+        raise SystemExit(f"eval.py: --{task}_data {spec} gave no usable records")
     if any(r["task"] != kind for r in records):
-        raise SystemExit(f"task '{task}' needs {kind} records, but {spec} gives "
+        raise SystemExit(f"eval.py: task '{task}' needs {kind} records, but {spec} gives "
                          f"{records[0]['task']} ones: pick a {kind} source")
     if task == "alpaca_eval" and not all(r["meta"].get("reference") for r in records):
-        raise SystemExit(f"--alpaca_eval_data {spec}: records lack the reference outputs to "
-                         "compare with: use an alpaca_eval model_outputs.json")
+        raise SystemExit(f"eval.py: --alpaca_eval_data {spec}: records lack the reference "
+                         "outputs to compare with: use an alpaca_eval model_outputs.json")
     return records
 
 
@@ -748,7 +749,7 @@ def run_task(results: Results, task: str, records, make_items, summarize, batch_
     """Make the task's missing items batch by batch, stored as they come, then its metrics."""
     done = results.items[task]
     if [item["id"] for item in done] != [r["id"] for r in records[:len(done)]]:
-        raise SystemExit(f"{results.items_path} holds '{task}' items of other records: "
+        raise SystemExit(f"eval.py: {results.items_path} holds '{task}' items of other records: "
                          "choose another --out or delete its files")
     started = time.time()
     with tqdm(total=len(records), initial=len(done), desc=task, unit="item") as progress:
@@ -807,7 +808,8 @@ def parse_args(argv=None):
     problems = [f"--{flag} {value}: use 1 or more"
                 for flag, value in counts.items() if value is not None and value < 1]
     if args.samples > 1 and not 0 < args.temperature < math.inf:  # greedy (1) needs none
-        problems.append(f"--temperature {args.temperature}: use a finite number > 0")
+        problems.append(f"--temperature {args.temperature}: use a finite number > 0 to sample "
+                        f"--samples {args.samples}, or --samples 1 (greedy, no temperature)")
     if problems:
         raise SystemExit("eval.py: " + "\neval.py: ".join(problems))
     return args
@@ -834,10 +836,10 @@ def main(argv=None):
     args = parse_args(argv)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks or any(task not in BENCHMARKS for task in tasks):
-        raise SystemExit(f"unknown task in --tasks {args.tasks!r}: "
+        raise SystemExit(f"eval.py: unknown task in --tasks {args.tasks!r}: "
                          f"choose from {', '.join(BENCHMARKS)}")
     if args.annotations and "alpaca_eval" not in tasks:
-        raise SystemExit("--annotations scores the alpaca_eval task: add it to --tasks")
+        raise SystemExit("eval.py: --annotations scores the alpaca_eval task: add it to --tasks")
 
     judged = [task for task in tasks if BENCHMARKS[task][0] != "verifiable"
               and not (task == "alpaca_eval" and args.annotations)]
@@ -856,7 +858,7 @@ def main(argv=None):
             with open(args.annotations) as f:
                 annotation_metrics = annotation_win_rate(json.load(f))
         except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise SystemExit(f"--annotations {args.annotations}: {error}") from error
+            raise SystemExit(f"eval.py: --annotations {args.annotations}: {error}") from error
     generate = [task for task in todo if not (task == "alpaca_eval" and annotation_metrics)]
     if generate:  # both models found before any data or either model loads
         model_path = resolve("--model", args.model)

@@ -654,7 +654,13 @@ def checkpoint_weights(path: str, model) -> dict[str, torch.Tensor]:
 
 def check_writable(folder: str) -> None:
     """Make `folder` and write a file into it; ValueError in one line when the file system says
-    no (a path under a file, no permission, a read-only disk)."""
+    no (a path under a file, which it names; no permission, a read-only disk)."""
+    above = os.path.abspath(folder)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"cannot write there: {above} is a file, not a folder: "
+                         "pick a folder you can write to")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):

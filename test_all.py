@@ -2508,8 +2508,8 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_any_model_loads(tmp_p
                          cwd=HERE, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip() == (f"train.py: --out_dir '{tmp_path / 'file' / 'run'}': cannot "
-                                  "write there (NotADirectoryError: Not a directory): pick a "
-                                  "folder you can write to")
+                                  f"write there: {tmp_path / 'file'} is a file, not a folder: "
+                                  "pick a folder you can write to")
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
@@ -2904,8 +2904,8 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
                               str(tmp_path / "file" / "hf")], cwd=HERE, capture_output=True,
                              text=True)
     assert blocked.returncode == 1 and blocked.stderr.strip() == (
-        f"train.py export: {tmp_path / 'file' / 'hf'}: cannot write there (NotADirectoryError: "
-        "Not a directory): pick a folder you can write to")
+        f"train.py export: {tmp_path / 'file' / 'hf'}: cannot write there: {tmp_path / 'file'} "
+        "is a file, not a folder: pick a folder you can write to")
     # a checkpoint moved away from its run: one line, no traceback
     shutil.copytree(checkpoint, tmp_path / "moved" / "step_1")
     moved = subprocess.run([sys.executable, "train.py", "export",
@@ -3312,7 +3312,7 @@ def test_cli_rejects_bad_input_before_generating(tmp_path, monkeypatch, capsys):
     assert loaded_data == [] and capsys.readouterr().err == ""
     monkeypatch.undo()
     (tmp_path / "afile").write_text("x")
-    for bad, message in ((str(tmp_path / "afile" / "r.json"), "cannot write there"),
+    for bad, message in ((str(tmp_path / "afile" / "r.json"), "afile is a file, not a folder"),
                          (str(tmp_path / "afile"), r"is not an eval.py results file \(JSONDecode"),
                          (GPT4_OUTPUTS, r"is not an eval.py results file \(no 'tasks' object")):
         with pytest.raises(SystemExit, match=f"^eval.py: --out '{re.escape(bad)}'.*{message}"):

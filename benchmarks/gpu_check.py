@@ -213,9 +213,9 @@ def main(argv=None) -> int:
     rows += mfu_rows(shapes, args.device, log)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\ngpu_check on {name}, shape {args.shape}, torch {torch.__version__} (log: {log})")
-    print(f"{'check':<20}{'measured':<58}{'bound':<32}ok")
+    print(f"{'check':<20} {'measured':<58} {'bound':<32} ok")
     for check, value, bound, ok in rows:
-        print(f"{check:<20}{value:<58}{bound:<32}{'yes' if ok else 'NO'}")
+        print(f"{check:<20} {value:<58} {bound:<32} {'yes' if ok else 'NO'}")
     if not args.out and all(ok for *_, ok in rows):
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(ok for *_, ok in rows) else 1
