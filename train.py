@@ -1092,9 +1092,11 @@ class RunLog:
                         dynamic_ncols=True)
         if not self.rank0:
             return
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        config_path = os.path.join(cfg.out_dir, "config.json")
+        with open(config_path + ".tmp", "w") as f:  # replaced whole: never half-written
             json.dump(dataclasses.asdict(cfg) | {"world_size": dist.get_world_size()}, f,
                       indent=2)
+        os.replace(config_path + ".tmp", config_path)
         if cfg.wandb:
             try:
                 import wandb
