@@ -860,13 +860,13 @@ def main(argv=None):
         except (OSError, ValueError, TypeError, AttributeError) as error:
             raise SystemExit(f"eval.py: --annotations {args.annotations}: {error}") from error
     generate = [task for task in todo if not (task == "alpaca_eval" and annotation_metrics)]
+    data = {}
     if generate:  # both models found before any data or either model loads
         model_path = resolve("--model", args.model)
         other_referee = "alpaca_eval" in generate and args.referee_model not in (None, args.model)
         referee_path = resolve("--referee_model", args.referee_model) if other_referee else None
-    data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
-            for task in generate}
-    if data:
+        data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
+                for task in generate}
         tokenizer, engine = load_engine(args, "--model", model_path)
         referee_tokenizer, referee_engine = tokenizer, engine
         if referee_path:

@@ -727,8 +727,8 @@ def parse_config(argv=None) -> Config:
         raise SystemExit(f"train.py: unknown --preset {preset!r}; known: {', '.join(PRESETS)}")
     defaults = {**dataclasses.asdict(Config()), **PRESETS[preset], "preset": preset}
     parser = argparse.ArgumentParser(  # a short usage: a misspelt flag's error stays in view
-        prog="train.py", usage="train.py [--preset NAME] [--FLAG VALUE ...]  (every flag: "
-        "train.py --help)",
+        prog="train.py",
+        usage="train.py [--preset NAME] [--FLAG VALUE ...]  (every flag: train.py --help)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
         default = defaults[field.name]
