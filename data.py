@@ -357,6 +357,14 @@ def load_with_counts(spec: str, split: str | None = None,
     return records, dict(skipped)
 
 
+def question_key(record: dict) -> str:
+    """A record's first user turn, case-folded and stripped: two records with the same key ask the
+    same question (hh-rlhf repeats questions across its pairs), so a held-out pair with the key of
+    a training pair is not unseen (train.py drops it)."""
+    first = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+    return first.strip().casefold()
+
+
 def load_sources(specs: dict[str, str], fits: Callable, limit: int | None = None,
                  budget: str = "the prompt budget", say: Callable = print) -> dict[str, list[dict]]:
     """Each task's records (specs: task -> spec, as train.py's --TASK_data flags), only those for
@@ -410,7 +418,8 @@ that is more helpful, correct, honest and harmless. Do not let the order in whic
 shown, or their length, sway you.
 {instruction} inside <answer></answer>: each of the labels {labels} exactly once, separated by \
 ">", with no ties and no other words.
-For {k} candidates the format looks like this (the order here is only an example):
+The format for {k} candidates, each letter standing for the label you put in its place, the \
+best candidate's first (write the labels, not the letters):
 {example}"""
 THINK_INSTRUCTION = ("First explain your judgement briefly inside <think></think>. Then write "
                      "the full ranking, best first,")  # the paper's generative referee
@@ -448,8 +457,29 @@ def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
         k=k, conversation=conversation, candidates=candidates,
         instruction=THINK_INSTRUCTION if think else RANKING_INSTRUCTION,
         labels=", ".join(f"[{j}]" for j in range(1, k + 1)),
-        example=format_verdict(list(range(k - 1, -1, -1)), EXAMPLE_THINKING if think else None))
+        example=format_example(_letters(k), think))
     return [{"role": "user", "content": text}]
+
+
+def format_example(placeholders: list[str], think: bool) -> str:
+    """The template's format example: a verdict whose places hold letters, not labels, so it names
+    no concrete ranking for the referee to copy. An example of real labels, which this template
+    once showed (`[2] > [1]` for every pair), is a shown order: the untrained model's valid
+    verdicts copied it. It does not parse (reward.parse_ranking), by design."""
+    answer = "<answer>" + " > ".join(f"[{p}]" for p in placeholders) + "</answer>"
+    return f"<think>{EXAMPLE_THINKING}</think>\n{answer}" if think else answer
+
+
+def _letters(k: int) -> list[str]:
+    """A, B, ..., Z, AA, AB, ...: k placeholder names for the format example."""
+    names = []
+    for i in range(k):
+        name, i = "", i + 1
+        while i:
+            i, rest = divmod(i - 1, 26)
+            name = chr(ord("A") + rest) + name
+        names.append(name)
+    return names
 
 
 def shown_orders(k: int, count: int, rng: random.Random) -> list[list[int]]:
@@ -539,8 +569,8 @@ def cold_start_examples(sources: dict[str, list[dict]], count: int, group_size: 
     (gold_target, a pair's in the `orders` orders GRPO shows it, kept together), verdicts on
     group_size candidates (group_gold_target: the K that self-judging shows), and worked solutions.
     Referee and solver examples alternate; every `group_every`-th referee example ranks
-    group_size candidates (0: pairs only). Only examples for which `fits(example)` (the token
-    budgets) serve. Returns the examples ([] when no pool has one) and each pool's size."""
+    group_size candidates (0: pairs only). Only examples for which `fits(example, role)` (the
+    token budgets of the role, "referee" or "player") serve. Returns the examples ([] when no pool has one) and each pool's size."""
     pools = {"pairs": [], "groups": [], "verifiable": []}
     grouped = group_every > 0 and group_size > 2
     for record in sources.get("preference", []):
@@ -552,7 +582,8 @@ def cold_start_examples(sources: dict[str, list[dict]], count: int, group_size: 
     for record in sources.get("verifiable", []):
         pools["verifiable"].append([gold_target(record, rng, think)])
     for name, pool in pools.items():
-        kept = [[e for e in together if e is not None and fits(e)] for together in pool]
+        role = "player" if name == "verifiable" else "referee"
+        kept = [[e for e in together if e is not None and fits(e, role)] for together in pool]
         pool = [together for together in kept if together]
         rng.shuffle(pool)
         pools[name] = [example for together in pool for example in together]

@@ -58,19 +58,26 @@ def group_advantages(
 def presentation_advantages(
     rewards: Tensor, presentations: int, scale: bool = True, eps: float = 1e-6
 ) -> Tensor:
-    """EIS-GRPO's advantages (J4R, Xu et al., arXiv 2505.13346) of ONE referee group of G samples
-    whose candidates were shown in `presentations` orders, G / presentations consecutive samples
-    each: the group's own advantage plus the advantage within the sample's presentation,
+    """Advantages of ONE referee group of G samples whose candidates were shown in
+    `presentations` orders, G / presentations consecutive samples each: this project's variant
+    (`--referee_advantage group+order`), not J4R's EIS-GRPO (arXiv 2505.13346), which pools the
+    samples of equivalent presentations into one z-score, as `group_advantages` over the G
+    samples does (`--referee_advantage group`). Ours adds the advantage within the sample's
+    presentation, then rescales the sum to the size of the plain group advantage:
 
-        A_i = z(r_i; all G rewards) + z(r_i; the rewards of its presentation),
+        s_i = z(r_i; all G rewards) + z(r_i; the rewards of its presentation)
+        A_i = s_i * ||z(r; all G)|| / ||s||
 
-    each term as `group_advantages` (so each is 0 where its rewards are all equal). Why the
-    second term: with the first alone, a presentation the referee mostly gets wrong (the gold
-    answer shown in its disfavoured position) gives its right samples little credit next to the
-    easy presentation's. One presentation: the plain advantage (the two terms are one).
+    each z as `group_advantages` (0 where its rewards are all equal). Why the second term: with
+    the first alone, a presentation the referee mostly gets wrong (the gold answer shown in its
+    disfavoured position) gives its right samples little credit next to the easy
+    presentation's. Why the rescaling: the sum of two z-scores is up to ~2x the size of one, and
+    the referee's groups share one token-mean loss with the player's, so unscaled the variant
+    would also change the referee's gradient scale against the player's (a second factor in any
+    comparison). One presentation: the plain advantage.
 
     >>> presentation_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0]), presentations=2)
-    tensor([ 0.5000,  0.5000,  1.2071, -2.2071])
+    tensor([ 0.3314,  0.3314,  0.8001, -1.4629])
     """
     group_size = rewards.numel()
     if presentations < 1 or group_size % presentations:
@@ -78,7 +85,11 @@ def presentation_advantages(
     advantages = group_advantages(rewards, group_size, scale, eps)  # [G]
     if presentations == 1:
         return advantages
-    return advantages + group_advantages(rewards, group_size // presentations, scale, eps)  # [G]
+    total = advantages + group_advantages(rewards, group_size // presentations, scale, eps)  # [G]
+    size = torch.linalg.vector_norm(total)  # []
+    if size == 0:
+        return total
+    return total * (torch.linalg.vector_norm(advantages) / size)  # [G]
 
 
 def clipped_surrogate(
@@ -218,6 +229,7 @@ class Sample:
     completion_ids: list[int]
     advantage: float
     sampler_logprobs: list[float] | None = None  # vLLM's, for the IS correction
+    temperature: float = 1.0  # it was sampled at: its log-probs are taken at it (logits / T)
 
 
 def row_tokens(row: list[Sample]) -> int:
@@ -231,9 +243,9 @@ def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> lis
     goes through the model once instead of G times: model.pack_rows)."""
     if not share_prompt:
         return [[s] for s in samples]
-    by_prompt = {}  # prompt -> its samples, in first-seen order
+    by_prompt = {}  # (prompt, temperature) -> its samples, in first-seen order
     for s in samples:
-        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+        by_prompt.setdefault((tuple(s.prompt_ids), s.temperature), []).append(s)
     rows = []
     for group in by_prompt.values():
         row = []
@@ -247,14 +259,20 @@ def rows_of(samples: list[Sample], share_prompt: bool, token_budget: int) -> lis
 
 
 def micro_batches(rows: list[list[Sample]], token_budget: int) -> list[list[list[Sample]]]:
-    """Pack rows, longest first, so that (padded length x rows) stays within the budget.
+    """Pack rows, longest first, so that (padded length x rows) stays within the budget, and
+    never rows of two sampling temperatures together (a micro-batch's log-probs are taken at one:
+    player answers at the player's, verdicts at the referee's).
 
     Sorting by length puts rows of similar length together, which cuts padding; a row longer
     than the budget still gets a micro-batch of its own."""
-    batches, current = [], []
-    for row in sorted(rows, key=row_tokens, reverse=True):
-        if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current = []
-        current.append(row)
-    return batches + [current] if current else batches
+    batches = []
+    for temperature in sorted({row[0].temperature for row in rows}):
+        current = []
+        for row in sorted((row for row in rows if row[0].temperature == temperature),
+                          key=row_tokens, reverse=True):
+            if current and row_tokens(current[0]) * (len(current) + 1) > token_budget:
+                batches.append(current)
+                current = []
+            current.append(row)
+        batches += [current] if current else []
+    return batches

@@ -731,8 +731,13 @@ def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
     prompt with its samples packed behind it, else one sample per row. Either way the loss's
     tensors are completion-aligned [S, C], samples in row order: completion_mask (1 on the
     tokens the loss is taken on), sampler_logprobs (vLLM's, when every sample has them; else
-    None) and what `batch_logprobs` returns; advantages [S]."""
+    None) and what `batch_logprobs` returns; advantages [S]; and the samples' one sampling
+    `temperature` (ValueError on two: grpo.micro_batches keeps them apart)."""
     samples = [s for row in rows for s in row]
+    temperatures = {s.temperature for s in samples}
+    if len(temperatures) != 1:
+        raise ValueError(f"a micro-batch holds samples of temperatures {sorted(temperatures)}: "
+                         "log-probs are taken at one (pack with grpo.micro_batches)")
     rows = rows if share_prompt else [[s] for s in samples]
     batch = pack_rows([(row[0].prompt_ids, [s.completion_ids for s in row]) for row in rows],
                       device, shared_prompt=share_prompt, pad_id=pad_id)
@@ -742,4 +747,5 @@ def collate(rows: list[list[Sample]], pad_id: int, device: torch.device,
         sampler_logprobs[batch["dst_rows"], batch["dst_cols"]] = torch.tensor(
             [lp for s in samples for lp in s.sampler_logprobs], device=device)
     advantages = torch.tensor([s.advantage for s in samples], device=device)  # [S]
-    return batch | dict(advantages=advantages, sampler_logprobs=sampler_logprobs)
+    return batch | dict(advantages=advantages, sampler_logprobs=sampler_logprobs,
+                        temperature=temperatures.pop())

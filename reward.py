@@ -8,8 +8,9 @@ Every prompt of a step ends up here after its rollouts:
   referee's `<answer>[i] > [j] > ...</answer>` (`parse_ranking`) and undoes the random display
   order (`to_original`), `ranking_reward` scores it against the gold ranking; `format_verdict`
   writes the same format (the template's example, the cold start's targets);
-- open prompts (the model judges its own answers): `self_rewards` averages `rank_scores` over the
-  valid rankings of the M referee passes, each showing the answers in another order;
+- open prompts (the model judges its own answers): `balanced_self_rewards` keeps the complete
+  balanced sets of the referee's verdicts (an order and its reverse, both valid) and
+  `self_rewards` averages `rank_scores` over their rankings;
 - order-balanced referee groups: `consistency_rewards` pays index-aligned verdicts of different
   presentations for naming the same candidate (PA-GRPO).
 
@@ -29,6 +30,7 @@ holds CUDA or NCCL state (no bare `fork`).
 """
 
 import atexit
+from fractions import Fraction
 import functools
 import itertools
 import json
@@ -150,10 +152,34 @@ def self_rewards(rankings: list[list[int] | None], k: int) -> list[float] | None
     if not valid:
         return None
     scores = [[] for _ in range(k)]
-    for ranking in valid:
+    for ranking in valid:  # exact fractions: rewards a position-blind set makes equal are equal
         for position, answer in enumerate(ranking):
-            scores[answer].append((len(ranking) - 1 - position) / (len(ranking) - 1))
-    return [sum(s) / len(s) if s else 0.5 for s in scores]
+            scores[answer].append(Fraction(len(ranking) - 1 - position, len(ranking) - 1))
+    return [float(sum(s) / len(s)) if s else 0.5 for s in scores]
+
+
+def balanced_self_rewards(verdict_sets: list[list[list[int] | None]],
+                          k: int) -> tuple[list[float] | None, int]:
+    """Self-assessed rewards of a group of k answers from balanced sets of verdicts, and how many
+    valid verdicts were left out because their set was incomplete.
+
+    `verdict_sets` holds the group's verdicts set by set: each set shows the answers in orders
+    that together cancel shown position (URPO's listwise protocol: an order and its reverse, so
+    the answer at position p in one is at k - 1 - p in the other and a referee that ranks by
+    position alone gives every answer the same mean score), each verdict already mapped to
+    answer indices, best first, None where it did not parse. Only COMPLETE sets count, every
+    verdict of the set valid: a lone valid verdict whose partner failed pays its shown order,
+    not content, so it is left out and counted. Returns (self_rewards of the complete sets'
+    rankings, or None when no set is complete: the group is dropped; the count left out).
+
+    >>> balanced_self_rewards([[[0, 1], [0, 1]], [[1, 0], None]], 2)
+    ([1.0, 0.0], 1)
+    """
+    complete = [ranking for rankings in verdict_sets if all(r is not None for r in rankings)
+                for ranking in rankings]
+    left_out = sum(ranking is not None for rankings in verdict_sets if None in rankings
+                   for ranking in rankings)
+    return (self_rewards(complete, k) if complete else None), left_out
 
 
 def consistency_rewards(bests: list[int | None], presentations: int, coef: float) -> list[float]:

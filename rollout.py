@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from data import referee_prompt, shown_orders
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
-from reward import read_verdict, self_rewards, to_original
+from reward import balanced_self_rewards, read_verdict, to_original
 
 
 @dataclass
@@ -454,20 +455,25 @@ def referee(engine, tokenizer, conversations: list[list[dict]], candidates: list
 class SelfRefereeResult:
     """Rewards of each group, and every referee verdict for metrics and samples."""
     rewards: list[list[float] | None]  # per group: one reward per answer; None if dropped
-    dropped: int  # groups without any valid ranking (they give no gradient)
-    verdicts: list[Verdict]  # group by group, up to num_orders per group
+    dropped: int  # groups without a complete balanced set of valid verdicts (no gradient)
+    verdicts: list[Verdict]  # group by group, num_orders per group (those that fit)
     skipped_long: int = 0  # referee prompts that did not fit in the engine's context (not run)
+    unbalanced: int = 0  # valid verdicts left out: their set's other verdict failed
 
 
 def listwise_jobs(answers: list[list[str]], num_orders: int,
-                  rng: random.Random) -> list[tuple[int, list[int]]]:
-    """The self-reward protocol, as one list of verdicts to ask for: (group, shown), the indices
-    of the answers a verdict sees, in the order shown. URPO's listwise protocol: per group,
-    `num_orders` verdicts on all G answers, in data.shown_orders (each answer shown first as
-    evenly as num_orders allows, an order followed by its reverse). Another protocol (a pairwise
-    tournament, say) is another list: every verdict becomes rewards the same way."""
-    return [(group, order) for group, group_answers in enumerate(answers)
-            for order in shown_orders(len(group_answers), num_orders, rng)]
+                  rng: random.Random) -> list[tuple[int, list[int], int]]:
+    """The self-reward protocol, as one list of verdicts to ask for: (group, shown, set), the
+    indices of the answers a verdict sees in the order shown, and the balanced set it belongs to.
+    URPO's listwise protocol: per group, `num_orders` (even) verdicts on all G answers, in
+    data.shown_orders: rotations of a random order, each followed by its reverse; an order and
+    its reverse form one set (an answer shown at position p in one is at G - 1 - p in the other,
+    so a referee that ranks by shown position alone pays every answer the same)."""
+    if num_orders < 2 or num_orders % 2:
+        raise ValueError(f"num_orders {num_orders}: the listwise self-reward needs an even number "
+                         "of orders (each order with its reverse) to cancel shown position")
+    return [(group, order, index // 2) for group, group_answers in enumerate(answers)
+            for index, order in enumerate(shown_orders(len(group_answers), num_orders, rng))]
 
 
 def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
@@ -475,29 +481,39 @@ def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: li
                  rng: random.Random, think: bool = True) -> SelfRefereeResult:
     """The self-referee pass (README.md, "The method"): `engine` (the policy's, or the baseline
     arm's frozen referee) judges answers[g] to conversations[g] in the verdicts `listwise_jobs`
-    asks for; position p of a valid ranking of n shown answers scores (n - 1 - p) / (n - 1),
-    averaged into each answer's reward (reward.self_rewards); a group with no valid ranking is
-    dropped. E.g. orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]: with an even
-    num_orders, a referee that ranks by shown position alone gives every answer the same reward,
-    so position bias earns the player nothing (M independent shuffles would pay it noise)."""
-    if num_orders < 1 or len(conversations) != len(answers):
-        raise ValueError(f"need num_orders >= 1 and one conversation per group of answers; got "
-                         f"{num_orders}, {len(conversations)} and {len(answers)}")
+    asks for, each sampled at `temperature` within `max_new_tokens` (the referee's own settings,
+    as when it is trained). Rewards come from complete balanced sets only
+    (reward.balanced_self_rewards): an order and its reverse, both valid; in a ranking of n
+    answers position p scores (n - 1 - p) / (n - 1), averaged per answer. A valid verdict whose
+    partner failed (did not parse, was cut by the budget, or did not fit the context) is left
+    out and counted in `unbalanced`: alone it would pay shown position. A group with no complete
+    set is dropped. E.g. orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]; the
+    same with the second verdict invalid gives None, not [0.0, 1.0]. ValueError on an odd
+    num_orders."""
+    if len(conversations) != len(answers):
+        raise ValueError(f"need one conversation per group of answers; got {len(conversations)} "
+                         f"and {len(answers)}")
     jobs = listwise_jobs(answers, num_orders, rng)
-    verdicts = referee(engine, tokenizer, [conversations[g] for g, _ in jobs],
-                       [[answers[g][i] for i in shown] for g, shown in jobs],
-                       [list(range(len(shown))) for _, shown in jobs], temperature,
+    verdicts = referee(engine, tokenizer, [conversations[g] for g, _, _ in jobs],
+                       [[answers[g][i] for i in shown] for g, shown, _ in jobs],
+                       [list(range(len(shown))) for _, shown, _ in jobs], temperature,
                        max_new_tokens, think)
-    kept = []
-    for (group, shown), verdict in zip(jobs, verdicts):
+    kept, sets = [], [defaultdict(list) for _ in answers]  # per group: set -> its rankings
+    for (group, shown, unit), verdict in zip(jobs, verdicts):
+        ranking = None
         if verdict is not None:  # shown positions -> the group's answer indices
             verdict.group, verdict.order = group, shown
-            verdict.ranking = to_original(verdict.ranking, shown)
+            verdict.ranking = ranking = to_original(verdict.ranking, shown)
             kept.append(verdict)
-    rewards = [self_rewards([v.ranking for v in kept if v.group == group], len(group_answers))
-               for group, group_answers in enumerate(answers)]
+        sets[group][unit].append(ranking)  # a verdict that did not fit fails its set
+    rewards, unbalanced = [], 0
+    for group, group_answers in enumerate(answers):
+        group_rewards, left_out = balanced_self_rewards(list(sets[group].values()),
+                                                        len(group_answers))
+        rewards.append(group_rewards)
+        unbalanced += left_out
     return SelfRefereeResult(rewards, sum(r is None for r in rewards), kept,
-                             len(verdicts) - len(kept))
+                             len(verdicts) - len(kept), unbalanced)
 
 
 # --- The vLLM engine and the log-prob gap guard ----------------------------------------------

@@ -10,6 +10,7 @@ Tiny random models are built in the tests; multi-process tests run this file as 
 
 import glob
 import gzip
+import itertools
 import json
 import math
 import os
@@ -139,6 +140,23 @@ def test_self_rewards():
     assert reward.self_rewards([[1, 0]], 2) == [0.0, 1.0]
     assert reward.self_rewards([None, None], 2) is None
     assert reward.self_rewards([], 2) is None
+
+
+def test_balanced_self_rewards_count_complete_sets_only():
+    # Two sets of a 3-answer group: set 0 complete ([0,1,2] and its reverse's verdict [0,2,1]),
+    # set 1 with one failed verdict: its valid [2,1,0] is left out (it alone pays position).
+    # Set 0's scores: answer 0: (1 + 1) / 2, answer 1: (1/2 + 0) / 2, answer 2: (0 + 1/2) / 2.
+    assert reward.balanced_self_rewards([[[0, 1, 2], [0, 2, 1]], [[2, 1, 0], None]], 3) == (
+        [1.0, 0.25, 0.25], 1)
+    assert reward.balanced_self_rewards([[[1, 0], None], [None, [0, 1]]], 2) == (None, 2)
+    assert reward.balanced_self_rewards([[None, None]], 2) == (None, 0)
+    # the issue's reproduction: "[1] > [2] > [3] > [4]" for the order [0, 1, 2, 3], the reversed
+    # order's verdict invalid: before, rewards [1, 2/3, 1/3, 0] by shown position; now dropped
+    assert reward.balanced_self_rewards([[[0, 1, 2, 3], None]], 4) == (None, 1)
+    # exact: a position-blind set gives every answer exactly 0.5 (no rounding left for the std)
+    rewards, _ = reward.balanced_self_rewards([[[0, 1, 2, 3], [3, 2, 1, 0]],
+                                               [[2, 3, 0, 1], [1, 0, 3, 2]]], 4)
+    assert rewards == [0.5] * 4
 
 
 def test_consistency_rewards_pay_aligned_verdicts_that_name_the_same_candidate():
@@ -531,15 +549,19 @@ def test_group_advantages_zero_for_equal_rewards_and_groups_of_one():
         grpo.group_advantages(torch.zeros(6), 4)
 
 
-def test_presentation_advantages_add_the_advantage_within_each_order():
+def test_presentation_advantages_add_the_advantage_within_each_order_rescaled():
     # G = 4 over 2 presentations: rewards [1, 1 | 1, 0]. Whole group: mean 0.75, Bessel std 0.5
-    # -> [0.5, 0.5, 0.5, -1.5]. Within: [1, 1] all equal -> 0; [1, 0] -> +-0.70711.
+    # -> [0.5, 0.5, 0.5, -1.5] (norm sqrt(3)). Within: [1, 1] all equal -> 0; [1, 0] -> +-0.70711.
+    # Sum [0.5, 0.5, 1.20711, -2.20711] (norm 2.61313), rescaled to norm sqrt(3): x 0.66284.
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    assert torch.allclose(grpo.presentation_advantages(rewards, 2),
-                          torch.tensor([0.5, 0.5, 1.20711, -2.20711]), atol=1e-4)
-    # Dr. GRPO: [0.25, 0.25, 0.25, -0.75] + [0, 0, 0.5, -0.5]
+    scaled = grpo.presentation_advantages(rewards, 2)
+    assert torch.allclose(scaled, torch.tensor([0.33142, 0.33142, 0.80012, -1.46296]), atol=1e-4)
+    # the same size as the plain group advantage: the referee's gradient scale is unchanged
+    assert torch.linalg.vector_norm(scaled) == pytest.approx(3 ** 0.5, abs=1e-5)
+    # Dr. GRPO: [0.25, 0.25, 0.25, -0.75] (norm sqrt(0.75)) + [0, 0, 0.5, -0.5]
+    # = [0.25, 0.25, 0.75, -1.25] (norm 1.5), x sqrt(0.75) / 1.5 = 0.57735
     assert torch.allclose(grpo.presentation_advantages(rewards, 2, scale=False),
-                          torch.tensor([0.25, 0.25, 0.75, -1.25]))
+                          torch.tensor([0.14434, 0.14434, 0.43301, -0.72169]), atol=1e-4)
     # all equal: exactly 0; one presentation: the plain group advantage
     assert torch.equal(grpo.presentation_advantages(torch.full((4,), 0.3), 2), torch.zeros(4))
     assert torch.equal(grpo.presentation_advantages(rewards, 1), grpo.group_advantages(rewards, 4))
@@ -989,11 +1011,15 @@ def test_referee_prompt_shows_candidates_in_order():
             "### Candidate [3]\nfive") in text
     assert "<think>" in text and "[1], [2], [3]" in text
     example = text[text.rindex("<answer>"):]
-    assert example == "<answer>[3] > [2] > [1]</answer>"
-    # the format example is one the reward parser accepts, for any K
-    for k in (2, 3, 4):
+    assert example == "<answer>[A] > [B] > [C]</answer>"
+    # the format example names no concrete ranking: letters, never a label, and it does not
+    # parse, whatever K and the shown order (an example of labels was copied by the referee)
+    for k in (2, 3, 4, 30):
         shown = data.referee_prompt(messages, [str(i) for i in range(k)], list(range(k)))
-        assert parse_ranking(shown[0]["content"], k) == list(range(k - 1, -1, -1))
+        content = shown[0]["content"]
+        example = content[content.rindex("<answer>"):]
+        assert not re.search(r"\d", example) and parse_ranking(content, k) is None
+        assert example.count(" > ") == k - 1 and ("[AD]" in example) == (k == 30)
     for order in ([0, 0, 1], [0, 1], [1, 2, 3]):
         with pytest.raises(ValueError, match="permutation"):
             data.referee_prompt(messages, ["a", "b", "c"], order)
@@ -1025,8 +1051,9 @@ def test_referee_prompt_without_thinking_asks_for_the_ranking_alone():
     text = data.referee_prompt(messages, ["four", "five"], [1, 0], think=False)[0]["content"]
     assert ("<think>" not in text
             and "Write the full ranking, best first, inside <answer></answer>" in text)
-    assert text.endswith("For 2 candidates the format looks like this (the order here is only an "
-                         "example):\n<answer>[2] > [1]</answer>")
+    assert text.endswith("The format for 2 candidates, each letter standing for the label you put "
+                         "in its place, the best candidate's first (write the labels, not the "
+                         "letters):\n<answer>[A] > [B]</answer>")
     assert reward.format_verdict([2, 0, 1]) == "<answer>[3] > [1] > [2]</answer>"
     assert (reward.format_verdict([1, 0], "short")
             == "<think>short</think>\n<answer>[2] > [1]</answer>")
@@ -1858,11 +1885,12 @@ def test_self_referee_rewards_and_bookkeeping():
                           rng=random.Random(0))
     assert result.rewards[0] == [1.0, 0.5, 0.0]
     assert result.rewards[1] is None
-    assert result.rewards[2] == [0.0, 1.0]  # one valid ranking of two: it alone counts
+    assert result.rewards[2] is None  # one valid ranking of two: alone it pays position, dropped
+    assert result.unbalanced == 1  # ... and counted
     biased_orders = [call.order for call in result.verdicts if call.group == 3]
     assert sorted(biased_orders) == [[0, 1], [1, 0]]  # an order and its reverse
     assert result.rewards[3] == [0.5, 0.5]  # "the first shown is best" earns nothing
-    assert result.dropped == 1
+    assert result.dropped == 2
     assert [call.group for call in result.verdicts] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert ([call.ranking for call in result.verdicts[:6]]
             == [[0, 1, 2], [0, 1, 2], None, None, [1, 0], None])
@@ -1897,8 +1925,9 @@ def test_self_referee_orders_give_a_position_biased_referee_nothing_to_reward(k,
 def tournament_jobs(answers, num_orders, rng):
     """README's worked example: a pairwise tournament, every pair of a group's answers judged
     in both orders (num_orders and rng unused)."""
-    return [(group, shown) for group, group_answers in enumerate(answers)
-            for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))
+    pairs = [(group, i, j) for group, group_answers in enumerate(answers)
+             for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))]
+    return [(group, shown, unit) for unit, (group, i, j) in enumerate(pairs)
             for shown in ([i, j], [j, i])]
 
 
@@ -1924,6 +1953,71 @@ def test_any_self_reward_protocol_pays_content_and_not_position(monkeypatch, pro
                 assert rewards == pytest.approx([0.5] * 3)
             else:
                 assert rewards[0] > rewards[1] > rewards[2]
+
+
+class PatternReferee:
+    """A scripted referee over answers "answer-0" .. "answer-{k-1}" (lower index = better
+    content): verdict j of the call is invalid where `failed[j]`; else `kind` decides: "first" and
+    "last" rank by shown position alone (content-blind), "oracle" by content."""
+    context_len = 10**6
+
+    def __init__(self, tokenizer, kind, failed):
+        self.tokenizer, self.kind, self.failed = tokenizer, kind, failed
+
+    def generate(self, prompt_ids, n, temperature, max_new_tokens):
+        out = []
+        for j, ids in enumerate(prompt_ids):
+            text = self.tokenizer.decode(ids)
+            shown = sorted(re.findall(r"answer-\d", text), key=text.index)
+            labels = {"first": list(range(len(shown))),
+                      "last": list(range(len(shown)))[::-1],
+                      "oracle": sorted(range(len(shown)), key=lambda p: shown[p])}[self.kind]
+            verdict = reward.format_verdict(labels)
+            out.append([Completion([1], "no verdict" if self.failed[j] else verdict, "eos", None)])
+        return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("orders", [2, 4])
+def test_self_reward_pays_content_not_position_under_every_pattern_of_failed_verdicts(k, orders):
+    # Exhaustive over which of the group's M verdicts fail: a content-blind referee (first- or
+    # last-shown best: for k = 2 every position-only verdict there is) earns exactly zero
+    # advantages on every kept group; an oracle's ranking is paid; a group is kept exactly when
+    # some order and its reverse both parse, and every valid verdict outside such a set is counted.
+    tokenizer = tiny_tokenizer()
+    answers = [f"answer-{i}" for i in range(k)]
+    for failed in itertools.product([False, True], repeat=orders):
+        complete = [not (failed[2 * s] or failed[2 * s + 1]) for s in range(orders // 2)]
+        lone = sum(not failed[2 * s + t] for s in range(orders // 2) for t in (0, 1)
+                   if not complete[s])
+        for kind in ("first", "last", "oracle"):
+            result = self_referee(PatternReferee(tokenizer, kind, failed), tokenizer,
+                                  [[{"role": "user", "content": "q"}]], [answers],
+                                  num_orders=orders, temperature=1.0, max_new_tokens=8,
+                                  rng=random.Random(sum(failed) + k))
+            (rewards,) = result.rewards
+            assert (rewards is not None) == any(complete), (failed, kind, rewards)
+            assert result.unbalanced == lone and result.dropped == (not any(complete))
+            if rewards is None:
+                continue
+            advantages = grpo.group_advantages(torch.tensor(rewards), k)
+            if kind == "oracle":  # each answer's rank score: best 1, worst 0, linear between
+                assert rewards == [(k - 1 - i) / (k - 1) for i in range(k)]
+                assert advantages[0] > 0 > advantages[-1]
+            else:
+                assert rewards == [0.5] * k and torch.equal(advantages, torch.zeros(k))
+
+
+def test_an_odd_number_of_orders_is_refused():
+    tokenizer = tiny_tokenizer()
+    for orders in (1, 3):
+        with pytest.raises(ValueError, match="even number of orders"):
+            self_referee(PatternReferee(tokenizer, "first", [False] * orders), tokenizer,
+                         [[{"role": "user", "content": "q"}]], [["answer-0", "answer-1"]],
+                         num_orders=orders, temperature=1.0, max_new_tokens=8,
+                         rng=random.Random(0))
+        with pytest.raises(SystemExit, match=f"--referee_orders {orders}: use an even number"):
+            train.parse_config(["--referee_orders", str(orders)])
 
 
 class CountingEngine:
@@ -1971,10 +2065,10 @@ def test_self_referee_with_a_real_engine(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
     engine = HFEngine(tiny_dir, tokenizer)
     result = self_referee(engine, tokenizer, [[{"role": "user", "content": "hi"}]],
-                          [["a", "b", "c"]], num_orders=3, temperature=1.0, max_new_tokens=4,
+                          [["a", "b", "c"]], num_orders=2, temperature=1.0, max_new_tokens=4,
                           rng=random.Random(0))
     # random text never parses
-    assert len(result.verdicts) == 3 and result.rewards == [None] and result.dropped == 1
+    assert len(result.verdicts) == 2 and result.rewards == [None] and result.dropped == 1
     assert (result.skipped_long == 0
             and engine.context_len == 4096)  # the model's max_position_embeddings
     # A referee prompt that does not fit in the context with its budget is not run, but counted.
@@ -2136,6 +2230,85 @@ def test_one_urpo_step_bookkeeping(process_group, tiny_dir):
     assert tally.reduce()["count/dropped_groups/open"] == 2.0
 
 
+class RecordingEngine:
+    """An engine that records each call's settings and answers with fixed token ids."""
+    context_len = 10**6
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompt_ids, n, temperature, max_new_tokens):
+        texts = [self.tokenizer.decode(ids) for ids in prompt_ids]
+        self.calls.append(dict(referee=["impartial judge" in t for t in texts], n=n,
+                               temperature=temperature, max_new_tokens=max_new_tokens))
+        return [[Completion([5 + j, 6], f"text {j}", "eos", None) for j in range(n)]
+                for _ in prompt_ids]
+
+
+def test_each_role_samples_and_is_scored_at_its_own_budget_and_temperature(
+        process_group, tiny_dir, monkeypatch):
+    # One step's engine calls: player answers at --temperature / --max_new_tokens, every referee
+    # verdict, trained (preference groups) or used (the self-referee pass), at
+    # --referee_temperature / --referee_max_new_tokens; the trainer takes each sample's
+    # log-probs at the temperature it was drawn at, micro-batch by micro-batch.
+    cfg = tiny_cfg(group_size=4, temperature=0.7, max_new_tokens=9, referee_temperature=1.3,
+                   referee_max_new_tokens=5, referee_group_orders=2, max_prompt_tokens=10**5,
+                   skip_zero_advantage=False, micro_batch_tokens=10**6)
+    tokenizer = model_lib.load_tokenizer(tiny_dir)
+    engine = RecordingEngine(tokenizer)
+    batch = [data.load("gsm8k:samples/gsm8k/train.first200.jsonl", limit=1)[0], PAIR,
+             data.load("ultrafeedback_prompts:"
+                       "samples/ultrafeedback_binarized/train_prefs.first200.jsonl", limit=1)[0]]
+    tally, rng = train.Tally(), random.Random(0)
+    groups = train.build_prompts(batch, tokenizer, cfg, rng, tally)
+    train.roll_out(engine, groups, cfg)
+    train.rule_rewards(groups, cfg, tally)
+    train.self_referee_pass(groups, engine, cfg, rng, tally)
+    settings = {(all(c["referee"]), c["temperature"], c["max_new_tokens"]) for c in engine.calls}
+    assert settings == {(False, 0.7, 9), (True, 1.3, 5)}  # no call mixes the two roles
+    assert len(engine.calls) == 3  # player groups, preference groups, the self-referee pass
+    for g in groups:
+        g.rewards = [0.0, 1.0, 0.0, 1.0]
+    samples = train.advantages_and_samples(groups, cfg, tally)
+    assert ([s.temperature for s in samples]
+            == [0.7] * 4 + [1.3] * 4 + [0.7] * 4)  # verifiable, preference, open
+    scored_at = []
+    real = model_lib.batch_logprobs
+    def recording(model, mb, temperature, **kwargs):
+        scored_at.append((temperature, sorted(set(mb["advantages"].tolist()))))
+        return real(model, mb, temperature, **kwargs)
+    monkeypatch.setattr(model_lib, "batch_logprobs", recording)
+    policy = model_lib.shard_model(model_lib.load_model(tiny_dir), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    train.update(policy, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, tally)
+    assert sorted(t for t, _ in scored_at) == [0.7, 1.3]  # one micro-batch per temperature
+    with pytest.raises(ValueError, match="temperatures"):  # never mixed in one micro-batch
+        model_lib.collate([[samples[0]], [samples[4]]], 0, torch.device("cpu"), False)
+
+
+def test_held_out_pairs_that_ask_a_training_question_are_passed_over(tmp_path, capsys):
+    # hh-rlhf schema, hand-written: held-out pair 2 asks training pair 1's question (case and
+    # surrounding whitespace aside), so the held-out set is pairs 1 and 3.
+    def pair(question, good, bad):
+        return {"chosen": f"\n\nHuman: {question}\n\nAssistant: {good}",
+                "rejected": f"\n\nHuman: {question}\n\nAssistant: {bad}"}
+    held_out = tmp_path / "held_out.jsonl"
+    _write_jsonl(held_out, [pair("Where is Paris?", "In France.", "No idea."),
+                            pair("  HOW do I bake bread?", "Knead, rise, bake.", "Buy it."),
+                            pair("What is 2+2?", "4", "5")])
+    training = [{"task": "preference", "id": "t", "messages": [
+        {"role": "user", "content": "how do I bake bread?"}], "responses": ["a", "b"],
+        "ranking": [0, 1]}]
+    cfg = tiny_cfg(eval_data=f"hh_rlhf:{held_out}", eval_pairs=5)
+    sets = train.unseen_held_out_sets(cfg, {"preference": training}, lambda record: True)
+    assert [r["messages"][0]["content"] for r in sets["hh_rlhf"]] == ["Where is Paris?",
+                                                                      "What is 2+2?"]
+    assert "held-out hh_rlhf: 2 records (the first that fit; 1 passed over" in capsys.readouterr().out
+    assert data.question_key({"messages": [{"role": "system", "content": "x"},
+                                           {"role": "user", "content": " Hi\n"}]}) == "hi"
+
+
 def test_rule_rewards_score_verdicts_against_the_gold_ranking(process_group):
     # A pair whose gold best is response 0, shown in the order [1, 0]: "[2] > [1]" puts the shown
     # second (response 0) first, right; "[1] > [2]" is wrong; a tie is invalid.
@@ -2157,7 +2330,7 @@ PAIR = {"task": "preference", "id": "p", "source": "test", "answer": None, "meta
         "ranking": [0, 1]}
 
 
-@pytest.mark.parametrize("advantage", ["group", "eis"])
+@pytest.mark.parametrize("advantage", ["group", "group+order"])
 @pytest.mark.parametrize("coef", [0.0, 0.5])
 def test_a_position_biased_referee_earns_advantages_only_under_balanced_groups(
         process_group, advantage, coef):
@@ -2395,6 +2568,8 @@ def test_config_flags_presets_and_errors(capsys):
                 ["--invalid_reward", "-inf"]):
         with pytest.raises(SystemExit):
             train.parse_config(bad)
+    with pytest.raises(SystemExit, match="eis, this project's variant, is now group\\+order"):
+        train.parse_config(["--referee_advantage", "eis"])
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     help_text = capsys.readouterr().out
@@ -2786,6 +2961,30 @@ def run_worker(args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]],
                           cwd=HERE, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_the_baseline_arm_resumes_exactly_with_its_frozen_referees_sampling_state(
+        tiny_dir, tmp_path):
+    # Stopped after step 1 and resumed, a baseline-arm run logs the same step-2 rewards, losses
+    # and the frozen referee's same verdicts as a straight run: every engine's sampling state is
+    # in the checkpoint (without the referee engine's, its verdicts at step 2 differ).
+    referee = tiny_model_dir(tmp_path / "referee", seed=1)
+    args = lambda out, *extra: run_args(tiny_dir, out, "--referee_model", referee,
+                                        "--save_every", "1", "--samples_every", "1",
+                                        "--referee_max_new_tokens", "6", *extra)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert launch(args(straight, "--steps", "2"), 1).wait() == 0
+    assert launch(args(resumed, "--steps", "1"), 1).wait() == 0
+    assert launch(args(resumed, "--steps", "2", "--resume"), 1).wait() == 0
+    def step_two(out):
+        metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        (line,) = [m for m in metrics if m["step"] == 2]
+        samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+        verdicts = [v["text"] for s in samples if s["step"] == 2 for v in s.get("referee", [])]
+        return {k: v for k, v in line.items() if k.startswith(("reward/", "loss"))}, verdicts
+    (metrics_a, verdicts_a), (metrics_b, verdicts_b) = step_two(straight), step_two(resumed)
+    assert verdicts_a and verdicts_a == verdicts_b
+    assert metrics_a and metrics_a == metrics_b
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):

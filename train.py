@@ -67,7 +67,8 @@ def option(default, help: str):
 class Config:
     """Every setting of a run; each field is a flag (parse_config), its help in its metadata."""
     preset: str = option("cpu", "overrides applied before the flags: " + ", ".join(
-        ["cpu", "cpu_long", "cpu_referee", "paper", "baseline_referee", "baseline_player"]))
+        ["cpu", "cpu_long", "cpu_referee_cold", "cpu_referee", "paper", "baseline_referee",
+         "baseline_player"]))
     # model and data
     model: str = option(model_lib.DEFAULT_MODEL, "hub id or HF folder: player and referee")
     trust_remote_code: bool = option(False, "allow model code from the hub")
@@ -83,11 +84,15 @@ class Config:
     rollout: str = option("auto", "engine: vllm, hf or auto (vllm where installed)")
     prompts_per_step: int = option(3, "prompts per step, all ranks; each a group")
     group_size: int = option(4, "G: completions sampled per prompt")
-    temperature: float = option(1.0, "sampling temperature (log-probs taken at it)")
+    temperature: float = option(1.0, "the player's sampling temperature (log-probs taken at it)")
     max_prompt_tokens: int = option(384, "longer prompts are skipped and counted, never cut")
-    max_new_tokens: int = option(64, "generation budget of trained completions")
-    referee_orders: int = option(2, "M: orders per self-refereed group (balanced, reversed pairs)")
-    referee_max_new_tokens: int = option(32, "budget of a referee verdict (self-referee, eval)")
+    max_new_tokens: int = option(64, "the player's answer budget (verifiable and open prompts)")
+    referee_orders: int = option(2, "M: orders per self-refereed group, even: each order with its "
+                                 "reverse (a balanced set)")
+    referee_max_new_tokens: int = option(32, "budget of every referee verdict: trained "
+                                         "(preference), used (self-referee) and evaluated")
+    referee_temperature: float = option(1.0, "sampling temperature of trained and used verdicts "
+                                        "(held-out evaluation is greedy)")
     referee_think: bool = option(False, "verdicts open with reasoning in <think></think>")
     referee_model: str = option("", "baseline arm: a frozen referee for open groups")
     max_model_len: int = option(0, "engines' context, prompt + generation (0: the model's)")
@@ -99,8 +104,9 @@ class Config:
     # the referee's groups on preference data (README.md, "Order-balanced referee groups")
     referee_group_orders: int = option(2, "L: orders each pair is shown in, G / L samples each, "
                                        "one group (1: one random order, plain GRPO)")
-    referee_advantage: str = option("group", "group: one z-score over the G samples; eis: plus "
-                                    "a z-score within each order (J4R)")
+    referee_advantage: str = option("group", "group: one z-score over the G samples of all "
+                                    "orders (J4R's EIS-GRPO); group+order: plus a z-score within "
+                                    "each order, rescaled (ours)")
     consistency_coef: float = option(0.0, "lambda: +/- reward when aligned samples of two orders "
                                      "name the same / another candidate (PA-GRPO; 0: off)")
     invalid_reward: float = option(0.0, "reward of an unparsable verdict on preference data")
@@ -112,7 +118,7 @@ class Config:
     kl_coef: float = option(0.0, "k3 KL weight to a frozen reference (0: none loaded)")
     skip_zero_advantage: bool = option(True, "leave all-zero-advantage groups out (KL too)")
     # optimisation
-    steps: int = option(10, "training steps: one rollout batch each")
+    steps: int = option(10, "training steps: one rollout batch each (0: the cold start alone)")
     updates_per_batch: int = option(1, "mu: optimizer steps per rollout batch")
     lr: float = option(1e-5, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -167,14 +173,19 @@ PRESETS = {
     ),
     # The CPU default, run for about an hour on 2 cores: does anything move beyond the start?
     "cpu_long": dict(steps=80, eval_every=20, eval_limit=16, out_dir="runs/urpo_cpu_long"),
-    # The referee's run (~1 h on 2 CPU cores, both arms side by side): a longer cold start,
-    # preference data twice as often, EIS advantages with the consistency reward, 200 held-out
-    # pairs in both orders.
-    # Its baseline arm: the same with --referee_group_orders 1 (README, "The referee's run").
+    # The referee's arms (README, "The referee's arms"; benchmarks/arms/): first one shared cold
+    # start (`--preset cpu_referee_cold`, steps 0: 40 supervised steps, then the held-out
+    # evaluation), then each arm from its final/ with one flag changed against cpu_referee:
+    # preference data twice as often, 100 held-out pairs in both orders at the middle and end.
+    "cpu_referee_cold": dict(
+        steps=0, cold_start_steps=40, task_weights="verifiable=1,preference=2,open=1",
+        eval_after_cold_start=True, eval_limit=16, eval_pairs=100,
+        eval_data="gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/helpful-base/"
+                  "test.rows1001-1600.jsonl.gz", out_dir="runs/referee_cold"),
     "cpu_referee": dict(
-        steps=20, prompts_per_step=4, task_weights="verifiable=1,preference=2,open=1",
-        cold_start_steps=40, referee_advantage="eis", consistency_coef=0.5,
-        eval_every=10, eval_after_cold_start=True, eval_limit=16, eval_pairs=200,
+        model="runs/referee_cold/final", cold_start_steps=0, steps=12, prompts_per_step=4,
+        task_weights="verifiable=1,preference=2,open=1", eval_every=6, eval_start_end=False,
+        eval_limit=16, eval_pairs=100,
         eval_data="gsm8k:samples/gsm8k/test.first100.jsonl,hh_rlhf:samples/hh_rlhf/helpful-base/"
                   "test.rows1001-1600.jsonl.gz", out_dir="runs/urpo_cpu_referee"),
     # Baseline arm, stage 1: a separate referee trained on preference data alone.
@@ -186,6 +197,7 @@ PRESETS = {
                             out_dir="runs/baseline_player"),
 }
 RENAMED = {"--judge_max_new_tokens": "--referee_max_new_tokens"}  # old flag -> its new name
+REFEREE_ADVANTAGES = ("group", "group+order")
 
 
 
@@ -243,7 +255,30 @@ def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
     return groups
 
 
-# ---- 3. reward (2. roll out: rollout.sample_groups) ----------------------------------------------
+# ---- 2. roll out ----------------------------------------------------------------------------------
+
+def sampling(record: dict, cfg: Config) -> tuple[float, int]:
+    """(temperature, token budget) of a record's completions: the referee's for preference
+    groups, whose completions are verdicts (trained as the self-referee pass uses them), the
+    player's otherwise."""
+    if record["task"] == "preference":
+        return cfg.referee_temperature, cfg.referee_max_new_tokens
+    return cfg.temperature, cfg.max_new_tokens
+
+
+def roll_out(engine, groups: list[Group], cfg: Config) -> None:
+    """G completions per group (rollout.sample_groups): one engine call per role's sampling
+    settings, player answers at theirs, referee verdicts at the referee's."""
+    by_setting = defaultdict(list)
+    for g in groups:
+        by_setting[sampling(g.record, cfg)].append(g)
+    for (temperature, budget), same in by_setting.items():
+        for g, completions in zip(same, rollout.sample_groups(
+                engine, [g.prompts for g in same], cfg.group_size, temperature, budget)):
+            g.completions = completions
+
+
+# ---- 3. reward -----------------------------------------------------------------------------------
 
 def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
     """Rewards with a ground truth: math answers checked against the gold answer, and referee
@@ -298,18 +333,20 @@ def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
 def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: random.Random,
                       tally: Tally) -> list[rollout.Verdict]:
     """URPO's own step: the referee (the policy itself, or the baseline arm's frozen referee)
-    ranks each open group in M shuffled orders; the rankings are the answers' rewards. Returns
-    the verdicts, for metrics and the samples file."""
+    ranks each open group in M balanced orders, at the referee's temperature and budget (as its
+    verdicts on preference data are trained); the rankings of complete balanced sets are the
+    answers' rewards (rollout.self_referee). Returns the verdicts, for metrics and samples."""
     open_groups = [g for g in groups if g.record["task"] == "open"]
     if not open_groups:
         return []
     judged = rollout.self_referee(  # the referee's own tokenizer: the baseline's may differ
         referee_engine, referee_engine.tokenizer, [g.record["messages"] for g in open_groups],
         [[c.text for c in g.completions] for g in open_groups], cfg.referee_orders,
-        cfg.temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think)
+        cfg.referee_temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think)
     for g, rewards in zip(open_groups, judged.rewards):
         g.rewards = rewards
     tally.add("count/dropped_groups/open", judged.dropped)
+    tally.add("count/unbalanced_verdicts/open", judged.unbalanced)
     tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
     tops = defaultdict(list)  # the best answer of each valid verdict, per group
     for verdict in judged.verdicts:
@@ -338,11 +375,11 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
         if g.rewards is None:
             continue
         tally.add(f"reward/{task}", sum(g.rewards) / len(g.rewards))
-        if cfg.referee_advantage == "eis" and task == "preference":
+        if cfg.referee_advantage == "group+order" and task == "preference":
             adv = presentation_advantages(torch.tensor(g.rewards), len(g.prompts),
                                           scale=cfg.scale_advantages)  # [G]
         else:
-            adv = group_advantages(torch.tensor(g.rewards), cfg.group_size,
+            adv = group_advantages(torch.tensor(g.rewards), len(g.rewards),
                                    scale=cfg.scale_advantages)  # [G]
         g.advantages = adv.tolist()
         has_signal = bool(adv.abs().max() > 0)
@@ -351,11 +388,12 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
         # out (as DAPO's dynamic sampling does) also keeps it out of the token-mean's denominator.
         if not has_signal and cfg.skip_zero_advantage:
             continue
+        temperature = sampling(g.record, cfg)[0]  # log-probs at the one it was sampled at
         for i, (c, a) in enumerate(zip(g.completions, g.advantages)):
             if c.token_ids:  # the sampler's log-probs serve the IS correction of vLLM rollouts
                 sampler = c.logprobs if cfg.rollout == "vllm" else None
                 samples.append(Sample(g.prompts[g.prompt_of(i)], list(c.token_ids), a,
-                                                sampler))
+                                      sampler, temperature))
     return samples
 
 
@@ -389,16 +427,16 @@ def prepare_batch(policy, samples: list, cfg: Config, pad_id: int, device: torch
     batches = micro_batches(rows, cfg.micro_batch_tokens)
     num_tokens, num_seqs = all_reduce([sum(len(s.completion_ids) for s in samples), len(samples)])
     num_micro = int(all_reduce([len(batches)], dist.ReduceOp.MAX)[0])
-    dummy = [[Sample([pad_id], [pad_id], 0.0)]]
+    dummy = [[Sample([pad_id], [pad_id], 0.0, temperature=cfg.temperature)]]
     micro = [model_lib.collate(b, pad_id, device, cfg.share_prompt)
              for b in batches + [dummy] * (num_micro - len(batches))]
     with torch.no_grad():
         for mb in micro:
             # One update per batch: old log-probs equal the current ones, no forward needed.
-            mb["old_logprobs"] = (model_lib.batch_logprobs(policy, mb, cfg.temperature)[0]
+            mb["old_logprobs"] = (model_lib.batch_logprobs(policy, mb, mb["temperature"])[0]
                                   if cfg.updates_per_batch > 1 else None)
             mb["reference_logprobs"] = (
-                model_lib.batch_logprobs(kl_reference, mb, cfg.temperature)[0]
+                model_lib.batch_logprobs(kl_reference, mb, mb["temperature"])[0]
                 if kl_reference is not None else None)
     weights = [1.0] * len(batches) + [0.0] * (num_micro - len(batches))
     return dict(micro=micro, weights=weights, num_tokens=num_tokens, num_seqs=num_seqs)
@@ -417,7 +455,8 @@ def backward(policy, batch: dict, cfg: Config, tally: Tally, first: bool = True)
     local_loss = 0.0
     for mb, weight in zip(batch["micro"], batch["weights"]):
         # [S, C]: column j of row s is token j of completion s (model.collate), either layout
-        logp, entropy = model_lib.batch_logprobs(policy, mb, cfg.temperature,
+        # at the temperature the micro-batch's samples were drawn at (player's or referee's)
+        logp, entropy = model_lib.batch_logprobs(policy, mb, mb["temperature"],
                                                  with_entropy=first)  # [S, C]
         old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()  # [S, C]
         is_weights = None
@@ -519,21 +558,21 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
     output formats; a small model that never writes a valid verdict or a box gives GRPO nothing
     to compare. Each step is `update` with advantage 1 and ratio 1 under token-mean aggregation,
     whatever the run's --loss_agg: the gradient of the token-mean NLL; its own AdamW at
-    --cold_start_lr, dropped afterwards. Examples over --max_prompt_tokens or --max_new_tokens
-    are left out; the KL reference stays the model as loaded. Returns the step-0 metrics (NLL of
-    the first and last step, time)."""
+    --cold_start_lr, dropped afterwards. Examples over --max_prompt_tokens or their role's
+    budget (--max_new_tokens; a verdict --referee_max_new_tokens) are left out; the KL reference
+    stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step, time)."""
     started = time.perf_counter()
 
     def sample(example) -> Sample:
         prompt_ids = model_lib.chat_ids(tokenizer, example[0])
         target_ids = (tokenizer(example[1], add_special_tokens=False)["input_ids"]
                       + [tokenizer.eos_token_id])
-        return Sample(prompt_ids, target_ids, advantage=1.0)
+        return Sample(prompt_ids, target_ids, advantage=1.0, temperature=cfg.temperature)
 
-    def fits(example) -> bool:
+    def fits(example, role: str) -> bool:  # a verdict within the referee's budget, as in GRPO
         s = sample(example)
-        return (len(s.prompt_ids) <= cfg.max_prompt_tokens
-                and len(s.completion_ids) <= cfg.max_new_tokens)
+        budget = cfg.referee_max_new_tokens if role == "referee" else cfg.max_new_tokens
+        return len(s.prompt_ids) <= cfg.max_prompt_tokens and len(s.completion_ids) <= budget
     examples, sizes = data.cold_start_examples(
         sources, cfg.cold_start_steps * cfg.cold_start_batch, cfg.group_size,
         cfg.cold_start_group_every, cfg.referee_group_orders, fits,
@@ -611,7 +650,8 @@ def main(argv=None) -> int:
     # The vLLM guard scores one prompt of each source with engine and trainer after every sync.
     guard_ids = [render_prompt(records[0], tokenizer)[:128] for records in sources.values()
                  ] if cfg.rollout == "vllm" else []
-    step, bad_steps = resume(cfg, checkpoint, policy, optimizer, scheduler, mixture, engine,
+    engines = {"engine": engine, "referee_engine": referee_engine}  # each RNG checkpointed
+    step, bad_steps = resume(cfg, checkpoint, policy, optimizer, scheduler, mixture, engines,
                              engine_is_policy)
     log = RunLog(cfg, step, tokenizer)
 
@@ -633,12 +673,9 @@ def main(argv=None) -> int:
         # ---- 1. sample: this rank's prompts of the step, mixed by task weight ------------------
         groups = build_prompts(mixture.next_batch(), tokenizer, cfg, rng, tally)
 
-        # ---- 2. roll out: G completions per group, player and referee prompts alike ------------
+        # ---- 2. roll out: G completions per group, answers and verdicts each at their settings --
         with timed(seconds, "rollout"):
-            for g, completions in zip(groups, rollout.sample_groups(
-                    engine, [g.prompts for g in groups], cfg.group_size, cfg.temperature,
-                    cfg.max_new_tokens)):
-                g.completions = completions
+            roll_out(engine, groups, cfg)
 
         # ---- 3. reward: answers checked against gold answers, verdicts against gold rankings ----
         with timed(seconds, "reward"):
@@ -692,13 +729,13 @@ def main(argv=None) -> int:
         # ---- 10. checkpoint ----------------------------------------------------------------------
         stopping = stop.agreed()
         if stopping or (cfg.save_every and step % cfg.save_every == 0):
-            saved = save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
+            saved = save(cfg, step, policy, optimizer, scheduler, mixture, engines, bad_steps)
             print0(f"saved {saved}")
         if stopping:
             print0("stopped by signal after a clean save; continue with --resume")
             return 0
     if cfg.save_every and step % cfg.save_every:
-        save(cfg, step, policy, optimizer, scheduler, mixture, engine, bad_steps)
+        save(cfg, step, policy, optimizer, scheduler, mixture, engines, bad_steps)
     log.close()
     finish(cfg, policy, tokenizer, compute_dtype, log.metrics_path)
     dist.barrier()
@@ -767,15 +804,16 @@ def config_problems(cfg: Config) -> list[str]:
     need(cfg.loss_agg in AGGREGATIONS, "loss_agg", cfg.loss_agg, f"use one of {AGGREGATIONS}")
     need(cfg.rollout in ("hf", "vllm"), "rollout", cfg.rollout, "use vllm, hf or auto")
     need(cfg.group_size >= 2, "group_size", cfg.group_size, "GRPO needs 2 or more samples")
-    at_least(1, "prompts_per_step", "referee_orders", "steps", "updates_per_batch",
+    at_least(1, "prompts_per_step", "referee_orders", "updates_per_batch",
              "cold_start_batch", "max_prompt_tokens", "max_new_tokens", "referee_max_new_tokens",
              "eval_max_new_tokens", "eval_limit", "eval_pairs", "micro_batch_tokens",
              "keep_checkpoints", "max_bad_steps", "dist_timeout_min")
     at_least(0, "cold_start_steps", "cold_start_group_every", "warmup_steps", meaning=" (off)")
+    at_least(0, "steps", meaning=" (0: the cold start alone, exported to final/)")
     at_least(0, "data_limit", "max_model_len", meaning=" (none)")
     at_least(0, "samples_every", "save_every", "eval_every", meaning=" (never)")
-    positive("temperature", fix="use > 0 (log-probabilities are taken at the sampling "
-             "temperature)")
+    positive("temperature", "referee_temperature", fix="use > 0 (log-probabilities are taken "
+             "at the sampling temperature)")
     positive("lr", "cold_start_lr", fix="use a rate > 0")
     positive("max_grad_norm", "is_cap", "logprob_gap_max")
     finite("clip_low", "clip_high", "kl_coef", "weight_decay")
@@ -786,8 +824,12 @@ def config_problems(cfg: Config) -> list[str]:
                                             or cfg.group_size % cfg.referee_group_orders == 0),
          "referee_group_orders", cfg.referee_group_orders,
          f"use a divisor of --group_size {cfg.group_size} (its samples split evenly)")
-    need(cfg.referee_advantage in ("group", "eis"), "referee_advantage", cfg.referee_advantage,
-         "use group or eis")
+    need(cfg.referee_advantage in REFEREE_ADVANTAGES, "referee_advantage",
+         cfg.referee_advantage, "use " + " or ".join(REFEREE_ADVANTAGES) + (
+             " (eis, this project's variant, is now group+order; J4R's EIS-GRPO pools all "
+             "orders in one z-score: group)" if cfg.referee_advantage == "eis" else ""))
+    need(cfg.referee_orders % 2 == 0, "referee_orders", cfg.referee_orders,
+         "use an even number: each order is judged with its reverse, so shown position cancels")
     for flag in ("consistency_coef", "invalid_reward"):
         need(math.isfinite(getattr(cfg, flag)), flag, getattr(cfg, flag), "use a finite number")
     need(not (cfg.resume and cfg.overwrite), "overwrite", cfg.overwrite,
@@ -938,14 +980,34 @@ def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
         raise SystemExit(f"train.py: {error}") from None
     eval_sets = {}
     if cfg.eval_every or cfg.eval_start_end:
+        eval_sets = unseen_held_out_sets(cfg, sources, fits)
+    return paths, tokenizers, sources, eval_sets
+
+
+def unseen_held_out_sets(cfg: Config, sources: dict, fits) -> dict[str, list[dict]]:
+    """--eval_data's held-out sets (eval.held_out_sets), unseen even by question: a held-out pair
+    whose first user turn (data.question_key) a training pair asks too is passed over, and the
+    log says how many were (hh-rlhf repeats questions across its rows: 35 of the 595 pairs of
+    rows 1,001-1,600 share one with rows 101-1,000). SystemExit on a bad file."""
+    asked = {data.question_key(r) for r in sources.get("preference", [])}
+    sets = {}
+    for spec in filter(None, cfg.eval_data.split(",")):
+        seen = []
+        def unseen(record: dict) -> bool:
+            if record["task"] == "preference" and data.question_key(record) in asked:
+                seen.append(record["id"])
+                return False
+            return fits(record)
         try:
-            eval_sets = evaluation.held_out_sets(cfg.eval_data, cfg.eval_limit, fits,
-                                                 pairs=cfg.eval_pairs)
+            held_out = evaluation.held_out_sets(spec, cfg.eval_limit, unseen, pairs=cfg.eval_pairs)
         except data.DataError as error:
             raise SystemExit(f"train.py: --eval_data: {error}") from None
-        for name, records in eval_sets.items():
-            print0(f"held-out {name}: {len(records)} records (the first that fit)")
-    return paths, tokenizers, sources, eval_sets
+        for name, records in held_out.items():
+            passed = (f"; {len(seen)} passed over: a training pair asks their question"
+                      if seen else "")
+            print0(f"held-out {name}: {len(records)} records (the first that fit{passed})")
+        sets |= held_out
+    return sets
 
 
 def build_models(cfg: Config, device: torch.device, paths: dict, tokenizers: dict) -> tuple:
@@ -966,9 +1028,11 @@ def build_models(cfg: Config, device: torch.device, paths: dict, tokenizers: dic
         torch.backends.cuda.matmul.allow_tf32 = True
     engine = rollout.make_engine(cfg.rollout, model_path, tokenizer, compute_dtype, device,
                                  cfg.seed + rank, **engine_options(cfg, "policy"))
-    if cfg.max_prompt_tokens + cfg.max_new_tokens > engine.context_len:
+    budget = max(("max_new_tokens", cfg.max_new_tokens),
+                 ("referee_max_new_tokens", cfg.referee_max_new_tokens), key=lambda f: f[1])
+    if cfg.max_prompt_tokens + budget[1] > engine.context_len:
         raise SystemExit(f"train.py: --max_prompt_tokens {cfg.max_prompt_tokens} + "
-                         f"--max_new_tokens {cfg.max_new_tokens} exceed the rollout engine's "
+                         f"--{budget[0]} {budget[1]} exceed the rollout engine's "
                          f"context of {engine.context_len} tokens: lower them (or raise "
                          "--max_model_len, up to what the model supports)")
     # At world size 1 with an fp32 engine the HF engine samples from the policy's own
@@ -1003,7 +1067,7 @@ def engine_options(cfg: Config, role: str) -> dict:
     return options | dict(gpu_memory_utilization=cfg.referee_vllm_memory, enable_sleep=False)
 
 
-def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engine,
+def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engines: dict,
            engine_is_policy: bool) -> tuple:
     """With --resume, restore checkpoint `path` (check_out_dir chose it: the newest intact one)
     and sync the engine; returns (step, bad_steps), (0, 0) for a fresh run. Metrics lines of
@@ -1011,8 +1075,8 @@ def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engine
     if not path:  # a fresh run (check_out_dir said so when --resume found no checkpoint)
         return 0, 0
     trainer = model_lib.load_checkpoint(path, policy, optimizer)
-    step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engine)
-    sync(engine, policy, engine_is_policy)
+    step, bad_steps = restore_trainer_state(trainer, scheduler, mixture, engines)
+    sync(engines["engine"], policy, engine_is_policy)
     newest = "" if path == model_lib.checkpoint_dirs(cfg.out_dir)[-1] else ", the newest intact one"
     print0(f"resumed from {path} at step {step}{newest}")
     if dist.get_rank() == 0:
@@ -1020,29 +1084,34 @@ def resume(cfg: Config, path: str, policy, optimizer, scheduler, mixture, engine
     return step, bad_steps
 
 
-def save(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engine,
+def save(cfg: Config, step: int, policy, optimizer, scheduler, mixture, engines: dict,
          bad_steps: int) -> str:
     """model.save_checkpoint with this rank's trainer state (collective); returns the folder."""
     return model_lib.save_checkpoint(
         cfg.out_dir, step, policy, optimizer,
-        trainer_state(step, scheduler, mixture, engine, bad_steps), cfg.keep_checkpoints)
+        trainer_state(step, scheduler, mixture, engines, bad_steps), cfg.keep_checkpoints)
 
 
-def trainer_state(step: int, scheduler, mixture, engine, bad_steps: int) -> dict:
-    """This rank's state beside the model and optimizer: a resume replays the run exactly."""
+def trainer_state(step: int, scheduler, mixture, engines: dict, bad_steps: int) -> dict:
+    """This rank's state beside the model and optimizer: a resume replays the run exactly. Every
+    engine's sampling state is in it: the policy's ("engine") and the baseline arm's frozen
+    referee's ("referee_engine"; the policy's own engine in URPO, then saved once)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "engine": engine.rng.getstate(),
+           **{name: e.rng.getstate() for name, e in engines.items()
+              if name == "engine" or e is not engines["engine"]},
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     return {"step": step, "rng": rng, "mixture": mixture.state_dict(),
             "scheduler": scheduler.state_dict(), "bad_steps": bad_steps,
             "world_size": dist.get_world_size()}
 
 
-def restore_trainer_state(trainer: dict, scheduler, mixture, engine) -> tuple[int, int]:
+def restore_trainer_state(trainer: dict, scheduler, mixture, engines: dict) -> tuple[int, int]:
     """trainer_state's inverse; returns (step, bad_steps)."""
     torch.set_rng_state(trainer["rng"]["torch"])
     random.setstate(trainer["rng"]["python"])
-    engine.rng.setstate(trainer["rng"]["engine"])
+    for name, e in engines.items():
+        if name in trainer["rng"]:
+            e.rng.setstate(trainer["rng"][name])
     if trainer["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(trainer["rng"]["cuda"])
     mixture.load_state_dict(trainer["mixture"])
