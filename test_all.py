@@ -2361,6 +2361,32 @@ def test_a_position_biased_referee_earns_advantages_only_under_balanced_groups(
                 assert min(biased) < 0 < max(biased) and sum(biased) == pytest.approx(0, abs=1e-5)
 
 
+@pytest.mark.parametrize("advantage, scale, expected", [
+    # rewards [1, 1 | 1, 0] over two orders, hand-computed (test_presentation_advantages_...)
+    ("group", True, [0.5, 0.5, 0.5, -1.5]),
+    ("group", False, [0.25, 0.25, 0.25, -0.75]),
+    ("group+order", True, [0.33142, 0.33142, 0.80012, -1.46296]),
+    ("group+order", False, [0.14434, 0.14434, 0.43301, -0.72169])])
+def test_the_training_path_gives_each_advantage_setting_its_hand_computed_values(
+        process_group, advantage, scale, expected):
+    # what train.advantages_and_samples hands the loss, per --referee_advantage and
+    # --scale_advantages: a setting lost on the way (the std scaling, say) fails here
+    cfg = tiny_cfg(group_size=4, referee_group_orders=2, referee_advantage=advantage,
+                   scale_advantages=scale, skip_zero_advantage=False)
+    group = train.Group(PAIR, [[1], [2]], orders=[[0, 1], [1, 0]],
+                        completions=[Completion([3], "x", "eos", None)] * 4,
+                        rewards=[1.0, 1.0, 1.0, 0.0])
+    samples = train.advantages_and_samples([group], cfg, train.Tally())
+    assert [s.advantage for s in samples] == pytest.approx(expected, abs=1e-4)
+    assert [s.prompt_ids for s in samples] == [[1], [1], [2], [2]]  # each its own order's prompt
+    player = train.Group({"task": "verifiable", "id": "v"}, [[1]],
+                         completions=[Completion([3], "x", "eos", None)] * 4,
+                         rewards=[1.0, 1.0, 1.0, 0.0])
+    samples = train.advantages_and_samples([player], cfg, train.Tally())
+    assert [s.advantage for s in samples] == pytest.approx(
+        [0.5, 0.5, 0.5, -1.5] if scale else [0.25, 0.25, 0.25, -0.75], abs=1e-4)
+
+
 SYNTHETIC_VERDICTS = ["<answer>[1] > [2]</answer>", "<answer>[2] > [1]</answer>"]
 
 

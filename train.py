@@ -368,6 +368,7 @@ def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> li
     samples = []
     for g in groups:
         task = g.record["task"]
+        tally.add(f"count/groups/{task}", 1)
         lengths = [len(c.token_ids) for c in g.completions]
         tally.add(f"completion_len/{task}", sum(lengths) / len(lengths), len(lengths))
         cut = sum(c.finish_reason == "length" for c in g.completions) / len(lengths)
