@@ -510,10 +510,12 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
 def held_out_sets(specs: str, limit: int, fits, pairs: int | None = None) -> dict[str, list[dict]]:
     """train.py's held-out sets: per comma-separated data.py spec, keyed by its registry key, the
     first `limit` records for which `fits(record)`, the first `pairs` of a preference set (None:
-    `limit`). Raises data.DataError on a bad file."""
+    `limit`); a benchmark eval.py knows is read in its test split (hub "gsm8k": test, not the
+    natural train). Raises data.DataError on a bad file."""
     sets = {}
-    for spec in filter(None, specs.split(",")):
-        records, _ = load_with_counts(spec)
+    for spec in filter(None, specs.split(",")):  # a benchmark's own split: GSM8K's is test
+        key = spec.partition(":")[0]
+        records, _ = load_with_counts(spec, split=BENCHMARKS[key][2] if key in BENCHMARKS else None)
         preference = bool(records) and records[0]["task"] == "preference"
         count = pairs if preference and pairs is not None else limit
         sets[spec.split(":")[0]] = [record for record in records if fits(record)][:count]

@@ -3544,6 +3544,24 @@ def test_a_torn_items_line_is_dropped_and_redone(tmp_path):
     assert [item["id"] for item in items] == ["a", "b", "c"]
 
 
+def test_paper_preset_holds_out_full_test_sets_from_the_hub(monkeypatch):
+    cfg = train.parse_config(["--preset", "paper"])
+    read = []
+    def fake_load(spec, split=None, limit=None):  # the hub, as 3000 records of the spec's kind
+        read.append((spec, split))
+        task = "preference" if spec == "rewardbench" else "verifiable"
+        return [{"id": str(i), "task": task} for i in range(3000)], {}
+    monkeypatch.setattr(evaluation, "load_with_counts", fake_load)
+    sets = evaluation.held_out_sets(cfg.eval_data, cfg.eval_limit, lambda record: True,
+                                    pairs=cfg.eval_pairs)
+    # GSM8K's test split (its natural one is train), not the bundled 100-row sample; enough
+    # pairs to tell the paper's 1.6-point RewardBench gap from noise better than 8 pairs could
+    assert read == [("gsm8k", "test"), ("math500", None), ("rewardbench", None)]
+    assert {name: len(records) for name, records in sets.items()} == {
+        "gsm8k": 1319, "math500": 1319, "rewardbench": 2985}
+    assert cfg.eval_pairs >= 200 and "samples/" not in cfg.eval_data
+
+
 def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     from data import load
     from model import load_tokenizer
