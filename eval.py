@@ -1022,9 +1022,9 @@ def trained_settings(args, say: bool = True) -> dict[str, dict]:
             setattr(args, name, used[name]["value"])
     defaulted = [name for name, entry in used.items() if entry["from"] == "default"]
     if say and defaulted and (os.path.isdir(args.model) or not is_path(args.model)):
-        print(f"eval.py: {args.model} holds no train.py run config: eval.py's defaults for "
-              f"{', '.join(defaulted)} (verdicts with reasoning unless --no-referee_think)",
-              file=sys.stderr)
+        where = f"{path} lacks them" if config else "no train.py run config"
+        print(f"eval.py: {args.model}: {where}: eval.py's defaults for {', '.join(defaulted)} "
+              "(verdicts with reasoning unless --no-referee_think)", file=sys.stderr)
     return used
 
 

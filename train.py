@@ -483,7 +483,7 @@ def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
     """Held-out metrics of every set for the metrics line: means as eval/<set>/<metric>, counts as
     count/eval/<set>/<count>; a metric with nothing to measure (NaN) is left out. Each rank judges
     its share of the items (eval.held_out_items), every rank gets them all, in the sets' order,
-    and the metrics (and their bootstrap intervals) are computed from all of them. The engine's
+    and the metrics (and their 95% intervals) are computed from all of them. The engine's
     sampling state is restored afterwards: evaluating does not change the training run."""
     rank, world = dist.get_rank(), dist.get_world_size()
     shards = {name: records[rank::world] for name, records in eval_sets.items()
