@@ -83,7 +83,7 @@ def confidence_interval(values: list[float], level: float = 0.95, resamples: int
     problem), resampling items with replacement `resamples` times from a fixed seed, so the same
     items always give the same interval (Efron & Tibshirani, An Introduction to the Bootstrap,
     ch. 13). (nan, nan) for no items. E.g. 200 pairs half right: about (0.43, 0.57). It covers
-    too little on few items (8 of 8 right gives (1.0, 1.0); at p = 0.9 and n = 8 it covers 57%):
+    too little on few items (8 of 8 right gives (1.0, 1.0); at p = 0.9 and n = 8 it covers 53%):
     proportions use `proportion_interval`; this serves only what has no closed form
     (`score_interval`)."""
     if not values:
