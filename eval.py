@@ -1091,13 +1091,13 @@ def main(argv=None):
                 f"{args.model} (the evaluated model judges itself)"))
         results.finish(task, metrics)
 
-    print(f"\n{'setting':<24}{'value':>8}  from")
-    for name, entry in used.items():
-        note = " (recorded only: verdicts here are greedy)" * (name == "referee_temperature")
-        print(f"{name:<24}{entry['value']!s:>8}  {entry['from']}{note}")
-    if paths:
-        print(f"{'model':<24}{fingerprints['model']:>8}  weights of {paths['model']}: "
-              f"--engine {args.engine}, --dtype {args.dtype}, --device {args.device}")
+    if paths:  # what the numbers were made with (an annotation file needs none of it)
+        print(f"\n{'setting':<24}{'value':>16}  from")
+        for name, entry in used.items():
+            note = " (recorded only: verdicts here are greedy)" * (name == "referee_temperature")
+            print(f"{name:<24}{entry['value']!s:>16}  {entry['from']}{note}")
+        print(f"{'model_weights':<24}{fingerprints['model']:>16}  {paths['model']}, --engine "
+              f"{args.engine}, --dtype {args.dtype}, --device {args.device}")
     print(f"\n{'task':<14}{'metric':<36}{'value (95% interval)':>24}")
     for task in tasks:
         metrics = {key: float("nan") if value is None else value

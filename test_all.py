@@ -3468,9 +3468,12 @@ def test_eval_of_a_trained_model_uses_and_records_the_run_budgets(tmp_path, tiny
     assert [len(item["tokens"]) and item["tokens"][0] <= 3 for item in items
             if item["task"] == "gsm8k"] == [True]
     printed = capsys.readouterr().out
-    assert f"max_new_tokens                 3  {config}: eval_max_new_tokens" in printed
-    assert "referee_max_new_tokens         4  flag" in printed
-    assert "referee_temperature          1.0  " in printed and "verdicts here are greedy" in printed
+    assert f"max_new_tokens{' ' * 25}3  {config}: eval_max_new_tokens\n" in printed
+    assert f"referee_max_new_tokens{' ' * 17}4  flag\n" in printed
+    assert (f"referee_temperature{' ' * 18}1.0  {config}: referee_temperature (recorded only: "
+            "verdicts here are greedy)\n") in printed
+    weights = evaluation.model_fingerprint(model)
+    assert f"model_weights{' ' * 11}{weights}  {model}, --engine hf, --dtype float32" in printed
 
 
 def test_cli_scores_an_annotation_file_without_a_model(tmp_path):
