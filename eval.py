@@ -33,6 +33,7 @@ with the same --out skips finished tasks and items.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -81,7 +82,10 @@ def confidence_interval(values: list[float], level: float = 0.95, resamples: int
     """The percentile bootstrap interval of the mean of `values` (one score per item: a pair, a
     problem), resampling items with replacement `resamples` times from a fixed seed, so the same
     items always give the same interval (Efron & Tibshirani, An Introduction to the Bootstrap,
-    ch. 13). (nan, nan) for no items. E.g. 200 pairs half right: about (0.43, 0.57)."""
+    ch. 13). (nan, nan) for no items. E.g. 200 pairs half right: about (0.43, 0.57). It covers
+    too little on few items (8 of 8 right gives (1.0, 1.0); at p = 0.9 and n = 8 it covers 53%):
+    proportions use `proportion_interval`; this serves only what has no closed form
+    (`score_interval`)."""
     if not values:
         return float("nan"), float("nan")
     scores = torch.tensor(values, dtype=torch.float64)  # [n]
@@ -93,10 +97,48 @@ def confidence_interval(values: list[float], level: float = 0.95, resamples: int
     return low.item(), high.item()
 
 
-def with_interval(metrics: dict, name: str, values: list[float]) -> None:
-    """metrics[name] = mean(values), and its 95% interval as name_ci_low, name_ci_high."""
-    metrics[name] = mean(values)
-    metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = confidence_interval(values)
+@functools.lru_cache(maxsize=4096)  # sets and subsets of one size share their counts
+def _binomial_tail_bound(successes: int, n: int, tail: float, upper: bool) -> float:
+    """The p at which P(X <= successes) (upper) or P(X >= successes) (lower) of X ~ Bin(n, p)
+    equals `tail`, by bisection (both tails are monotone in p); one end of Clopper-Pearson."""
+    k = torch.arange(n + 1, dtype=torch.float64)  # [n + 1]
+    log_comb = torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    kept = k <= successes if upper else k >= successes
+    low, high = 0.0, 1.0
+    for _ in range(40):  # 2^-40: far below the printed precision
+        p = (low + high) / 2
+        log_pmf = log_comb + k * math.log(p) + (n - k) * math.log1p(-p)  # [n + 1]
+        mass = log_pmf[kept].exp().sum().item()  # P(X <= s) falls with p; P(X >= s) rises
+        if (mass > tail) == upper:
+            low = p
+        else:
+            high = p
+    return (low + high) / 2
+
+
+def proportion_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson ("exact") interval of the mean of `values`, one score in [0, 1] per
+    independent unit (a pair, a problem, an instruction): it inverts the binomial test, so it
+    covers at least `level` for every n and p (Clopper & Pearson, Biometrika 1934); e.g. 8 of 8
+    right: (0.631, 1.0); 4 of 8: (0.157, 0.843). Wilson's interval is narrower but covers 90% at
+    n = 8, p = 0.07. A sum that is not whole (a coin-flip 0.5, pass@1 over k samples) takes the
+    lower end at its floor and the upper end at its ceiling: wider, never narrower (a [0, 1]
+    score with mean p varies less than a 0/1 one). (nan, nan) for no values."""
+    if not values:
+        return float("nan"), float("nan")
+    n, total, tail = len(values), sum(values), (1 - level) / 2
+    below, above = math.floor(total + 1e-9), math.ceil(total - 1e-9)  # 1e-9: float sums
+    low = 0.0 if below == 0 else _binomial_tail_bound(below, n, tail, upper=False)
+    high = 1.0 if above == n else _binomial_tail_bound(above, n, tail, upper=True)
+    return low, high
+
+
+def with_interval(metrics: dict, name: str, values: list[float], scale: float = 1.0) -> None:
+    """metrics[name] = mean(values) x scale, and its 95% proportion_interval (x scale) as
+    name_ci_low, name_ci_high: `values` are per-unit scores in [0, 1]."""
+    metrics[name] = mean(values) * scale
+    low, high = proportion_interval(values)
+    metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low * scale, high * scale
 
 
 def length_rule_score(lengths: list[int], gold: list[int]) -> float:
@@ -138,6 +180,32 @@ def section_scores(accuracy: dict[str, float], counts: dict[str, int]) -> dict[s
     return scores
 
 
+def score_interval(first_pass: dict[str, list[float]], level: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (confidence_interval's) of every section_scores key, from
+    per-subset verdict scores: the RewardBench score weighs subsets, so no binomial interval
+    fits it. Resampling unit: the pair, within its subset (each subset keeps its size, hence its
+    weight), `resamples` times from a fixed seed. {} for no pairs."""
+    subsets = {subset: scores for subset, scores in first_pass.items() if scores}
+    if not subsets:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    means = {}
+    for subset, scores in subsets.items():
+        values = torch.tensor(scores, dtype=torch.float64)  # [n_s]
+        draws = torch.randint(len(values), (resamples, len(values)), generator=generator)
+        means[subset] = values[draws].mean(dim=1).tolist()  # [R]
+    counts = {subset: len(scores) for subset, scores in subsets.items()}
+    resampled = defaultdict(list)
+    for r in range(resamples):
+        for key, value in section_scores({s: m[r] for s, m in means.items()}, counts).items():
+            resampled[key].append(value)
+    tail = (1 - level) / 2
+    quantiles = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    return {key: tuple(torch.quantile(torch.tensor(values, dtype=torch.float64),
+                                      quantiles).tolist()) for key, values in resampled.items()}
+
+
 SKIPPED = "prompt and token budget over the engine's context"
 
 
@@ -156,8 +224,11 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
     later), `prefers_first_shown` (share of valid verdicts picking the first shown: 0.5 for an
     unbiased referee on shuffled pairs). The length bias: `prefers_longer` (share of valid
     verdicts picking the longest candidate) beside `length_rule_accuracy`, what "the longer
-    answer wins" scores on the same items. Each accuracy over items comes with its 95%
-    bootstrap interval over items (`*_ci_low`, `*_ci_high`)."""
+    answer wins" scores on the same items. Every rate comes with its 95% interval (`*_ci_low`,
+    `*_ci_high`): Clopper-Pearson (proportion_interval) over pairs, or over verdicts for the
+    rates of verdicts (chosen first/second, prefers_*: a pair's two verdicts are not independent,
+    so read those as a little too narrow); `score` and `section/*` by score_interval's bootstrap
+    over pairs within subsets."""
     items, skipped = scored(items)
     first_pass = defaultdict(list)
     shown_first, shown_last, first_picked, longer_picked = [], [], [], []
@@ -173,21 +244,25 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
     accuracy = {subset: mean(scores) for subset, scores in first_pass.items()}
     sections = section_scores(accuracy, {subset: len(s) for subset, s in first_pass.items()})
     metrics = {"score": sections.pop("score")}
+    for key, (low, high) in score_interval(first_pass).items():
+        name = key if key == "score" else f"section/{key}"
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     with_interval(metrics, "accuracy", [verdict_score(item["rankings"][0], item["gold"])
                                         for item in items])
     metrics.update({f"section/{name}": value for name, value in sections.items()})
-    metrics.update({f"subset/{name}": value for name, value in sorted(accuracy.items())})
+    for name, scores in sorted(first_pass.items()):
+        with_interval(metrics, f"subset/{name}", scores)
     with_interval(metrics, "accuracy_both_orders",  # per item: the mean of its two verdicts
                   [mean(verdict_score(r, item["gold"]) for r in item["rankings"])
                    for item in items])
-    metrics.update(
-        position_consistency=mean(r[0] is not None and r[0] == r[1] for r in
-                                  (item["rankings"] for item in items)),
-        accuracy_chosen_first=mean(shown_first),
-        accuracy_chosen_second=mean(shown_last),
-        prefers_first_shown=mean(first_picked),
-        prefers_longer=mean(longer_picked),
-        invalid_rate=mean(r is None for item in items for r in item["rankings"]))
+    with_interval(metrics, "position_consistency", [r[0] is not None and r[0] == r[1] for r in
+                                                    (item["rankings"] for item in items)])
+    with_interval(metrics, "accuracy_chosen_first", shown_first)
+    with_interval(metrics, "accuracy_chosen_second", shown_last)
+    with_interval(metrics, "prefers_first_shown", first_picked)
+    with_interval(metrics, "prefers_longer", longer_picked)
+    with_interval(metrics, "invalid_rate",  # per item: the share of its two verdicts
+                  [mean(r is None for r in item["rankings"]) for item in items])
     with_interval(metrics, "length_rule_accuracy", [length_rule_score(item["lengths"], item["gold"])
                                                     for item in items if "lengths" in item])
     metrics.update(n=len(items), skipped_long_prompts=skipped)
@@ -195,10 +270,11 @@ def referee_metrics(items: list[dict]) -> dict[str, float]:
 
 
 def reasoning_metrics(items: list[dict]) -> dict[str, float]:
-    """Accuracy (pass@1: mean reward over each problem's samples, then over problems; with its 95%
-    bootstrap interval over problems), also per subject and level, the shares of answers with a
-    \\boxed{} and cut by the token limit, and `timeouts`: checks out of time (scored 0; absent
-    from items older than this count)."""
+    """Accuracy (pass@1: mean reward over each problem's samples, then over problems), also per
+    subject and level, the shares of answers with a \\boxed{} and cut by the token limit, each
+    with its 95% Clopper-Pearson interval over problems (a problem's share of its samples is its
+    score), and `timeouts`: checks out of time (scored 0; absent from items older than this
+    count)."""
     items, skipped = scored(items)
     metrics = {}
     with_interval(metrics, "accuracy", [mean(item["rewards"]) for item in items])
@@ -207,11 +283,12 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
         for item in items:
             if item.get(key) is not None:
                 groups[item[key]].append(mean(item["rewards"]))
-        metrics.update({f"{key}/{name}": mean(v) for name, v in sorted(groups.items(), key=str)})
-    metrics.update(boxed_rate=mean(last_boxed(text) is not None
-                                   for item in items for text in item["texts"]),
-                   truncation_rate=mean(t for item in items for t in item["truncated"]),
-                   mean_tokens=mean(n for item in items for n in item["tokens"]),
+        for name, values in sorted(groups.items(), key=str):
+            with_interval(metrics, f"{key}/{name}", values)
+    with_interval(metrics, "boxed_rate", [mean(last_boxed(text) is not None
+                                               for text in item["texts"]) for item in items])
+    with_interval(metrics, "truncation_rate", [mean(item["truncated"]) for item in items])
+    metrics.update(mean_tokens=mean(n for item in items for n in item["tokens"]),
                    timeouts=sum(sum(item.get("timeouts", [])) for item in items), n=len(items),
                    skipped_long_prompts=skipped)
     return metrics
@@ -220,18 +297,22 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
 def instruction_metrics(items: list[dict]) -> dict[str, float]:
     """Local AlpacaEval win rate: candidates [output, reference], judged in both orders; a verdict
     is 1 (the model wins: gold [0, 1]), 0, or 0.5 if invalid; win rate = mean over items of the
-    two verdicts' mean x 100. Lengths in characters, as alpaca_eval's `avg_length`."""
+    two verdicts' mean x 100, raw (not length-controlled), with its 95% Clopper-Pearson interval
+    over instructions (a draw's half counts as proportion_interval says: wider, never narrower).
+    Lengths in characters, as alpaca_eval's `avg_length`."""
     items, skipped = scored(items)
     preferences = [mean(verdict_score(r, [0, 1]) for r in item["rankings"]) for item in items]
-    return dict(
-        win_rate=mean(preferences) * 100,
+    metrics = {}
+    with_interval(metrics, "win_rate", preferences, scale=100)
+    with_interval(metrics, "invalid_rate", [mean(r is None for r in item["rankings"])
+                                            for item in items])
+    with_interval(metrics, "truncation_rate", [item["truncated"] for item in items])
+    return metrics | dict(
         n_wins=sum(p > 0.5 for p in preferences),
         n_losses=sum(p < 0.5 for p in preferences),
         n_draws=sum(p == 0.5 for p in preferences),
-        invalid_rate=mean(r is None for item in items for r in item["rankings"]),
         avg_length=int(mean(len(item["output"]) for item in items)) if items else 0,
         reference_avg_length=int(mean(len(item["reference"]) for item in items)) if items else 0,
-        truncation_rate=mean(item["truncated"] for item in items),
         n=len(items), skipped_long_prompts=skipped)
 
 
@@ -239,7 +320,10 @@ def annotation_win_rate(annotations: list[dict]) -> dict[str, float]:
     """alpaca_eval's `get_winrate` (metrics/helpers.py, AbsoluteScoringRule) on annotations:
     `preference` in [1, 2] (2: output_2, the evaluated model, wins), 0 (old encoding of a draw)
     read as 1.5, anything else dropped. win_rate = mean(preference - 1) x 100; the discrete one
-    counts wins (> 1.5) plus half the draws. ValueError when no row has a usable preference."""
+    counts wins (> 1.5) plus half the draws. Both raw (alpaca_eval's length-controlled rate
+    needs its fitted model: not computed here), each with its 95% Clopper-Pearson interval over
+    rows (fractional preferences as proportion_interval says). ValueError when no row has a
+    usable preference."""
     preferences, n_draws = [], 0
     for row in annotations:
         value = row.get("preference")
@@ -254,11 +338,16 @@ def annotation_win_rate(annotations: list[dict]) -> dict[str, float]:
     n_wins = sum(p > 0.5 for p in preferences)
     n_total = len(preferences)
     sem = statistics.stdev(preferences) / math.sqrt(n_total) if n_total > 1 else 0.0
-    return dict(
-        win_rate=mean(preferences) * 100, standard_error=sem * 100,
+    metrics = {}
+    with_interval(metrics, "win_rate", preferences, scale=100)
+    with_interval(metrics, "discrete_win_rate", [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+                                                 for p in preferences], scale=100)
+    return metrics | dict(
+        standard_error=sem * 100,
         n_wins=n_wins, n_wins_base=sum(p < 0.5 for p in preferences), n_draws=n_draws,
-        n_total=n_total, discrete_win_rate=(n_wins + n_draws / 2) / n_total * 100,
-        avg_length=int(mean(len(row.get("output_2") or "") for row in annotations)))
+        n_total=n_total, win_rate_kind="raw (not length-controlled)",
+        avg_length=int(mean(len(row.get("output_2") or "") for row in annotations)),
+        judge=", ".join(sorted({str(row.get("annotator")) for row in annotations})))
 
 
 # =========================================================================== model-driven passes
@@ -368,11 +457,12 @@ def _with_intervals(*names: str) -> list[str]:
 # what evaluate_during_training reports per kind of held-out set (train.py's metrics line), and
 # which of those are counts (train.py logs them as count/eval/...)
 TRAINING_METRICS = {
-    "preference": [*_with_intervals("accuracy", "accuracy_both_orders"), "position_consistency",
-                   "prefers_first_shown", "accuracy_chosen_first", "accuracy_chosen_second",
-                   "prefers_longer", *_with_intervals("length_rule_accuracy"), "invalid_rate"],
-    "verifiable": [*_with_intervals("accuracy"), "boxed_rate", "truncation_rate", "timeouts"],
-    "open": ["win_rate", "invalid_rate", "avg_length"]}
+    "preference": _with_intervals("accuracy", "accuracy_both_orders", "position_consistency",
+                                  "prefers_first_shown", "accuracy_chosen_first",
+                                  "accuracy_chosen_second", "prefers_longer",
+                                  "length_rule_accuracy", "invalid_rate"),
+    "verifiable": [*_with_intervals("accuracy", "boxed_rate", "truncation_rate"), "timeouts"],
+    "open": [*_with_intervals("win_rate", "invalid_rate"), "avg_length"]}
 TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 
 
@@ -420,10 +510,12 @@ def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max
 def held_out_sets(specs: str, limit: int, fits, pairs: int | None = None) -> dict[str, list[dict]]:
     """train.py's held-out sets: per comma-separated data.py spec, keyed by its registry key, the
     first `limit` records for which `fits(record)`, the first `pairs` of a preference set (None:
-    `limit`). Raises data.DataError on a bad file."""
+    `limit`); a benchmark eval.py knows is read in its test split (hub "gsm8k": test, not the
+    natural train). Raises data.DataError on a bad file."""
     sets = {}
-    for spec in filter(None, specs.split(",")):
-        records, _ = load_with_counts(spec)
+    for spec in filter(None, specs.split(",")):  # a benchmark's own split: GSM8K's is test
+        key = spec.partition(":")[0]
+        records, _ = load_with_counts(spec, split=BENCHMARKS[key][2] if key in BENCHMARKS else None)
         preference = bool(records) and records[0]["task"] == "preference"
         count = pairs if preference and pairs is not None else limit
         sets[spec.split(":")[0]] = [record for record in records if fits(record)][:count]
@@ -457,7 +549,27 @@ def before_and_after(metrics_path: str) -> str:
             f"{'step ' + str(evaluated[-1]['step']):>22}"]
     for key in sorted(first):
         rows.append(f"{key:<40}{first[key]:>22}{last.get(key, 'nan'):>22}")
-    return "\n".join(rows)
+    return "\n".join(rows + interval_widths(evaluated[-1]))
+
+
+def interval_widths(line: dict) -> list[str]:
+    """One line per held-out set of a metrics line: its item count and how wide its widest 95%
+    interval is (the smallest change that set can tell from noise), and what a win rate is."""
+    sets = sorted({key.split("/")[1] for key in line if key.startswith("eval/")})
+    rows = []
+    for name in sets:
+        widths = [line[key] - line[key.replace("_ci_high", "_ci_low")] for key in line
+                  if key.startswith(f"eval/{name}/") and key.endswith("_ci_high")
+                  and not key.startswith(f"eval/{name}/win_rate")]  # win rate: in %, below
+        count = line.get(f"count/eval/{name}/n")
+        if widths:
+            rows.append(f"{name}: {'?' if count is None else round(count)} items, 95% intervals "
+                        f"(Clopper-Pearson) up to {max(widths):.2f} wide: a smaller change is not "
+                        "evidence (more items: --eval_limit, --eval_pairs)")
+        if f"eval/{name}/win_rate" in line:
+            rows.append(f"{name}/win_rate: raw (not length-controlled), % of instructions where "
+                        "the model's answer beats the reference, judged by the model itself")
+    return rows
 
 
 # ====================================================================================== curves
@@ -617,11 +729,13 @@ def plot_command(argv: list[str]) -> str:
 # ======================================================================================== CLI
 class Results:
     """--out (settings and metrics per task, rewritten atomically) and its items file (a JSON
-    line per finished item, appended). A task rerun under other settings is an error; so are a
-    folder that cannot be written and a file that is no eval.py results file (SystemExit, one
-    line each)."""
+    line per finished item, appended). A task rerun under other settings is an error naming the
+    first difference (task_settings: the model's weights, engine, dtype, budgets, ...), unless
+    `fresh` (--fresh) empties both files first; so are a folder that cannot be written and a
+    file that is no eval.py results file (SystemExit, one line each; `fresh` never deletes one).
+    """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fresh: bool = False):
         self.path, self.items_path = path, os.path.splitext(path)[0] + ".items.jsonl"
         self.data, self.items = {"tasks": {}}, defaultdict(list)
         try:
@@ -639,7 +753,10 @@ class Results:
             if problem:
                 raise SystemExit(f"eval.py: --out {path!r} is not an eval.py results file "
                                  f"({problem}): choose another --out or delete that file")
-        elif os.path.exists(self.items_path):
+            if fresh:
+                self.data = {"tasks": {}}
+                self.save()
+        if (fresh or not os.path.exists(path)) and os.path.exists(self.items_path):
             os.remove(self.items_path)  # items without their results file: a fresh run
         if os.path.exists(self.items_path):
             with open(self.items_path) as f:
@@ -664,13 +781,20 @@ class Results:
         entry = self.data["tasks"].get(task)
         used = entry and (entry["status"] == "done" or self.items[task])
         if used and entry["settings"] != settings:
-            raise SystemExit(f"eval.py: {self.path} holds '{task}' run with "
-                             f"{entry['settings']}, not {settings}: choose another --out or "
-                             "delete that file")
+            old = entry["settings"]
+            key = next(k for k in [*settings, *old] if settings.get(k, "absent") != old.get(
+                k, "absent"))
+            raise SystemExit(f"eval.py: {self.path} holds '{task}' run with {key} "
+                             f"{old.get(key, 'absent')!r}, now {settings.get(key, 'absent')!r} "
+                             "(its first difference): pass --fresh to start that file afresh, "
+                             "or choose another --out")
         return bool(entry) and entry["settings"] == settings and entry["status"] == "done"
 
-    def start(self, task: str, settings: dict):
-        self.data["tasks"][task] = {"status": "running", "settings": settings, "metrics": {}}
+    def start(self, task: str, settings: dict, sources: dict | None = None):
+        """A task begins: its settings, and where each budget or format came from (`sources`,
+        recorded, not compared: a flag and a run config that agree give the same numbers)."""
+        self.data["tasks"][task] = {"status": "running", "settings": settings, "metrics": {},
+                                    "settings_from": sources or {}}
         self.save()
 
     def add_items(self, task: str, items: list[dict]):
@@ -686,13 +810,34 @@ class Results:
         self.save()
 
 
-def task_settings(args, task: str) -> dict:
-    """What a task's numbers depend on: a rerun continues a task only under the same settings."""
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_fingerprint(path: str) -> str:
+    """An identity of a model folder's weights: 16 hex digits of a SHA-256 over each weight
+    file's name, size and modification time (not its bytes: 15 GB would take a minute to read),
+    so a model retrained or re-exported in place gets another; the tokenizer and configs are left
+    out (a results file written into the folder must not change it). Files are followed through
+    symlinks (the HF cache's snapshots)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(WEIGHT_FILES):
+            stat = os.stat(os.path.join(path, name))
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def task_settings(args, task: str, fingerprints: dict[str, str] | None = None) -> dict:
+    """What a task's numbers depend on: a rerun continues a task only under the same settings.
+    `fingerprints`: flag -> model_fingerprint of the models the task uses ("model", and
+    "referee_model" for a separate alpaca_eval referee)."""
     if task == "alpaca_eval" and args.annotations:
         return {"annotations": args.annotations}
     kind = BENCHMARKS[task][0]
-    settings = dict(model=args.model, data=getattr(args, f"{task}_data"), limit=args.limit,
-                    seed=args.seed)
+    fingerprints = fingerprints or {}
+    settings = dict(model=args.model, model_weights=fingerprints.get("model"),
+                    engine=args.engine, dtype=args.dtype, device=args.device,
+                    data=getattr(args, f"{task}_data"), limit=args.limit, seed=args.seed)
     if kind != "preference":
         settings.update(max_new_tokens=args.max_new_tokens)
     if kind != "verifiable":
@@ -703,7 +848,9 @@ def task_settings(args, task: str) -> dict:
         settings.update(samples=args.samples,
                         temperature=args.temperature if args.samples > 1 else 0.0)
     if kind == "open":
-        settings.update(referee_model=args.referee_model or args.model)
+        settings.update(referee_model=args.referee_model or args.model,
+                        referee_weights=fingerprints.get("referee_model",
+                                                         fingerprints.get("model")))
     return settings
 
 
@@ -788,8 +935,12 @@ def parse_args(argv=None):
     add("--device", default="cpu", help="torch device of the engine")
     add("--dtype", choices=["float32", "bfloat16"], default="float32", help="engine dtype")
     add("--batch_size", type=int, default=8, help="prompts per generate call")
-    add("--max_new_tokens", type=int, default=512, help="answer token budget")
-    add("--referee_max_new_tokens", type=int, default=256, help="token budget of a referee verdict")
+    add("--max_new_tokens", type=int, default=None,
+        help=f"answer token budget (None: the run's eval_max_new_tokens, read from the model's "
+             f"urpo_config.json or its run's config.json; else {DEFAULTS['max_new_tokens']})")
+    add("--referee_max_new_tokens", type=int, default=None,
+        help=f"token budget of a referee verdict (None: the run's, as --max_new_tokens; else "
+             f"{DEFAULTS['referee_max_new_tokens']})")
     add("--samples", type=int, default=1,
         help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
     add("--temperature", type=float, default=0.6,
@@ -802,6 +953,9 @@ def parse_args(argv=None):
              "trained, read from its urpo_config.json or its run's config.json; else on)")
     add("--seed", type=int, default=0, help="seed of the shown orders and sampling")
     add("--out", default="results.json", help="results file (resumable)")
+    add("--fresh", action="store_true",
+        help="start --out afresh (its finished tasks and items are dropped) instead of refusing "
+             "a rerun whose settings differ")
     args = parser.parse_args(argv)
     counts = {flag: getattr(args, flag) for flag in  # checked before any data or model loads
               ("limit", "batch_size", "max_new_tokens", "referee_max_new_tokens", "samples")}
@@ -815,21 +969,63 @@ def parse_args(argv=None):
     return args
 
 
-def trained_referee_think(model: str, say: bool = True) -> bool:
-    """The run's `referee_think` when `model` is a train.py output: read from the
-    urpo_config.json that train.py writes into final/ and into every export, or from RUN/config.json
-    beside RUN/final; else True, the referee template's default (said on stderr when `say`, unless
-    `model` is a path with nothing there: resolve() names that)."""
-    for run_config in (os.path.join(model, "urpo_config.json"),
-                       os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")):
-        if os.path.isdir(model) and os.path.isfile(run_config):
-            with open(run_config) as f:
-                return json.load(f).get("referee_think", True)
-    if say and (os.path.isdir(model) or not is_path(model)):
-        print(f"eval.py: {model} holds no train.py run config: referee verdicts with reasoning "
-              "(--referee_think); pass --no-referee_think for a model trained without it",
-              file=sys.stderr)
-    return True
+# eval.py's own budgets and format, for a model that is no train.py output
+DEFAULTS = {"max_new_tokens": 512, "referee_max_new_tokens": 256, "referee_think": True}
+# each setting -> the run config's field that gives it. The answer budget is the run's
+# eval_max_new_tokens, not max_new_tokens: it is what the run chose to evaluate answers with (its
+# own held-out numbers used it, so eval.py reproduces them; the paper preset sets both to 2048),
+# while max_new_tokens bounds the sampled training groups; a config without it (older runs) gives
+# max_new_tokens. referee_temperature is recorded only: every verdict here is greedy.
+TRAINED = {"max_new_tokens": ("eval_max_new_tokens", "max_new_tokens"),
+           "referee_max_new_tokens": ("referee_max_new_tokens",), "referee_think":
+           ("referee_think",), "referee_temperature": ("referee_temperature",)}
+
+
+def run_config(model: str) -> tuple[dict, str] | tuple[None, None]:
+    """The train.py config `model` was trained with and its path: the urpo_config.json that
+    train.py writes into final/ and into every export, or RUN/config.json beside RUN/final;
+    (None, None) for any other model."""
+    for path in (os.path.join(model, "urpo_config.json"),
+                 os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")):
+        if os.path.isdir(model) and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as error:
+                raise SystemExit(f"eval.py: --model {model!r}: cannot read its run config "
+                                 f"{path} ({str(error).splitlines()[0]}): fix that file or "
+                                 "pass every budget as a flag") from None
+            if isinstance(config, dict):
+                return config, path
+    return None, None
+
+
+def trained_settings(args, say: bool = True) -> dict[str, dict]:
+    """Fill args' budgets and verdict format left at None (--max_new_tokens,
+    --referee_max_new_tokens, --referee_think) as the model was trained (TRAINED, from
+    run_config), else DEFAULTS; returns each setting's {"value", "from"}: "flag", the run
+    config's "PATH: FIELD", or "default". The run's referee_temperature is recorded when there
+    is one. When a setting falls to its default and `say`, stderr says so (unless `model` is a
+    path with nothing there: resolve() names that)."""
+    config, path = run_config(args.model)
+    used = {}
+    for name, fields in TRAINED.items():
+        flag = getattr(args, name, None)
+        field = next((f for f in fields if config and config.get(f) is not None), None)
+        if flag is not None:
+            used[name] = {"value": flag, "from": "flag"}
+        elif field:
+            used[name] = {"value": config[field], "from": f"{path}: {field}"}
+        elif name in DEFAULTS:
+            used[name] = {"value": DEFAULTS[name], "from": "default"}
+        if name in DEFAULTS:
+            setattr(args, name, used[name]["value"])
+    defaulted = [name for name, entry in used.items() if entry["from"] == "default"]
+    if say and defaulted and (os.path.isdir(args.model) or not is_path(args.model)):
+        where = f"{path} lacks them" if config else "no train.py run config"
+        print(f"eval.py: {args.model}: {where}: eval.py's defaults for {', '.join(defaulted)} "
+              "(verdicts with reasoning unless --no-referee_think)", file=sys.stderr)
+    return used
 
 
 def main(argv=None):
@@ -841,14 +1037,19 @@ def main(argv=None):
     if args.annotations and "alpaca_eval" not in tasks:
         raise SystemExit("eval.py: --annotations scores the alpaca_eval task: add it to --tasks")
 
-    judged = [task for task in tasks if BENCHMARKS[task][0] != "verifiable"
-              and not (task == "alpaca_eval" and args.annotations)]
-    if args.referee_think is None:  # a task's settings record it
-        args.referee_think = trained_referee_think(args.model, say=bool(judged))
+    needs_model = [task for task in tasks if not (task == "alpaca_eval" and args.annotations)]
+    used = trained_settings(args, say=any(BENCHMARKS[task][0] != "verifiable"
+                                          for task in needs_model))
 
     # ---- validate everything before the first generation: results file, models, data
-    results = Results(args.out)
-    settings = {task: task_settings(args, task) for task in tasks}
+    results = Results(args.out, args.fresh)
+    paths = {}
+    if needs_model:  # both models found before any data or either model loads
+        paths["model"] = resolve("--model", args.model)
+        if "alpaca_eval" in needs_model and args.referee_model not in (None, args.model):
+            paths["referee_model"] = resolve("--referee_model", args.referee_model)
+    fingerprints = {flag: model_fingerprint(path) for flag, path in paths.items()}
+    settings = {task: task_settings(args, task, fingerprints) for task in tasks}
     todo = [task for task in tasks if not results.finished(task, settings[task])]
     for task in (task for task in tasks if task not in todo):
         print(f"{task}: finished earlier in {args.out}, skipped")
@@ -861,20 +1062,18 @@ def main(argv=None):
             raise SystemExit(f"eval.py: --annotations {args.annotations}: {error}") from error
     generate = [task for task in todo if not (task == "alpaca_eval" and annotation_metrics)]
     data = {}
-    if generate:  # both models found before any data or either model loads
-        model_path = resolve("--model", args.model)
-        other_referee = "alpaca_eval" in generate and args.referee_model not in (None, args.model)
-        referee_path = resolve("--referee_model", args.referee_model) if other_referee else None
+    if generate:
         data = {task: load_task_data(task, getattr(args, f"{task}_data"), args.limit)
                 for task in generate}
-        tokenizer, engine = load_engine(args, "--model", model_path)
+        tokenizer, engine = load_engine(args, "--model", paths["model"])
         referee_tokenizer, referee_engine = tokenizer, engine
-        if referee_path:
-            referee_tokenizer, referee_engine = load_engine(args, "--referee_model", referee_path)
+        if "referee_model" in paths and "alpaca_eval" in generate:
+            referee_tokenizer, referee_engine = load_engine(args, "--referee_model",
+                                                            paths["referee_model"])
 
     # ---- run: finished items are kept, so an interrupted task continues where it stopped
     for task in todo:
-        results.start(task, settings[task])
+        results.start(task, settings[task], used)
         if task not in data:
             results.finish(task, annotation_metrics)
             continue
@@ -887,8 +1086,18 @@ def main(argv=None):
         metrics = run_task(results, task, data[task], make_items, METRICS[kind], args.batch_size)
         if task == "alpaca_eval":
             write_model_outputs(results, args)
+            metrics.update(win_rate_kind="raw (not length-controlled)", judge=(
+                args.referee_model if "referee_model" in paths else
+                f"{args.model} (the evaluated model judges itself)"))
         results.finish(task, metrics)
 
+    if paths:  # what the numbers were made with (an annotation file needs none of it)
+        print(f"\n{'setting':<24}{'value':>16}  from")
+        for name, entry in used.items():
+            note = " (recorded only: verdicts here are greedy)" * (name == "referee_temperature")
+            print(f"{name:<24}{entry['value']!s:>16}  {entry['from']}{note}")
+        print(f"{'model_weights':<24}{fingerprints['model']:>16}  {paths['model']}, --engine "
+              f"{args.engine}, --dtype {args.dtype}, --device {args.device}")
     print(f"\n{'task':<14}{'metric':<36}{'value (95% interval)':>24}")
     for task in tasks:
         metrics = {key: float("nan") if value is None else value

@@ -3243,13 +3243,24 @@ def test_before_and_after_table(tmp_path):
          "eval/hh/accuracy_ci_high": 0.625, "eval/gsm8k/boxed_rate": 0.0},
         {"step": 1, "loss": 0.1},
         {"step": 2, "eval/hh/accuracy": 0.75, "eval/hh/accuracy_ci_low": 0.625,
-         "eval/hh/accuracy_ci_high": 0.875, "eval/gsm8k/boxed_rate": 0.25}]) + "\n")
+         "eval/hh/accuracy_ci_high": 0.875, "eval/hh/invalid_rate": 0.5,
+         "eval/hh/invalid_rate_ci_low": 0.1, "eval/hh/invalid_rate_ci_high": 0.9,
+         "count/eval/hh/n": 8, "eval/gsm8k/boxed_rate": 0.25, "eval/al/win_rate": 50.0,
+         "eval/al/win_rate_ci_low": 6.8, "eval/al/win_rate_ci_high": 93.2}]) + "\n")
     rows = evaluation.before_and_after(str(path)).splitlines()
     assert rows[0].split() == ["held-out", "metric", "(95%", "interval)", "step", "0", "step", "2"]
-    assert len(rows) == 3  # an interval is printed with its metric, not as rows of its own
+    # an interval is printed with its metric, not as rows of its own; a metric the first
+    # evaluation lacks is not in the table
     assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
             and rows[2].split() == ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,",
                                     "0.88]"])
+    # then how wide each set's intervals are at the last evaluation (the widest: 0.9 - 0.1), and
+    # what the win rate is; a set without intervals (gsm8k here) gets no line
+    assert rows[3:] == [
+        "al/win_rate: raw (not length-controlled), % of instructions where the model's answer "
+        "beats the reference, judged by the model itself",
+        "hh: 8 items, 95% intervals (Clopper-Pearson) up to 0.80 wide: a smaller change is not "
+        "evidence (more items: --eval_limit, --eval_pairs)"]
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
@@ -3339,9 +3350,17 @@ def test_referee_metrics_invalid_verdicts_and_position_swap_bookkeeping():
     # is right on the one pair whose gold best is candidate 1
     assert metrics["prefers_longer"] == pytest.approx(1 / 7)
     assert metrics["length_rule_accuracy"] == 0.25
-    for name in ("accuracy", "accuracy_both_orders", "length_rule_accuracy"):
+    for name in ("accuracy", "accuracy_both_orders", "length_rule_accuracy", "subset/a",
+                 "position_consistency", "prefers_first_shown", "prefers_longer",
+                 "accuracy_chosen_first", "accuracy_chosen_second", "invalid_rate", "score"):
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
-    assert metrics["length_rule_accuracy_ci_low"] == 0.0  # 3 of 4 resampled wrong: often all
+    # Clopper-Pearson, 1 of 4 right: the lower end solves P(X >= 1) = 0.025 for X ~ Bin(4, p),
+    # 1 - 0.975^(1/4); the upper P(X <= 1) = 0.025, 0.8059 (scipy's beta.ppf(0.975, 2, 3))
+    assert metrics["length_rule_accuracy_ci_low"] == pytest.approx(1 - 0.975 ** 0.25)
+    assert metrics["length_rule_accuracy_ci_high"] == pytest.approx(0.80588, abs=1e-5)
+    # subset a: 2 of 2 right: (0.025^(1/2), 1)
+    assert (metrics["subset/a_ci_low"], metrics["subset/a_ci_high"]) == pytest.approx(
+        (0.025 ** 0.5, 1.0))
 
 
 def test_confidence_interval_is_a_seeded_percentile_bootstrap_over_items():
@@ -3356,6 +3375,71 @@ def test_confidence_interval_is_a_seeded_percentile_bootstrap_over_items():
     # the length rule on one item: right, wrong, and a tie as a coin flip
     assert [evaluation.length_rule_score(lengths, [0, 1, 2]) for lengths in
             ([9, 3, 3], [3, 9, 3], [9, 9, 3])] == [1.0, 0.0, 0.5]
+
+
+def binomial_coverage(interval, n: int, p: float) -> float:
+    """The exact coverage of `interval` (k, n -> (low, high)) at X ~ Bin(n, p): the probability
+    of the k whose interval holds p, i.e. what a simulation of many draws estimates, without its
+    Monte Carlo error."""
+    pmf = torch.distributions.Binomial(n, torch.tensor(p, dtype=torch.float64)).log_prob(
+        torch.arange(n + 1, dtype=torch.float64)).exp()  # [n + 1]
+    return sum(pmf[k].item() for k in range(n + 1) if pmf[k] > 1e-9
+               and interval(k, n)[0] <= p <= interval(k, n)[1])
+
+
+def test_proportion_intervals_cover_95_percent_where_the_bootstrap_did_not():
+    def exact(k, n):
+        return evaluation.proportion_interval([1.0] * k + [0.0] * (n - k))
+    # Clopper-Pearson inverts the binomial test: >= 95% at every n and p (checked on a grid
+    # from the default run's 8 items to 500; 0.948 is its lowest here)
+    ns, ps = (8, 9, 11, 13, 16, 25, 50, 100, 200, 500), (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95)
+    coverage = {(n, p): binomial_coverage(exact, n, p) for n in ns for p in ps}
+    assert min(coverage.values()) >= 0.94, {key: c for key, c in coverage.items() if c < 0.94}
+    # Wilson's would not pass: 0.897 at n = 8, p = 0.07 (and 0.898 at n = 11, p = 0.05)
+    z = 1.959963984540054
+    def wilson(k, n):
+        center, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4)
+        return center - half / (n + z * z), center + half / (n + z * z)
+    assert binomial_coverage(wilson, 8, 0.07) == pytest.approx(0.897, abs=1e-3)
+    # the percentile bootstrap it replaces: 8 of 8 right gives (1, 1) and 5 of 8 ends at 0.875,
+    # so p = 0.9 is covered only by 7 or 6 of 8: 8 x 0.9^7 x 0.1 + 28 x 0.9^6 x 0.1^2 = 53%
+    def bootstrap(k, n):
+        return evaluation.confidence_interval([1.0] * k + [0.0] * (n - k))
+    assert bootstrap(8, 8) == (1.0, 1.0) and exact(8, 8) == pytest.approx((0.025 ** 0.125, 1))
+    assert binomial_coverage(bootstrap, 8, 0.9) == pytest.approx(
+        8 * 0.9 ** 7 * 0.1 + 28 * 0.9 ** 6 * 0.01)
+    # scores that are not 0/1 (a coin-flip 0.5 for an invalid verdict, pass@1 of 4 samples):
+    # their interval is the one of the whole counts around them, so it still covers (seeded)
+    generator = torch.Generator().manual_seed(0)
+    for n, weights in ((8, [0.1, 0.2, 0.7]), (16, [0.6, 0.3, 0.1]), (50, [0.25, 0.5, 0.25])):
+        draws = torch.multinomial(torch.tensor(weights), 1000 * n, replacement=True,
+                                  generator=generator).view(1000, n) / 2  # [1000, n] in {0, .5, 1}
+        p = sum(w * v for w, v in zip(weights, (0.0, 0.5, 1.0)))
+        held = [low <= p <= high for low, high in map(evaluation.proportion_interval,
+                                                      draws.tolist())]
+        assert evaluation.mean(held) >= 0.94
+
+
+def test_rewardbench_score_gets_a_bootstrap_interval_within_subsets():
+    # one subset: the score is its accuracy, and the interval the plain bootstrap's (same seed)
+    assert evaluation.score_interval({"hh_rlhf": [1.0, 0.0] * 100})["score"] == (
+        evaluation.confidence_interval([1.0, 0.0] * 100))
+    # pairs resampled within their subset: each subset keeps its size, so two subsets that are
+    # all right and all wrong give a score of exactly 0.5 in every resample (Chat 1, Chat Hard 0;
+    # resampling the 20 pairs as one pool would move it)
+    intervals = evaluation.score_interval({"alpacaeval-easy": [1.0] * 10,
+                                           "mt-bench-hard": [0.0] * 10})
+    assert intervals["score"] == (0.5, 0.5) and intervals["Chat"] == (1.0, 1.0)
+    # and with its count as weight: 10 right of 40 in Chat, whatever the resample
+    assert evaluation.score_interval({"alpacaeval-easy": [1.0] * 10, "mt-bench-med": [0.0] * 30})[
+        "Chat"] == (0.25, 0.25)
+    assert evaluation.score_interval({}) == {}
+    metrics = evaluation.referee_metrics(
+        [referee_item("alpacaeval-easy", [0, 1], [[0, 1], [1, 0]], [[0, 1], [0, 1]])] * 3
+        + [referee_item("mt-bench-hard", [0, 1], [[0, 1], [1, 0]], [[1, 0], [0, 1]])] * 3)
+    assert metrics["score"] == 0.5 and (metrics["score_ci_low"], metrics["score_ci_high"]) == (
+        0.5, 0.5)
+    assert (metrics["section/Chat_ci_low"], metrics["section/Chat_ci_high"]) == (1.0, 1.0)
 
 
 def test_referee_metrics_on_rewardbench_subsets_give_sections():
@@ -3498,17 +3582,123 @@ def test_cli_writes_every_task_and_a_rerun_continues(tmp_path, monkeypatch, tiny
         evaluation.main(cli_args(model, out, "--tasks", "gsm8k", "--seed", "1"))
 
 
-def test_eval_judges_with_the_verdict_format_the_run_trained(tmp_path, tiny_dir):
+def test_a_rerun_never_mixes_models_or_settings_and_fresh_starts_over(tmp_path, tiny_dir):
+    model, out = str(tmp_path / "final"), str(tmp_path / "r.json")
+    shutil.copytree(tiny_dir, model)
+    args = cli_args(model, out, "--tasks", "gsm8k", "--limit", "1", "--samples", "1")
+    evaluation.main(args)
+    with open(out) as f:
+        settings = json.load(f)["tasks"]["gsm8k"]["settings"]
+    weights = evaluation.model_fingerprint(model)
+    assert (settings["model_weights"], settings["engine"], settings["dtype"],
+            settings["device"]) == (weights, "hf", "float32", "cpu")
+    assert len(weights) == 16
+    # another engine or dtype on the same file: refused before anything loads, naming it
+    for flags, difference in ((["--engine", "vllm"], "engine 'hf', now 'vllm'"),
+                              (["--dtype", "bfloat16"], "dtype 'float32', now 'bfloat16'")):
+        with pytest.raises(SystemExit) as error:
+            evaluation.main(args + flags)
+        assert str(error.value) == (f"eval.py: {out} holds 'gsm8k' run with {difference} (its "
+                                    "first difference): pass --fresh to start that file afresh, "
+                                    "or choose another --out")
+    # the model retrained in place: same path, new weights file
+    weights_file = next(p for p in glob.glob(os.path.join(model, "*"))
+                        if p.endswith(evaluation.WEIGHT_FILES))
+    shutil.copyfile(weights_file, weights_file + ".new")
+    os.replace(weights_file + ".new", weights_file)
+    with pytest.raises(SystemExit, match=f"with model_weights '{weights}', now '(?!{weights})"):
+        evaluation.main(args)
+    # --fresh: the old task and its items are gone, the new model's are there
+    evaluation.main(args + ["--fresh"])
+    with open(out) as f:
+        settings = json.load(f)["tasks"]["gsm8k"]["settings"]
+    assert settings["model_weights"] == evaluation.model_fingerprint(model) != weights
+    with open(tmp_path / "r.items.jsonl") as f:
+        assert len(f.readlines()) == 1
+    # --fresh never deletes a file that is not a results file
+    with pytest.raises(SystemExit, match="is not an eval.py results file"):
+        evaluation.main(cli_args(model, GPT4_OUTPUTS, "--tasks", "gsm8k", "--fresh"))
+    assert os.path.getsize(GPT4_OUTPUTS) > 0
+
+
+def test_eval_judges_with_the_verdict_format_and_budgets_the_run_trained(tmp_path, tiny_dir):
+    def used(model, *flags):
+        args = evaluation.parse_args(["--model", model, *flags])
+        settings = evaluation.trained_settings(args, say=False)
+        assert all(getattr(args, name) == entry["value"] for name, entry in settings.items()
+                   if name in evaluation.DEFAULTS)  # the args now hold what is used
+        return {name: (entry["value"], entry["from"]) for name, entry in settings.items()}
+
+    # a run folder: RUN/final reads RUN/config.json; the answer budget is eval_max_new_tokens
     (tmp_path / "final").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"referee_think": False}))
-    assert evaluation.trained_referee_think(str(tmp_path / "final")) is False
-    # not a train.py run: the template's default
-    assert evaluation.trained_referee_think(tiny_dir) is True
-    assert evaluation.trained_referee_think("HuggingFaceTB/SmolLM2-135M-Instruct") is True
-    # an export, anywhere: train.py writes the run's config into the folder itself
+    run_config = str(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"referee_think": False, "max_new_tokens": 64, "eval_max_new_tokens": 96,
+         "referee_max_new_tokens": 32, "referee_temperature": 0.7}))
+    assert used(str(tmp_path / "final")) == {
+        "max_new_tokens": (96, f"{run_config}: eval_max_new_tokens"),
+        "referee_max_new_tokens": (32, f"{run_config}: referee_max_new_tokens"),
+        "referee_think": (False, f"{run_config}: referee_think"),
+        "referee_temperature": (0.7, f"{run_config}: referee_temperature")}
+    # a flag overrides its setting alone
+    assert used(str(tmp_path / "final"), "--referee_max_new_tokens", "8", "--referee_think")[
+        "referee_max_new_tokens"] == (8, "flag")
+    assert used(str(tmp_path / "final"), "--referee_think")["referee_think"] == (True, "flag")
+    # not a train.py run: eval.py's defaults, and no referee temperature to record
+    assert used(tiny_dir) == {"max_new_tokens": (512, "default"),
+                              "referee_max_new_tokens": (256, "default"),
+                              "referee_think": (True, "default")}
+    assert used("HuggingFaceTB/SmolLM2-135M-Instruct")["referee_think"] == (True, "default")
+    # an export, anywhere: train.py writes the run's config into the folder itself; an older
+    # config without eval_max_new_tokens gives the training budget
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "urpo_config.json").write_text(json.dumps({"referee_think": False}))
-    assert evaluation.trained_referee_think(str(tmp_path / "elsewhere")) is False
+    export_config = str(tmp_path / "elsewhere" / "urpo_config.json")
+    (tmp_path / "elsewhere" / "urpo_config.json").write_text(json.dumps(
+        {"referee_think": False, "max_new_tokens": 2048, "referee_max_new_tokens": 1024}))
+    assert used(str(tmp_path / "elsewhere")) == {
+        "max_new_tokens": (2048, f"{export_config}: max_new_tokens"),
+        "referee_max_new_tokens": (1024, f"{export_config}: referee_max_new_tokens"),
+        "referee_think": (False, f"{export_config}: referee_think")}
+    (tmp_path / "elsewhere" / "urpo_config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read its run config .*urpo_config.json"):
+        used(str(tmp_path / "elsewhere"))
+
+
+def test_eval_of_a_trained_model_uses_and_records_the_run_budgets(tmp_path, tiny_dir, capsys):
+    """The paper preset's case: a model trained with long verdicts is judged with them, and the
+    results file and the printed table say which value came from where."""
+    model = str(tmp_path / "final")
+    shutil.copytree(tiny_dir, model)
+    with open(os.path.join(model, "urpo_config.json"), "w") as f:
+        json.dump({"max_new_tokens": 2, "eval_max_new_tokens": 3, "referee_max_new_tokens": 5,
+                   "referee_think": False, "referee_temperature": 1.0}, f)
+    out = str(tmp_path / "r.json")
+    args = ["--model", model, "--out", out, "--limit", "1", "--tasks", "rewardbench,gsm8k",
+            "--rewardbench_data", f"rewardbench:{HERE}/samples/fixtures/rewardbench_filtered.jsonl",
+            "--gsm8k_data", f"gsm8k:{HERE}/samples/gsm8k/test.first100.jsonl"]
+    evaluation.main(args + ["--referee_max_new_tokens", "4"])
+    with open(out) as f:
+        tasks = json.load(f)["tasks"]
+    config = os.path.join(model, "urpo_config.json")
+    assert tasks["gsm8k"]["settings"]["max_new_tokens"] == 3
+    assert tasks["rewardbench"]["settings"]["referee_max_new_tokens"] == 4
+    assert tasks["rewardbench"]["settings"]["think"] is False
+    assert tasks["gsm8k"]["settings_from"] == {
+        "max_new_tokens": {"value": 3, "from": f"{config}: eval_max_new_tokens"},
+        "referee_max_new_tokens": {"value": 4, "from": "flag"},
+        "referee_think": {"value": False, "from": f"{config}: referee_think"},
+        "referee_temperature": {"value": 1.0, "from": f"{config}: referee_temperature"}}
+    with open(tmp_path / "r.items.jsonl") as f:
+        items = [json.loads(line) for line in f]
+    assert [len(item["tokens"]) and item["tokens"][0] <= 3 for item in items
+            if item["task"] == "gsm8k"] == [True]
+    printed = capsys.readouterr().out
+    assert f"max_new_tokens{' ' * 25}3  {config}: eval_max_new_tokens\n" in printed
+    assert f"referee_max_new_tokens{' ' * 17}4  flag\n" in printed
+    assert (f"referee_temperature{' ' * 18}1.0  {config}: referee_temperature (recorded only: "
+            "verdicts here are greedy)\n") in printed
+    weights = evaluation.model_fingerprint(model)
+    assert f"model_weights{' ' * 11}{weights}  {model}, --engine hf, --dtype float32" in printed
 
 
 def test_cli_scores_an_annotation_file_without_a_model(tmp_path):
@@ -3583,6 +3773,24 @@ def test_a_torn_items_line_is_dropped_and_redone(tmp_path):
     assert [item["id"] for item in items] == ["a", "b", "c"]
 
 
+def test_paper_preset_holds_out_full_test_sets_from_the_hub(monkeypatch):
+    cfg = train.parse_config(["--preset", "paper"])
+    read = []
+    def fake_load(spec, split=None, limit=None):  # the hub, as 3000 records of the spec's kind
+        read.append((spec, split))
+        task = "preference" if spec == "rewardbench" else "verifiable"
+        return [{"id": str(i), "task": task} for i in range(3000)], {}
+    monkeypatch.setattr(evaluation, "load_with_counts", fake_load)
+    sets = evaluation.held_out_sets(cfg.eval_data, cfg.eval_limit, lambda record: True,
+                                    pairs=cfg.eval_pairs)
+    # GSM8K's test split (its natural one is train), not the bundled 100-row sample; enough
+    # pairs to tell the paper's 1.6-point RewardBench gap from noise better than 8 pairs could
+    assert read == [("gsm8k", "test"), ("math500", None), ("rewardbench", None)]
+    assert {name: len(records) for name, records in sets.items()} == {
+        "gsm8k": 1319, "math500": 1319, "rewardbench": 2985}
+    assert cfg.eval_pairs >= 200 and "samples/" not in cfg.eval_data
+
+
 def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     from data import load
     from model import load_tokenizer
@@ -3597,15 +3805,14 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
                            "model_outputs.json", limit=1)}
     metrics = evaluation.evaluate_during_training(engine, tokenizer, sets, max_new_tokens=4,
                                                   batch_size=2)
-    intervals = {f"{name}{end}" for name in ("gsm8k/accuracy", "hh/accuracy",
-                                             "hh/accuracy_both_orders", "hh/length_rule_accuracy")
-                 for end in ("", "_ci_low", "_ci_high")}
-    assert set(metrics) == intervals | {
-        "gsm8k/boxed_rate", "gsm8k/truncation_rate", "gsm8k/timeouts",
-        "hh/position_consistency", "hh/prefers_first_shown", "hh/accuracy_chosen_first",
-        "hh/accuracy_chosen_second", "hh/prefers_longer", "hh/invalid_rate",
-        "alpaca/win_rate", "alpaca/invalid_rate", "alpaca/avg_length"} | {
-            f"{name}/{count}" for name in sets for count in ("n", "skipped_long_prompts")}
+    intervals = {f"{name}{end}" for name in (
+        "gsm8k/accuracy", "gsm8k/boxed_rate", "gsm8k/truncation_rate", "hh/accuracy",
+        "hh/accuracy_both_orders", "hh/length_rule_accuracy", "hh/position_consistency",
+        "hh/prefers_first_shown", "hh/accuracy_chosen_first", "hh/accuracy_chosen_second",
+        "hh/prefers_longer", "hh/invalid_rate", "alpaca/win_rate", "alpaca/invalid_rate")
+                 for end in ("", "_ci_low", "_ci_high")}  # every rate gets its interval
+    assert set(metrics) == intervals | {"gsm8k/timeouts", "alpaca/avg_length"} | {
+        f"{name}/{count}" for name in sets for count in ("n", "skipped_long_prompts")}
     assert all(metrics[f"{name}/skipped_long_prompts"] == 0 for name in sets)
     assert (metrics["gsm8k/n"], metrics["hh/n"], metrics["alpaca/n"],
             metrics["gsm8k/timeouts"]) == (3, 2, 1, 0)
@@ -3613,6 +3820,8 @@ def test_evaluate_during_training_gives_flat_metrics_per_set(tiny_dir):
     # a random model never writes a valid verdict: every one counts 0.5, none is consistent
     assert metrics["hh/invalid_rate"] == 1.0 and metrics["hh/accuracy"] == 0.5
     assert metrics["hh/position_consistency"] == 0.0 and metrics["alpaca/win_rate"] == 50.0
+    # one draw (both verdicts invalid) is no evidence either way: 50 in (0, 100), not (50, 50)
+    assert (metrics["alpaca/win_rate_ci_low"], metrics["alpaca/win_rate_ci_high"]) == (0, 100)
     with pytest.raises(ValueError, match="one kind"):
         evaluation.evaluate_during_training(engine, tokenizer,
                                             {"mixed": sets["gsm8k"] + sets["hh"]}, 4)
