@@ -2431,7 +2431,12 @@ def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(ca
     (["--model", "NO_SUCH_DIR"], "train.py: --model 'NO_SUCH_DIR': model 'NO_SUCH_DIR' is neither"),
     (["--eval_data", "gsm8k:NO_SUCH.jsonl"], "train.py: --eval_data: gsm8k loader: no file at"),
     (["--preference_data", "foo:bar.jsonl"],
-     "train.py: --preference_data 'foo:bar.jsonl': unknown data set; known: gsm8k, math500"),
+     "train.py: --preference_data 'foo:bar.jsonl': unknown data set 'foo'; known keys: gsm8k, "
+     "math500"),
+    (["--verifiable_data", "samples/gsm8k/train.first200.jsonl"],
+     "train.py: --verifiable_data 'samples/gsm8k/train.first200.jsonl': a bare path is no data "
+     "spec: write KEY:PATH, with KEY the source whose schema the file has, e.g. "
+     "gsm8k:samples/gsm8k/train.first200.jsonl; keys: gsm8k, math500"),
     (["--task_weights", "verifiable=1,bogus=2"], "train.py: --task_weights "
      "'verifiable=1,bogus=2': 'bogus=2' is not TASK=WEIGHT with TASK one of verifiable, pref"),
     (["--prompts_per_step", "0"], "train.py: --prompts_per_step 0: use 1 or more"),
@@ -2442,7 +2447,7 @@ def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, mes
                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[0].startswith(message), run.stderr
-    assert not (tmp_path / "run" / "config.json").exists()  # stopped before the run began
+    assert not (tmp_path / "run").exists()  # stopped before the run began: no folder left
 
 
 @pytest.mark.parametrize("flag", ["max_new_tokens", "referee_max_new_tokens", "max_prompt_tokens",
@@ -2795,7 +2800,8 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
     again = run_worker(run_args(tiny_dir, out, "--steps", "2"))
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.strip().splitlines() == [
-        f"train.py: --out_dir '{out}' holds an earlier run (metrics.jsonl, checkpoints, final): "
+        f"train.py: --out_dir '{out}' holds an earlier run (config.json, metrics.jsonl, "
+        "checkpoints, final): "
         "continue it with --resume, start afresh there with --overwrite, or pick another "
         "--out_dir"]
     assert (out / "metrics.jsonl").read_bytes() == before
@@ -2806,18 +2812,46 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
     assert run_worker(run_args(tiny_dir, out, "--steps", "1", "--save_every", "0",
                                "--overwrite")).returncode == 0
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
-    assert model_lib.checkpoint_dirs(str(out)) == []
+    # --save_every 0 saves none between, but the last step always leaves one
+    assert [os.path.basename(p) for p in model_lib.checkpoint_dirs(str(out))] == ["step_0000001"]
     # --resume where no run is starts one, and says so before any model loads
     fresh = run_worker(run_args(tiny_dir, tmp_path / "new", "--resume", "--steps", "1",
                                 "--save_every", "0"))
     assert fresh.returncode == 0 and fresh.stdout.splitlines()[0] == (
         f"--resume: no checkpoint in {tmp_path / 'new'}/checkpoints, starting from step 0 "
         "(a fresh run: check --out_dir if you meant to continue one)")
-    # a run without checkpoints cannot be resumed, and its metrics are not silently replaced
+    # a run of before that change, without checkpoints: its final/ is offered, nothing replaced
+    shutil.rmtree(out / "checkpoints")
     resumed = run_worker(run_args(tiny_dir, out, "--resume"))
     assert resumed.returncode == 1 and resumed.stderr.strip().splitlines() == [
-        f"train.py: --resume: '{out}' holds an earlier run's metrics.jsonl but no checkpoint to "
-        "continue it from: start afresh there with --overwrite, or pick another --out_dir"]
+        f"train.py: --resume: '{out}' holds a run trained to step 1 but no checkpoint to continue "
+        "it from (it ran before the last step always saved one): start a new run from its "
+        f"weights with --model {out}/final --out_dir OTHER, or start afresh there with "
+        "--overwrite"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+    # a folder where a run began (config.json) but never logged a step is a run too
+    (tmp_path / "begun").mkdir()
+    (tmp_path / "begun" / "config.json").write_text("{}")
+    begun = run_worker(run_args(tiny_dir, tmp_path / "begun"))
+    assert begun.returncode == 1 and "holds an earlier run (config.json)" in begun.stderr
+
+
+def test_every_run_continues_with_its_own_settings(tiny_dir, tmp_path):
+    # the default --save_every 0: the last step leaves a checkpoint, and --resume with none of
+    # the run's flags (a tiny model, its data limits) takes them from config.json
+    out = tmp_path / "run"
+    assert run_worker(run_args(tiny_dir, out, "--steps", "1", "--save_every", "0")).returncode == 0
+    resumed = run_worker(["train.py", "--out_dir", str(out), "--resume", "--steps", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step_0000001 at step 1" in resumed.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    with open(out / "final" / "urpo_config.json") as f:
+        assert json.load(f)["model"] == tiny_dir
+    # only the flags given are compared; a damaged config.json is named, not ignored
+    (out / "config.json").write_text('{"model": ')
+    damaged = run_worker(["train.py", "--out_dir", str(out), "--resume"])
+    assert damaged.returncode == 1 and damaged.stderr.strip().startswith(
+        f"train.py: --resume: {out}/config.json cannot be read (Expecting value: line 1 column 11")
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_path):
@@ -2842,8 +2876,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_pat
                                   "--steps", "9", "--save_every", "3"))
     assert changed.returncode == 1 and changed.stderr.strip().splitlines() == [
         "train.py: --resume: --group_size 4 (the run's 2), --lr 0.5 (the run's 0.001) differ from "
-        f"{out}/config.json: resume with the run's settings (its --preset and flags), or start "
-        "another --out_dir"]
+        f"{out}/config.json: --resume takes the run's settings, so leave those flags out (or "
+        "start another --out_dir)"]
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
     # a changed byte, not a changed size: the sha256 says so; with none intact, one line, exit 1
     for path in model_lib.checkpoint_dirs(str(out)):
@@ -2913,6 +2947,122 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
                            cwd=HERE, capture_output=True, text=True)
     assert moved.returncode == 1 and moved.stderr.startswith("train.py export: no ")
     assert "Traceback" not in moved.stderr
+
+
+def test_two_runs_into_one_folder_one_is_refused_and_a_killed_holder_frees_it(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    holder = launch(run_args(tiny_dir, out, "--steps", "500", "--save_every", "1"), 1)
+    while not glob.glob(str(out / "checkpoints" / "step_0000001")):
+        assert holder.poll() is None
+        time.sleep(0.05)
+    config = (out / "config.json").read_bytes()
+    for extra in ([], ["--resume"], ["--overwrite"]):  # each refused before any model loads
+        second = run_worker(run_args(tiny_dir, out, *extra))
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        (line,) = second.stderr.strip().splitlines()
+        assert re.fullmatch(
+            rf"train\.py: --out_dir '{re.escape(str(out))}' is in use by another run \(pid "
+            rf"{holder.pid} on \S+, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\): wait for it "
+            r"to end \(--resume continues it then\), or pick another --out_dir", line), line
+        assert "Loading weights" not in second.stderr
+    assert (out / "config.json").read_bytes() == config
+    os.killpg(holder.pid, signal.SIGKILL)  # the kernel drops the lock with the process
+    holder.wait()
+    reached = int(model_lib.checkpoint_dirs(str(out))[-1][-7:])
+    resumed = run_worker(run_args(tiny_dir, out, "--resume", "--steps", str(reached + 1)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, reached + 2))  # the holder's lines intact, then the new one
+
+
+def run_until(args, text: str, sig: int) -> subprocess.CompletedProcess:
+    """launch's run in one process, sent `sig` when its stdout prints a line holding `text`."""
+    run = subprocess.Popen([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]],
+                           cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if text in line:
+            run.send_signal(sig)
+            break
+    stdout, stderr = run.communicate(timeout=300)
+    return subprocess.CompletedProcess(run.args, run.returncode, "".join(seen) + stdout, stderr)
+
+
+def test_a_signal_before_the_first_step_stops_cleanly_and_keeps_the_evaluation(tiny_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, out, "--steps", "1", "--save_every", "0", "--eval_start_end",
+                    "--eval_limit", "2", "--eval_max_new_tokens", "8", "--cold_start_steps", "40",
+                    "--cold_start_batch", "2", "--max_new_tokens", "100",
+                    "--max_prompt_tokens", "1500")
+    # Ctrl-C during the step-0 evaluation: it finishes, is logged, and the run stops
+    stopped = run_until(args, "held-out evaluation before training", signal.SIGINT)
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stdout.strip().splitlines()[-1] == (
+        "stopped by signal before training: nothing was trained yet, step 0's evaluation is kept "
+        "in metrics.jsonl; --resume starts the training from step 0 without evaluating again")
+    (line,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evaluated = {key: value for key, value in line.items() if key.startswith("eval/")}
+    assert line["step"] == 0 and evaluated and "cold_start/nll_first" not in line
+    assert model_lib.checkpoint_dirs(str(out)) == []
+    # SIGTERM during the cold start: it stops after a cold-start step, nothing trained is kept
+    stopped = run_until(args + ["--resume"], "cold start examples within the budgets",
+                        signal.SIGTERM)
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "held-out evaluation before training: kept from the stopped run" in stopped.stdout
+    assert "cold start step 40:" not in stopped.stdout
+    assert stopped.stdout.strip().splitlines()[-1].startswith("stopped by signal before training")
+    assert [json.loads(line) for line in open(out / "metrics.jsonl")] == [line]
+    # and the run then goes to its end, the evaluation made once
+    finished = run_worker(args + ["--resume"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "held-out evaluation before training (" not in finished.stdout
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [0, 0, 1] and lines[0] == line
+    assert lines[1]["cold_start/nll_first"] > 0
+
+
+def second_signal_during_save_worker(*args) -> None:
+    """train.main whose second checkpoint save is interrupted by a second SIGINT after it wrote
+    half a shard (the first SIGINT comes from the test)."""
+    import torch.distributed.checkpoint as dcp
+    real_save, calls = dcp.save, []
+
+    def interrupted_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
+                f.write(b"half a shard")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler ends the process before this does
+        return real_save(state, checkpoint_id=checkpoint_id)
+    model_lib.dcp.save = interrupted_save
+    synthetic_reward_worker(*args)
+
+
+def test_a_second_signal_during_a_save_stops_at_once_and_keeps_the_checkpoints(tiny_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, out, "--steps", "500", "--save_every", "2")[1:]
+    run = subprocess.Popen([sys.executable, "test_all.py", "second_signal_during_save_worker",
+                            *args], cwd=HERE, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+    while not glob.glob(str(out / "checkpoints" / "step_0000002")):
+        assert run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)  # the first: finish the step, then save (the 2nd save)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "train.py: second SIGINT: stopped at once, nothing more saved; --resume continues from "
+        "the newest intact checkpoint")
+    (newest,) = model_lib.checkpoint_dirs(str(out))
+    assert newest.endswith("step_0000002") and model_lib.checkpoint_problem(newest) is None
+    resumed = run_worker(run_args(tiny_dir, out, "--resume", "--steps", "3"))
+    assert resumed.returncode == 0 and f"resumed from {newest} at step 2" in resumed.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002", "step_0000003"]
 
 
 def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
@@ -3743,5 +3893,6 @@ if __name__ == "__main__":  # worker entry points for the multi-process tests ab
     workers = {"dp_worker": dp_worker, "empty_rank_worker": empty_rank_worker,
                "synthetic_reward_worker": synthetic_reward_worker,
                "nonfinite_loss_worker": nonfinite_loss_worker,
-               "crash_during_save_worker": crash_during_save_worker}
+               "crash_during_save_worker": crash_during_save_worker,
+               "second_signal_during_save_worker": second_signal_during_save_worker}
     workers[sys.argv[1]](*sys.argv[2:])

@@ -781,8 +781,8 @@ def parse_config(argv=None) -> Config:
             argv, argparse.Namespace(**{name: unset for name in values}))).items()
             if value is not unset}
         check_resumed_config(ran, given, values["out_dir"])
-        values |= {name: value for name, value in ran.items()
-                   if name in values and name != "out_dir"} | given
+        values |= {name: value for name, value in ran.items()  # not what this command asks
+                   if name in values and name not in ("out_dir", "resume", "overwrite")} | given
     cfg = Config(**values)
     if cfg.rollout == "auto":
         cfg = dataclasses.replace(cfg, rollout="vllm" if importlib.util.find_spec("vllm") else "hf")
@@ -1215,8 +1215,9 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.requested:  # a second signal: the user really wants out now
             if dist.get_rank() == 0:
-                print(f"train.py: second {name}: stopped at once, nothing more saved; --resume "
-                      "continues from the newest intact checkpoint", file=sys.stderr, flush=True)
+                tqdm.write(f"train.py: second {name}: stopped at once, nothing more saved; "
+                           "--resume continues from the newest intact checkpoint", sys.stderr)
+                sys.stderr.flush()
             sys.stdout.flush()
             os._exit(128 + signum)  # no unwinding: no traceback, no half-run cleanup
         self.requested = True
