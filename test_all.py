@@ -913,6 +913,22 @@ def test_unknown_key_lists_known_keys():
         data.load("gsm9k:whatever.jsonl")
 
 
+def test_a_byte_order_mark_is_read_and_another_encoding_named(tmp_path):
+    row = '{"question": "caf\u00e9?", "answer": "#### 1"}\n'
+    for name, opener in (("bom.jsonl", open), ("bom.jsonl.gz", gzip.open)):
+        with opener(tmp_path / name, "wb") as f:  # as Windows' Notepad saves UTF-8
+            f.write(b"\xef\xbb\xbf" + row.encode() + row.encode())
+        assert [r["messages"][0]["content"] for r in data.load(f"gsm8k:{tmp_path / name}")
+                ] == ["caf\u00e9?"] * 2
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[" + row.encode().strip() + b"]")
+    assert len(data.load(f"gsm8k:{tmp_path / 'bom.json'}")) == 1
+    (tmp_path / "latin1.jsonl").write_bytes(row.encode() + row.encode("latin-1"))
+    with pytest.raises(data.DataError, match=rf"^gsm8k loader: {tmp_path}/latin1.jsonl line 2 is "
+                                             r"not UTF-8 text \(invalid continuation byte at byte "
+                                             r"17 of that line\): save the file as UTF-8$"):
+        data.load(f"gsm8k:{tmp_path / 'latin1.jsonl'}")
+
+
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q2", "answer": \n')
@@ -954,6 +970,13 @@ def test_schema_errors_name_loader_file_row_and_field(tmp_path, spec, rows, mess
 def test_file_errors(tmp_path):
     with pytest.raises(data.DataError, match="gsm8k loader: no file at"):
         data.load(f"gsm8k:{tmp_path}/missing.jsonl")
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "link.jsonl")
+    with pytest.raises(data.DataError, match=rf"^gsm8k loader: {tmp_path}/link.jsonl is a symlink "
+                                             rf"to {tmp_path}/gone.jsonl, which does not exist$"):
+        data.load(f"gsm8k:{tmp_path}/link.jsonl")
+    with pytest.raises(data.DataError, match=r"a bare path is no data spec: write KEY:PATH.*"
+                                             r"e\.g\. gsm8k:samples/x\.jsonl; keys: gsm8k, "):
+        data.load("samples/x.jsonl")
     csv = tmp_path / "rows.csv"
     csv.write_text("question,answer\n")
     with pytest.raises(data.DataError, match=r"cannot read .*rows\.csv: use \.jsonl"):
@@ -1463,6 +1486,30 @@ def test_export_round_trip(tmp_path):
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match="missing"):
         export_hf(state, model.config, tokenizer, tmp_path / "bad")
+
+
+def test_an_export_deletes_nothing_it_did_not_write(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    state = model.state_dict()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/mine holds files that are no export "
+                                         r"\(notes\.txt\): export into a missing or empty folder$"):
+        export_hf(state, model.config, tokenizer, tmp_path / "mine")
+    out = export_hf(state, model.config, tokenizer, tmp_path / "out", replace=False)
+    with pytest.raises(ValueError, match="holds an earlier export: pass --replace"):
+        export_hf(state, model.config, tokenizer, out, replace=False)
+    (tmp_path / "out" / "results.json").write_text("{}")  # an earlier export, and more
+    with pytest.raises(ValueError, match=r"holds files this export does not write "
+                                         r"\(results\.json\)"):
+        export_hf(state, model.config, tokenizer, out)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "out" / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]  # no temporary left
+    (tmp_path / "out" / "results.json").unlink()
+    export_hf(state, model.config, tokenizer, out, run_config={"seed": 1})  # replaced: allowed
+    assert json.loads((tmp_path / "out" / "urpo_config.json").read_text()) == {"seed": 1}
 
 
 def test_chat_ids_render_the_template():
@@ -2515,6 +2562,12 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_any_model_loads(tmp_p
     assert run.stderr.strip() == (f"train.py: --out_dir '{tmp_path / 'file' / 'run'}': cannot "
                                   f"write there: {tmp_path / 'file'} is a file, not a folder: "
                                   "pick a folder you can write to")
+    os.symlink(tmp_path / "gone", tmp_path / "link")  # a symlink to a missing folder, or above
+    for out_dir in (tmp_path / "link", tmp_path / "link" / "run"):
+        with pytest.raises(ValueError, match=rf"^cannot write there: {tmp_path}/link is a symlink "
+                                             rf"to {tmp_path}/gone, which does not exist: create "
+                                             "the link's target or point it at a folder$"):
+            model_lib.check_writable(str(out_dir))
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
@@ -2932,6 +2985,23 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     # the export carries its run's config: eval.py judges in the format it was trained with
     with open(tmp_path / "hf" / "urpo_config.json") as f:
         assert json.load(f) == json.load(open(out / "config.json"))
+    # an earlier export is replaced only when asked; a folder of other files never
+    again = subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf")],
+                           cwd=HERE, capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"train.py export: {tmp_path / 'hf'} holds an earlier export: pass --replace to replace "
+        "it, or export into a missing or empty folder")
+    subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf"),
+                    "--replace"], check=True, cwd=HERE, capture_output=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("mine")
+    foreign = subprocess.run([sys.executable, "train.py", "export", checkpoint,
+                              str(tmp_path / "mine"), "--replace"], cwd=HERE, capture_output=True,
+                             text=True)
+    assert foreign.returncode == 1 and foreign.stderr.strip() == (
+        f"train.py export: {tmp_path / 'mine'} holds files that are no export (a.txt): export "
+        "into a missing or empty folder")
+    assert os.listdir(tmp_path / "mine") == ["a.txt"]
     # an export folder that cannot be written: one line before anything loads
     (tmp_path / "file").write_text("")
     blocked = subprocess.run([sys.executable, "train.py", "export", checkpoint,
@@ -3175,6 +3245,32 @@ def test_before_and_after_table(tmp_path):
     assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
             and rows[2].split() == ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,",
                                     "0.88]"])
+    # a metric the first evaluation could not measure (no valid verdict) still gets its row
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "eval/hh/prefers_first_shown": 1.0}) + "\n")
+    rows = evaluation.before_and_after(str(path)).splitlines()
+    assert rows[-1].split() == ["hh/prefers_first_shown", "-", "1.000"]
+
+
+def test_a_damaged_metrics_line_is_named_with_its_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{{"completion_len": 3}\n{"step": 2, "loss": 0.4}\n')
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE,
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"train.py plot: {path} line 2 is damaged (Expecting property name enclosed in double "
+        "quotes at column 2): delete or repair that line"]
+    with pytest.raises(ValueError, match=rf"^{path} line 2 is damaged"):
+        evaluation.before_and_after(str(path))
+    path.write_text('{"step": 1, "loss": 0.5}\n[1]\n')
+    with pytest.raises(ValueError, match=r"line 2 is a JSON list, not an object"):
+        evaluation.read_jsonl(str(path))
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # torn by a kill: left out
+    assert evaluation.read_jsonl(str(path)) == [{"step": 1, "loss": 0.5}]
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(invalid start byte at byte "
+                                         r"12\)"):
+        evaluation.read_jsonl(str(path))
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
@@ -3493,6 +3589,32 @@ def test_eval_budget_below_one_is_named_in_one_line(flag, value):
         with pytest.raises(SystemExit, match=f"^eval.py: --temperature {value}"):
             evaluation.parse_args(["--temperature", value, "--samples", "4"])
     assert evaluation.parse_args(["--limit", "1", "--temperature", "0"]).samples == 1  # greedy
+
+
+def test_eval_out_deletes_nothing_it_did_not_write(tmp_path):
+    items = tmp_path / "r.items.jsonl"
+    items.write_text('{"task": "gsm8k", "id": "a"}\n')  # without its r.json: not ours
+    with pytest.raises(SystemExit, match=rf"^eval.py: --out '{tmp_path}/r.json': {items} is there "
+                                         rf"without {tmp_path}/r.json: choose another --out, or "
+                                         "move that file away$"):
+        evaluation.Results(str(tmp_path / "r.json"))
+    assert items.read_text() == '{"task": "gsm8k", "id": "a"}\n'
+    outputs = tmp_path / "s.model_outputs.json"
+    outputs.write_text("[]")
+    with pytest.raises(SystemExit, match=rf"{outputs} is there, not written by a run of this "
+                                         "--out: choose another --out"):
+        evaluation.main(["--tasks", "alpaca_eval", "--out", str(tmp_path / "s.json"),
+                         "--model", str(tmp_path / "NO_MODEL")])
+    assert outputs.read_text() == "[]"
+    # a damaged line in the middle is named; only a torn last line is dropped
+    results = evaluation.Results(str(tmp_path / "t.json"))
+    results.start("gsm8k", {"limit": 3})
+    results.add_items("gsm8k", [{"id": "a"}, {"id": "b"}])
+    lines = (tmp_path / "t.items.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "t.items.jsonl").write_text(lines[0][:5] + "\n" + lines[1])
+    with pytest.raises(SystemExit, match=r"t\.items\.jsonl line 1 is damaged: repair it, or "
+                                         "delete it and the lines after it"):
+        evaluation.Results(str(tmp_path / "t.json"))
 
 
 def test_a_torn_items_line_is_dropped_and_redone(tmp_path):
