@@ -18,12 +18,14 @@ Run:
       train.py --preset paper                            # multi-node: same command on each node
   python train.py --help                                 # every flag, with its default
   python train.py export RUN/checkpoints/step_0000100 OUT  # any checkpoint as an HF folder
+                                                         # (--replace: over an earlier export)
   python train.py plot RUN [OUT.png]                     # any run's curves from its metrics.jsonl
   python train.py compare OUT.png A=RUN_A B=RUN_B        # arms of an ablation: the referee side
 
 Everything a run writes lands in --out_dir: config.json, metrics.jsonl (one line per step),
 samples.jsonl (every --samples_every steps), checkpoints/, curves.png and final/ (an HF folder).
-A fresh run refuses an --out_dir that holds an earlier run (--resume or --overwrite).
+One run at a time per --out_dir (out_dir/.lock); a fresh run refuses one that holds an earlier
+run (--resume or --overwrite). The last step always saves a checkpoint: --resume continues it.
 """
 from __future__ import annotations  # annotations name classes defined further down
 
