@@ -264,14 +264,41 @@ REGISTRY = {
 
 
 # --- Reading: local files by a reader of our own (exact line numbers), the hub by datasets ---
+
+def spec_problem(spec: str) -> str | None:
+    """What makes `spec` no data spec (a registry key, or KEY:PATH), in one line; None if it is
+    one. A bare path is answered with the KEY:PATH form."""
+    key, _, path = spec.partition(":")
+    if key in REGISTRY:
+        return None
+    keys = ", ".join(REGISTRY)
+    if not path and ("/" in spec or Path(spec).suffix or Path(spec).exists()):
+        return (f"a bare path is no data spec: write KEY:PATH, with KEY the source whose schema "
+                f"the file has, e.g. gsm8k:{spec}; keys: {keys}")
+    return (f"unknown data set {key!r}; known keys: {keys} (KEY reads the hub, KEY:PATH a local file "
+            "in that source's schema)")
+
 def _read_local(loader: str, path: str):
-    """Yield (where, row) from a .jsonl, .jsonl.gz, .json (an array of rows) or .parquet file."""
+    """Yield (where, row) from a .jsonl, .jsonl.gz, .json (an array of rows) or .parquet file.
+    Text is UTF-8, with or without a byte-order mark; any other encoding is named (DataError)."""
     file = Path(path)
+    if file.is_symlink() and not file.exists():
+        raise DataError(f"{loader} loader: {path} is a symlink to {file.readlink()}, which does "
+                        "not exist")
     if not file.is_file():
         raise DataError(f"{loader} loader: no file at {path}")
+    def not_utf8(error: UnicodeDecodeError, where: str) -> DataError:
+        return DataError(f"{loader} loader: {path} {where}is not UTF-8 text ({error.reason} at "
+                         f"byte {error.start}{' of that line' if where else ''}): save the file as "
+                         "UTF-8")
     if file.name.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        opener = gzip.open if file.name.endswith(".gz") else open
+        with opener(file, "rb") as f:  # bytes, decoded line by line: errors get their line
+            for number, raw in enumerate(f, 1):
+                try:  # -sig: a byte-order mark opening the file is dropped
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise not_utf8(error, f"line {number} ") from None
                 if not line.strip():
                     continue
                 try:
@@ -283,7 +310,9 @@ def _read_local(loader: str, path: str):
                 yield f"line {number}", row
     elif file.name.endswith(".json"):
         try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
+            rows = json.loads(file.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as error:
+            raise not_utf8(error, "") from None
         except json.JSONDecodeError as error:
             raise DataError(f"{loader} loader: {path} line {error.lineno}: malformed JSON "
                             f"({error.msg} at column {error.colno})") from None
@@ -317,9 +346,8 @@ def load_with_counts(spec: str, split: str | None = None,
     split=None: the natural split; a local file is one split already, so there `split` only selects
     rows that name their own (HelpSteer2). `limit` keeps the first N valid records."""
     key, _, path = spec.partition(":")
-    if key not in REGISTRY:
-        raise DataError(f"unknown data set {key!r} in {spec!r}; known keys: {', '.join(REGISTRY)} "
-                        "(KEY reads the hub, KEY:PATH a local file in that source's schema)")
+    if spec_problem(spec):
+        raise DataError(f"{spec!r}: {spec_problem(spec)}")
     source = REGISTRY[key]
     split = split or source.split
     if path:

@@ -538,17 +538,17 @@ def format_metrics(values: dict[str, float], prefix: str = "") -> dict[str, str]
 
 
 def before_and_after(metrics_path: str) -> str:
-    """The held-out metrics of the first and the last evaluation of a run, side by side."""
-    with open(metrics_path) as f:
-        evaluated = [line for line in map(json.loads, f)
-                     if any(k.startswith("eval/") for k in line)]
+    """The held-out metrics of the first and the last evaluation of a run, side by side; a
+    metric one of them could not measure (no valid verdict to measure a bias on) shows "-"."""
+    evaluated = [line for line in read_jsonl(metrics_path)
+                 if any(k.startswith("eval/") for k in line)]
     if not evaluated:
         return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
     first, last = (format_metrics(line, "eval/") for line in (evaluated[0], evaluated[-1]))
     rows = [f"{'held-out metric (95% interval)':<40}{'step ' + str(evaluated[0]['step']):>22}"
             f"{'step ' + str(evaluated[-1]['step']):>22}"]
-    for key in sorted(first):
-        rows.append(f"{key:<40}{first[key]:>22}{last.get(key, 'nan'):>22}")
+    for key in sorted(first | last):
+        rows.append(f"{key:<40}{first.get(key, '-'):>22}{last.get(key, '-'):>22}")
     return "\n".join(rows + interval_widths(evaluated[-1]))
 
 
@@ -587,9 +587,36 @@ REFEREE_ACCURACY = ("accuracy", "accuracy_both_orders", "length_rule_accuracy",
 REFEREE_BIAS = ("position_consistency", "prefers_first_shown", "prefers_longer", "invalid_rate")
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file this project writes (metrics.jsonl), one per line. A last
+    line cut short by a killed writer (no newline at its end) is left out; any other line that
+    is no JSON object raises ValueError naming the file and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): is "
+                         "it a file this project wrote?") from None
+    rows = []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # torn by a kill mid-write
+            raise ValueError(f"{path} line {number} is damaged ({error.msg} at column "
+                             f"{error.colno}): delete or repair that line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} is a JSON {type(row).__name__}, not an "
+                             "object: delete or repair that line")
+        rows.append(row)
+    return rows
+
+
 def _read_metrics(metrics_path: str) -> list[dict]:
-    with open(metrics_path) as f:
-        lines = [line for line in map(json.loads, filter(str.strip, f)) if "step" in line]
+    lines = [line for line in read_jsonl(metrics_path) if "step" in line]
     if not lines:
         raise ValueError(f"{metrics_path} has no metrics line: is it a train.py run's "
                          "metrics.jsonl?")
@@ -756,8 +783,11 @@ class Results:
             if fresh:
                 self.data = {"tasks": {}}
                 self.save()
-        if (fresh or not os.path.exists(path)) and os.path.exists(self.items_path):
-            os.remove(self.items_path)  # items without their results file: a fresh run
+                if os.path.exists(self.items_path):  # this results file's own items
+                    os.remove(self.items_path)
+        elif os.path.exists(self.items_path):  # not ours to delete: whose run wrote it?
+            raise SystemExit(f"eval.py: --out {path!r}: {self.items_path} is there without "
+                             f"{path}: choose another --out, or move that file away")
         if os.path.exists(self.items_path):
             with open(self.items_path) as f:
                 lines = f.readlines()
@@ -766,6 +796,10 @@ class Results:
                     item = json.loads(line) if line.endswith("\n") else None
                 except json.JSONDecodeError:
                     item = None
+                if item is None and kept + 1 < len(lines):  # damage, not an interruption
+                    raise SystemExit(f"eval.py: {self.items_path} line {kept + 1} is damaged: "
+                                     "repair it, or delete it and the lines after it (their "
+                                     "items are made again)")
                 if item is None:  # the last line, torn by an interruption: drop it, redo it
                     with open(self.items_path, "w") as f:
                         f.writelines(lines[:kept])
@@ -907,13 +941,24 @@ def run_task(results: Results, task: str, records, make_items, summarize, batch_
     return {**summarize(results.items[task]), "seconds": round(time.time() - started, 1)}
 
 
+def model_outputs_path(results: Results, args, todo: list[str]) -> str:
+    """Where the alpaca_eval answers go (beside --out); SystemExit before any work when a file
+    is there that no earlier run of this --out wrote (eval.py overwrites only its own)."""
+    path = os.path.splitext(args.out)[0] + ".model_outputs.json"
+    if ("alpaca_eval" in todo and not args.annotations and os.path.exists(path)
+            and "alpaca_eval" not in results.data["tasks"]):
+        raise SystemExit(f"eval.py: --out {args.out!r}: {path} is there, not written by a run "
+                         "of this --out: choose another --out, or move that file away")
+    return path
+
+
 def write_model_outputs(results: Results, args):
     """The answers in alpaca_eval's model_outputs.json format, for its official evaluator."""
     generator = args.generator or os.path.basename(os.path.normpath(args.model))
     outputs = [dict(dataset=item["dataset"], instruction=item["instruction"],
                     output=item["output"], generator=generator)
                for item in results.items["alpaca_eval"]]
-    path = os.path.splitext(args.out)[0] + ".model_outputs.json"
+    path = model_outputs_path(results, args, [])
     with open(path, "w") as f:
         json.dump(outputs, f, indent=1)
     skipped = sum(bool(item.get("skipped")) for item in results.items["alpaca_eval"])
@@ -1051,6 +1096,7 @@ def main(argv=None):
     fingerprints = {flag: model_fingerprint(path) for flag, path in paths.items()}
     settings = {task: task_settings(args, task, fingerprints) for task in tasks}
     todo = [task for task in tasks if not results.finished(task, settings[task])]
+    model_outputs_path(results, args, todo)
     for task in (task for task in tasks if task not in todo):
         print(f"{task}: finished earlier in {args.out}, skipped")
     annotation_metrics = None

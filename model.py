@@ -50,6 +50,8 @@ def resolve_model(name_or_path: str) -> str:
         return name_or_path
     if os.path.exists(name_or_path):
         raise FileNotFoundError(f"{name_or_path} is a file: pass the HF model folder it lies in")
+    if broken_link(name_or_path):
+        raise FileNotFoundError(f"{broken_link(name_or_path)}: point it at an HF model folder")
     if is_path(name_or_path):
         raise FileNotFoundError(f"no folder at {name_or_path} (and a path is not a hub id): "
                                 f"pass a local HF model folder, or a hub id like {DEFAULT_MODEL}")
@@ -503,13 +505,37 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
             copied.add(target.data_ptr())
 
 
+def export_problem(out_dir: str, replace: bool) -> str | None:
+    """Why an export may not be written into `out_dir`, in one line, or None: a missing or empty
+    folder takes one; a previous export (a folder with a config.json) only when `replace`;
+    anything else never, since an export deletes nothing it did not write."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return None
+    names = sorted(os.listdir(out_dir))
+    if "config.json" not in names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if names[3:] else "")
+        return (f"{out_dir} holds files that are no export ({shown}): export into a missing or "
+                "empty folder")
+    if not replace:
+        return (f"{out_dir} holds an earlier export: pass --replace to replace it, or export "
+                "into a missing or empty folder")
+    return None
+
+
 def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: str,
-              generation_config=None, dtype: torch.dtype | None = None) -> str:
+              generation_config=None, dtype: torch.dtype | None = None, replace: bool = True,
+              run_config: dict | None = None) -> str:
     """Write a plain HF folder (config, weights, generation config, tokenizer) for `from_pretrained`
-    and vLLM from a full `state_dict` in `dtype` (None: as is), with `generation_config`'s EOS ids;
-    return its absolute path. Built alongside, renamed into place (never half-written)."""
+    and vLLM from a full `state_dict` in `dtype` (None: as is), with `generation_config`'s EOS ids
+    and, given `run_config`, the run's config as urpo_config.json; return its absolute path.
+    Built alongside, renamed into place (never half-written). An existing `out_dir` is replaced
+    only when it is an earlier export (`replace`) whose every file the new one writes again:
+    ValueError, in one line, for a folder that holds anything else (export_problem)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    problem = export_problem(out_dir, replace)
+    if problem:
+        raise ValueError(problem)
     os.makedirs(parent, exist_ok=True)
     dtype = dtype or next(t.dtype for t in state_dict.values() if t.is_floating_point())
     # Built on the meta device and filled by the copy: no random init, no second float32 copy.
@@ -527,6 +553,14 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: s
     try:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
+        if run_config is not None:
+            with open(os.path.join(tmp_dir, "urpo_config.json"), "w") as f:
+                json.dump(run_config, f, indent=2)
+        foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp_dir))
+                         ) if os.path.isdir(out_dir) else []
+        if foreign:  # checked again here: the export's own file names are known only now
+            raise ValueError(f"{out_dir} holds files this export does not write "
+                             f"({', '.join(foreign[:3])}): move them, or export elsewhere")
         if os.path.exists(out_dir):
             old_dir = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
             os.rename(out_dir, os.path.join(old_dir, "model"))
@@ -541,13 +575,11 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: s
 
 
 def export_run(state_dict: dict[str, torch.Tensor], config, tokenizer, out_dir: str,
-               generation_config, run_config: dict) -> str:
+               generation_config, run_config: dict, replace: bool = True) -> str:
     """`export_hf`, with the run's config beside the weights as urpo_config.json (eval.py takes
     the verdict format from it): train.py's final/ and every export of a checkpoint."""
-    out_dir = export_hf(state_dict, config, tokenizer, out_dir, generation_config)
-    with open(os.path.join(out_dir, "urpo_config.json"), "w") as f:
-        json.dump(run_config, f, indent=2)
-    return out_dir
+    return export_hf(state_dict, config, tokenizer, out_dir, generation_config, replace=replace,
+                     run_config=run_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,8 +623,11 @@ def save_checkpoint(out_dir: str, step: int, policy, optimizer, trainer_state: d
     rank = dist.get_rank()
     final = os.path.join(out_dir, "checkpoints", f"step_{step:07d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:  # one run per folder (train.py locks it): a .tmp left here is a dead save's
+        root = os.path.dirname(final)
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     model_state, optim_state = get_state_dict(policy, optimizer)
@@ -607,9 +642,17 @@ def save_checkpoint(out_dir: str, step: int, policy, optimizer, trainer_state: d
             json.dump({name: d for theirs in everyone for name, d in theirs.items()}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        # What goes is first renamed to a name checkpoint_dirs skips (.tmp): a process killed
+        # at any line here leaves each step_N whole, never half-deleted.
+        aside = []
+        if os.path.exists(final):  # the same step saved again
+            os.rename(final, final + ".old.tmp")
+            aside.append(final + ".old.tmp")
         os.rename(tmp, final)  # atomic: the checkpoint exists whole or not at all
         for old in checkpoint_dirs(out_dir)[:-max(keep, 1)]:
+            os.rename(old, old + ".old.tmp")
+            aside.append(old + ".old.tmp")
+        for old in aside:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -652,9 +695,25 @@ def checkpoint_weights(path: str, model) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+def broken_link(path: str) -> str | None:
+    """The first symlink on `path` (itself or a folder above it) whose target is missing, named
+    with its target in a sentence; None when there is none."""
+    path = os.path.abspath(path)
+    while path != os.path.dirname(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            return f"{path} is a symlink to {os.readlink(path)}, which does not exist"
+        path = os.path.dirname(path)
+    return None
+
+
 def check_writable(folder: str) -> None:
     """Make `folder` and write a file into it; ValueError in one line when the file system says
-    no (a path under a file, which it names; no permission, a read-only disk)."""
+    no (a path under a file, or through a symlink to nothing, which it names; no permission, a
+    read-only disk)."""
+    link = broken_link(folder)
+    if link:
+        raise ValueError(f"cannot write there: {link}: create the link's target or point it "
+                         "at a folder")
     above = os.path.abspath(folder)
     while not os.path.exists(above):
         above = os.path.dirname(above)
@@ -670,11 +729,12 @@ def check_writable(folder: str) -> None:
                          "pick a folder you can write to") from None
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> str:
+def export_checkpoint(checkpoint: str, out_dir: str, replace: bool = False) -> str:
     """Write RUN/checkpoints/step_N as an HF folder with its run's config (export_run), read
     without a process group (DCP reads every shard into full tensors); returns the folder.
     ValueError, in one line, when it is no checkpoint, not beside its RUN/config.json, damaged,
-    when `out_dir` cannot be written or the run's model cannot be found."""
+    when `out_dir` cannot be written or holds anything but an earlier export (that one only
+    with `replace`: export_problem), or the run's model cannot be found."""
     run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
                               "config.json")
     if not os.path.isfile(os.path.join(checkpoint, ".metadata")):
@@ -688,9 +748,12 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> str:
         raise ValueError(f"{problem}; export an intact one "
                          f"(in {os.path.dirname(os.path.abspath(checkpoint))})")
     try:
-        check_writable(out_dir)
+        check_writable(os.path.dirname(os.path.abspath(out_dir)))
     except ValueError as error:
         raise ValueError(f"{out_dir}: {error}") from None
+    problem = export_problem(out_dir, replace)
+    if problem:
+        raise ValueError(problem)
     with open(run_config) as f:
         run_cfg = json.load(f)
     try:
@@ -701,7 +764,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> str:
     policy = load_model(model_path, torch.float32, run_cfg["trust_remote_code"])
     tokenizer = load_tokenizer(model_path, run_cfg["trust_remote_code"])
     return export_run(checkpoint_weights(checkpoint, policy), policy.config, tokenizer, out_dir,
-                      policy.generation_config, run_cfg)
+                      policy.generation_config, run_cfg, replace)
 
 
 def load_checkpoint(path: str, policy, optimizer) -> dict:

@@ -935,6 +935,22 @@ def test_unknown_key_lists_known_keys():
         data.load("gsm9k:whatever.jsonl")
 
 
+def test_a_byte_order_mark_is_read_and_another_encoding_named(tmp_path):
+    row = '{"question": "caf\u00e9?", "answer": "#### 1"}\n'
+    for name, opener in (("bom.jsonl", open), ("bom.jsonl.gz", gzip.open)):
+        with opener(tmp_path / name, "wb") as f:  # as Windows' Notepad saves UTF-8
+            f.write(b"\xef\xbb\xbf" + row.encode() + row.encode())
+        assert [r["messages"][0]["content"] for r in data.load(f"gsm8k:{tmp_path / name}")
+                ] == ["caf\u00e9?"] * 2
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[" + row.encode().strip() + b"]")
+    assert len(data.load(f"gsm8k:{tmp_path / 'bom.json'}")) == 1
+    (tmp_path / "latin1.jsonl").write_bytes(row.encode() + row.encode("latin-1"))
+    with pytest.raises(data.DataError, match=rf"^gsm8k loader: {tmp_path}/latin1.jsonl line 2 is "
+                                             r"not UTF-8 text \(invalid continuation byte at byte "
+                                             r"17 of that line\): save the file as UTF-8$"):
+        data.load(f"gsm8k:{tmp_path / 'latin1.jsonl'}")
+
+
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q2", "answer": \n')
@@ -976,6 +992,13 @@ def test_schema_errors_name_loader_file_row_and_field(tmp_path, spec, rows, mess
 def test_file_errors(tmp_path):
     with pytest.raises(data.DataError, match="gsm8k loader: no file at"):
         data.load(f"gsm8k:{tmp_path}/missing.jsonl")
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "link.jsonl")
+    with pytest.raises(data.DataError, match=rf"^gsm8k loader: {tmp_path}/link.jsonl is a symlink "
+                                             rf"to {tmp_path}/gone.jsonl, which does not exist$"):
+        data.load(f"gsm8k:{tmp_path}/link.jsonl")
+    with pytest.raises(data.DataError, match=r"a bare path is no data spec: write KEY:PATH.*"
+                                             r"e\.g\. gsm8k:samples/x\.jsonl; keys: gsm8k, "):
+        data.load("samples/x.jsonl")
     csv = tmp_path / "rows.csv"
     csv.write_text("question,answer\n")
     with pytest.raises(data.DataError, match=r"cannot read .*rows\.csv: use \.jsonl"):
@@ -1490,6 +1513,30 @@ def test_export_round_trip(tmp_path):
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match="missing"):
         export_hf(state, model.config, tokenizer, tmp_path / "bad")
+
+
+def test_an_export_deletes_nothing_it_did_not_write(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    state = model.state_dict()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/mine holds files that are no export "
+                                         r"\(notes\.txt\): export into a missing or empty folder$"):
+        export_hf(state, model.config, tokenizer, tmp_path / "mine")
+    out = export_hf(state, model.config, tokenizer, tmp_path / "out", replace=False)
+    with pytest.raises(ValueError, match="holds an earlier export: pass --replace"):
+        export_hf(state, model.config, tokenizer, out, replace=False)
+    (tmp_path / "out" / "results.json").write_text("{}")  # an earlier export, and more
+    with pytest.raises(ValueError, match=r"holds files this export does not write "
+                                         r"\(results\.json\)"):
+        export_hf(state, model.config, tokenizer, out)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "out" / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]  # no temporary left
+    (tmp_path / "out" / "results.json").unlink()
+    export_hf(state, model.config, tokenizer, out, run_config={"seed": 1})  # replaced: allowed
+    assert json.loads((tmp_path / "out" / "urpo_config.json").read_text()) == {"seed": 1}
 
 
 def test_chat_ids_render_the_template():
@@ -2632,7 +2679,12 @@ def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(ca
     (["--model", "NO_SUCH_DIR"], "train.py: --model 'NO_SUCH_DIR': model 'NO_SUCH_DIR' is neither"),
     (["--eval_data", "gsm8k:NO_SUCH.jsonl"], "train.py: --eval_data: gsm8k loader: no file at"),
     (["--preference_data", "foo:bar.jsonl"],
-     "train.py: --preference_data 'foo:bar.jsonl': unknown data set; known: gsm8k, math500"),
+     "train.py: --preference_data 'foo:bar.jsonl': unknown data set 'foo'; known keys: gsm8k, "
+     "math500"),
+    (["--verifiable_data", "samples/gsm8k/train.first200.jsonl"],
+     "train.py: --verifiable_data 'samples/gsm8k/train.first200.jsonl': a bare path is no data "
+     "spec: write KEY:PATH, with KEY the source whose schema the file has, e.g. "
+     "gsm8k:samples/gsm8k/train.first200.jsonl; keys: gsm8k, math500"),
     (["--task_weights", "verifiable=1,bogus=2"], "train.py: --task_weights "
      "'verifiable=1,bogus=2': 'bogus=2' is not TASK=WEIGHT with TASK one of verifiable, pref"),
     (["--prompts_per_step", "0"], "train.py: --prompts_per_step 0: use 1 or more"),
@@ -2643,7 +2695,7 @@ def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, mes
                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[0].startswith(message), run.stderr
-    assert not (tmp_path / "run" / "config.json").exists()  # stopped before the run began
+    assert not (tmp_path / "run").exists()  # stopped before the run began: no folder left
 
 
 @pytest.mark.parametrize("flag", ["max_new_tokens", "referee_max_new_tokens", "max_prompt_tokens",
@@ -2711,6 +2763,12 @@ def test_an_out_dir_that_cannot_be_written_is_named_before_any_model_loads(tmp_p
     assert run.stderr.strip() == (f"train.py: --out_dir '{tmp_path / 'file' / 'run'}': cannot "
                                   f"write there: {tmp_path / 'file'} is a file, not a folder: "
                                   "pick a folder you can write to")
+    os.symlink(tmp_path / "gone", tmp_path / "link")  # a symlink to a missing folder, or above
+    for out_dir in (tmp_path / "link", tmp_path / "link" / "run"):
+        with pytest.raises(ValueError, match=rf"^cannot write there: {tmp_path}/link is a symlink "
+                                             rf"to {tmp_path}/gone, which does not exist: create "
+                                             "the link's target or point it at a folder$"):
+            model_lib.check_writable(str(out_dir))
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
@@ -3020,7 +3078,8 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
     again = run_worker(run_args(tiny_dir, out, "--steps", "2"))
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.strip().splitlines() == [
-        f"train.py: --out_dir '{out}' holds an earlier run (metrics.jsonl, checkpoints, final): "
+        f"train.py: --out_dir '{out}' holds an earlier run (config.json, metrics.jsonl, "
+        "checkpoints, final): "
         "continue it with --resume, start afresh there with --overwrite, or pick another "
         "--out_dir"]
     assert (out / "metrics.jsonl").read_bytes() == before
@@ -3031,18 +3090,46 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
     assert run_worker(run_args(tiny_dir, out, "--steps", "1", "--save_every", "0",
                                "--overwrite")).returncode == 0
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
-    assert model_lib.checkpoint_dirs(str(out)) == []
+    # --save_every 0 saves none between, but the last step always leaves one
+    assert [os.path.basename(p) for p in model_lib.checkpoint_dirs(str(out))] == ["step_0000001"]
     # --resume where no run is starts one, and says so before any model loads
     fresh = run_worker(run_args(tiny_dir, tmp_path / "new", "--resume", "--steps", "1",
                                 "--save_every", "0"))
     assert fresh.returncode == 0 and fresh.stdout.splitlines()[0] == (
         f"--resume: no checkpoint in {tmp_path / 'new'}/checkpoints, starting from step 0 "
         "(a fresh run: check --out_dir if you meant to continue one)")
-    # a run without checkpoints cannot be resumed, and its metrics are not silently replaced
+    # a run of before that change, without checkpoints: its final/ is offered, nothing replaced
+    shutil.rmtree(out / "checkpoints")
     resumed = run_worker(run_args(tiny_dir, out, "--resume"))
     assert resumed.returncode == 1 and resumed.stderr.strip().splitlines() == [
-        f"train.py: --resume: '{out}' holds an earlier run's metrics.jsonl but no checkpoint to "
-        "continue it from: start afresh there with --overwrite, or pick another --out_dir"]
+        f"train.py: --resume: '{out}' holds a run trained to step 1 but no checkpoint to continue "
+        "it from (it ran before the last step always saved one): start a new run from its "
+        f"weights with --model {out}/final --out_dir OTHER, or start afresh there with "
+        "--overwrite"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+    # a folder where a run began (config.json) but never logged a step is a run too
+    (tmp_path / "begun").mkdir()
+    (tmp_path / "begun" / "config.json").write_text("{}")
+    begun = run_worker(run_args(tiny_dir, tmp_path / "begun"))
+    assert begun.returncode == 1 and "holds an earlier run (config.json)" in begun.stderr
+
+
+def test_every_run_continues_with_its_own_settings(tiny_dir, tmp_path):
+    # the default --save_every 0: the last step leaves a checkpoint, and --resume with none of
+    # the run's flags (a tiny model, its data limits) takes them from config.json
+    out = tmp_path / "run"
+    assert run_worker(run_args(tiny_dir, out, "--steps", "1", "--save_every", "0")).returncode == 0
+    resumed = run_worker(["train.py", "--out_dir", str(out), "--resume", "--steps", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step_0000001 at step 1" in resumed.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    with open(out / "final" / "urpo_config.json") as f:
+        assert json.load(f)["model"] == tiny_dir
+    # only the flags given are compared; a damaged config.json is named, not ignored
+    (out / "config.json").write_text('{"model": ')
+    damaged = run_worker(["train.py", "--out_dir", str(out), "--resume"])
+    assert damaged.returncode == 1 and damaged.stderr.strip().startswith(
+        f"train.py: --resume: {out}/config.json cannot be read (Expecting value: line 1 column 11")
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_path):
@@ -3067,8 +3154,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tiny_dir, tmp_pat
                                   "--steps", "9", "--save_every", "3"))
     assert changed.returncode == 1 and changed.stderr.strip().splitlines() == [
         "train.py: --resume: --group_size 4 (the run's 2), --lr 0.5 (the run's 0.001) differ from "
-        f"{out}/config.json: resume with the run's settings (its --preset and flags), or start "
-        "another --out_dir"]
+        f"{out}/config.json: --resume takes the run's settings, so leave those flags out (or "
+        "start another --out_dir)"]
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
     # a changed byte, not a changed size: the sha256 says so; with none intact, one line, exit 1
     for path in model_lib.checkpoint_dirs(str(out)):
@@ -3123,6 +3210,23 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
     # the export carries its run's config: eval.py judges in the format it was trained with
     with open(tmp_path / "hf" / "urpo_config.json") as f:
         assert json.load(f) == json.load(open(out / "config.json"))
+    # an earlier export is replaced only when asked; a folder of other files never
+    again = subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf")],
+                           cwd=HERE, capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"train.py export: {tmp_path / 'hf'} holds an earlier export: pass --replace to replace "
+        "it, or export into a missing or empty folder")
+    subprocess.run([sys.executable, "train.py", "export", checkpoint, str(tmp_path / "hf"),
+                    "--replace"], check=True, cwd=HERE, capture_output=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("mine")
+    foreign = subprocess.run([sys.executable, "train.py", "export", checkpoint,
+                              str(tmp_path / "mine"), "--replace"], cwd=HERE, capture_output=True,
+                             text=True)
+    assert foreign.returncode == 1 and foreign.stderr.strip() == (
+        f"train.py export: {tmp_path / 'mine'} holds files that are no export (a.txt): export "
+        "into a missing or empty folder")
+    assert os.listdir(tmp_path / "mine") == ["a.txt"]
     # an export folder that cannot be written: one line before anything loads
     (tmp_path / "file").write_text("")
     blocked = subprocess.run([sys.executable, "train.py", "export", checkpoint,
@@ -3138,6 +3242,122 @@ def test_sigterm_saves_and_exits_cleanly_then_export(tiny_dir, tmp_path):
                            cwd=HERE, capture_output=True, text=True)
     assert moved.returncode == 1 and moved.stderr.startswith("train.py export: no ")
     assert "Traceback" not in moved.stderr
+
+
+def test_two_runs_into_one_folder_one_is_refused_and_a_killed_holder_frees_it(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    holder = launch(run_args(tiny_dir, out, "--steps", "500", "--save_every", "1"), 1)
+    while not glob.glob(str(out / "checkpoints" / "step_0000001")):
+        assert holder.poll() is None
+        time.sleep(0.05)
+    config = (out / "config.json").read_bytes()
+    for extra in ([], ["--resume"], ["--overwrite"]):  # each refused before any model loads
+        second = run_worker(run_args(tiny_dir, out, *extra))
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        (line,) = second.stderr.strip().splitlines()
+        assert re.fullmatch(
+            rf"train\.py: --out_dir '{re.escape(str(out))}' is in use by another run \(pid "
+            rf"{holder.pid} on \S+, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\): wait for it "
+            r"to end \(--resume continues it then\), or pick another --out_dir", line), line
+        assert "Loading weights" not in second.stderr
+    assert (out / "config.json").read_bytes() == config
+    os.killpg(holder.pid, signal.SIGKILL)  # the kernel drops the lock with the process
+    holder.wait()
+    reached = int(model_lib.checkpoint_dirs(str(out))[-1][-7:])
+    resumed = run_worker(run_args(tiny_dir, out, "--resume", "--steps", str(reached + 1)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, reached + 2))  # the holder's lines intact, then the new one
+
+
+def run_until(args, text: str, sig: int) -> subprocess.CompletedProcess:
+    """launch's run in one process, sent `sig` when its stdout prints a line holding `text`."""
+    run = subprocess.Popen([sys.executable, "test_all.py", "synthetic_reward_worker", *args[1:]],
+                           cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if text in line:
+            run.send_signal(sig)
+            break
+    stdout, stderr = run.communicate(timeout=300)
+    return subprocess.CompletedProcess(run.args, run.returncode, "".join(seen) + stdout, stderr)
+
+
+def test_a_signal_before_the_first_step_stops_cleanly_and_keeps_the_evaluation(tiny_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, out, "--steps", "1", "--save_every", "0", "--eval_start_end",
+                    "--eval_limit", "2", "--eval_max_new_tokens", "8", "--cold_start_steps", "40",
+                    "--cold_start_batch", "2", "--max_new_tokens", "100",
+                    "--max_prompt_tokens", "1500")
+    # Ctrl-C during the step-0 evaluation: it finishes, is logged, and the run stops
+    stopped = run_until(args, "held-out evaluation before training", signal.SIGINT)
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stdout.strip().splitlines()[-1] == (
+        "stopped by signal before training: nothing was trained yet, step 0's evaluation is kept "
+        "in metrics.jsonl; --resume starts the training from step 0 without evaluating again")
+    (line,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evaluated = {key: value for key, value in line.items() if key.startswith("eval/")}
+    assert line["step"] == 0 and evaluated and "cold_start/nll_first" not in line
+    assert model_lib.checkpoint_dirs(str(out)) == []
+    # SIGTERM during the cold start: it stops after a cold-start step, nothing trained is kept
+    stopped = run_until(args + ["--resume"], "cold start examples within the budgets",
+                        signal.SIGTERM)
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "held-out evaluation before training: kept from the stopped run" in stopped.stdout
+    assert "cold start step 40:" not in stopped.stdout
+    assert stopped.stdout.strip().splitlines()[-1].startswith("stopped by signal before training")
+    assert [json.loads(line) for line in open(out / "metrics.jsonl")] == [line]
+    # and the run then goes to its end, the evaluation made once
+    finished = run_worker(args + ["--resume"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "held-out evaluation before training (" not in finished.stdout
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [0, 0, 1] and lines[0] == line
+    assert lines[1]["cold_start/nll_first"] > 0
+
+
+def second_signal_during_save_worker(*args) -> None:
+    """train.main whose second checkpoint save is interrupted by a second SIGINT after it wrote
+    half a shard (the first SIGINT comes from the test)."""
+    import torch.distributed.checkpoint as dcp
+    real_save, calls = dcp.save, []
+
+    def interrupted_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
+                f.write(b"half a shard")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler ends the process before this does
+        return real_save(state, checkpoint_id=checkpoint_id)
+    model_lib.dcp.save = interrupted_save
+    synthetic_reward_worker(*args)
+
+
+def test_a_second_signal_during_a_save_stops_at_once_and_keeps_the_checkpoints(tiny_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, out, "--steps", "500", "--save_every", "2")[1:]
+    run = subprocess.Popen([sys.executable, "test_all.py", "second_signal_during_save_worker",
+                            *args], cwd=HERE, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+    while not glob.glob(str(out / "checkpoints" / "step_0000002")):
+        assert run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)  # the first: finish the step, then save (the 2nd save)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "train.py: second SIGINT: stopped at once, nothing more saved; --resume continues from "
+        "the newest intact checkpoint")
+    (newest,) = model_lib.checkpoint_dirs(str(out))
+    assert newest.endswith("step_0000002") and model_lib.checkpoint_problem(newest) is None
+    resumed = run_worker(run_args(tiny_dir, out, "--resume", "--steps", "3"))
+    assert resumed.returncode == 0 and f"resumed from {newest} at step 2" in resumed.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002", "step_0000003"]
 
 
 def test_cold_start_lowers_the_nll_of_gold_targets(process_group, tiny_dir):
@@ -3249,18 +3469,46 @@ def test_before_and_after_table(tmp_path):
          "eval/al/win_rate_ci_low": 6.8, "eval/al/win_rate_ci_high": 93.2}]) + "\n")
     rows = evaluation.before_and_after(str(path)).splitlines()
     assert rows[0].split() == ["held-out", "metric", "(95%", "interval)", "step", "0", "step", "2"]
-    # an interval is printed with its metric, not as rows of its own; a metric the first
-    # evaluation lacks is not in the table
-    assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
-            and rows[2].split() == ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,",
-                                    "0.88]"])
+    # an interval is printed with its metric, not as rows of its own; a metric one evaluation
+    # lacks gets "-" there (no valid verdict to measure a bias on, say)
+    assert [row.split() for row in rows[1:5]] == [
+        ["al/win_rate", "-", "50.000", "[6.80,", "93.20]"],
+        ["gsm8k/boxed_rate", "0.000", "0.250"],
+        ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,", "0.88]"],
+        ["hh/invalid_rate", "-", "0.500", "[0.10,", "0.90]"]]
     # then how wide each set's intervals are at the last evaluation (the widest: 0.9 - 0.1), and
     # what the win rate is; a set without intervals (gsm8k here) gets no line
-    assert rows[3:] == [
+    assert rows[5:] == [
         "al/win_rate: raw (not length-controlled), % of instructions where the model's answer "
         "beats the reference, judged by the model itself",
         "hh: 8 items, 95% intervals (Clopper-Pearson) up to 0.80 wide: a smaller change is not "
         "evidence (more items: --eval_limit, --eval_pairs)"]
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "eval/hh/prefers_first_shown": 1.0}) + "\n")
+    rows = evaluation.before_and_after(str(path)).splitlines()
+    assert ["hh/prefers_first_shown", "-", "1.000"] in [row.split() for row in rows]
+
+
+def test_a_damaged_metrics_line_is_named_with_its_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{{"completion_len": 3}\n{"step": 2, "loss": 0.4}\n')
+    refused = subprocess.run([sys.executable, "train.py", "plot", str(tmp_path)], cwd=HERE,
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"train.py plot: {path} line 2 is damaged (Expecting property name enclosed in double "
+        "quotes at column 2): delete or repair that line"]
+    with pytest.raises(ValueError, match=rf"^{path} line 2 is damaged"):
+        evaluation.before_and_after(str(path))
+    path.write_text('{"step": 1, "loss": 0.5}\n[1]\n')
+    with pytest.raises(ValueError, match=r"line 2 is a JSON list, not an object"):
+        evaluation.read_jsonl(str(path))
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # torn by a kill: left out
+    assert evaluation.read_jsonl(str(path)) == [{"step": 1, "loss": 0.5}]
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(invalid start byte at byte "
+                                         r"12\)"):
+        evaluation.read_jsonl(str(path))
+>>>>>>> issue31
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
@@ -3760,6 +4008,32 @@ def test_eval_budget_below_one_is_named_in_one_line(flag, value):
     assert evaluation.parse_args(["--limit", "1", "--temperature", "0"]).samples == 1  # greedy
 
 
+def test_eval_out_deletes_nothing_it_did_not_write(tmp_path):
+    items = tmp_path / "r.items.jsonl"
+    items.write_text('{"task": "gsm8k", "id": "a"}\n')  # without its r.json: not ours
+    with pytest.raises(SystemExit, match=rf"^eval.py: --out '{tmp_path}/r.json': {items} is there "
+                                         rf"without {tmp_path}/r.json: choose another --out, or "
+                                         "move that file away$"):
+        evaluation.Results(str(tmp_path / "r.json"))
+    assert items.read_text() == '{"task": "gsm8k", "id": "a"}\n'
+    outputs = tmp_path / "s.model_outputs.json"
+    outputs.write_text("[]")
+    with pytest.raises(SystemExit, match=rf"{outputs} is there, not written by a run of this "
+                                         "--out: choose another --out"):
+        evaluation.main(["--tasks", "alpaca_eval", "--out", str(tmp_path / "s.json"),
+                         "--model", str(tmp_path / "NO_MODEL")])
+    assert outputs.read_text() == "[]"
+    # a damaged line in the middle is named; only a torn last line is dropped
+    results = evaluation.Results(str(tmp_path / "t.json"))
+    results.start("gsm8k", {"limit": 3})
+    results.add_items("gsm8k", [{"id": "a"}, {"id": "b"}])
+    lines = (tmp_path / "t.items.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "t.items.jsonl").write_text(lines[0][:5] + "\n" + lines[1])
+    with pytest.raises(SystemExit, match=r"t\.items\.jsonl line 1 is damaged: repair it, or "
+                                         "delete it and the lines after it"):
+        evaluation.Results(str(tmp_path / "t.json"))
+
+
 def test_a_torn_items_line_is_dropped_and_redone(tmp_path):
     results = evaluation.Results(str(tmp_path / "r.json"))
     results.start("gsm8k", {"limit": 2})
@@ -4177,5 +4451,6 @@ if __name__ == "__main__":  # worker entry points for the multi-process tests ab
     workers = {"dp_worker": dp_worker, "empty_rank_worker": empty_rank_worker,
                "synthetic_reward_worker": synthetic_reward_worker,
                "nonfinite_loss_worker": nonfinite_loss_worker,
-               "crash_during_save_worker": crash_during_save_worker}
+               "crash_during_save_worker": crash_during_save_worker,
+               "second_signal_during_save_worker": second_signal_during_save_worker}
     workers[sys.argv[1]](*sys.argv[2:])

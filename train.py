@@ -18,18 +18,22 @@ Run:
       train.py --preset paper                            # multi-node: same command on each node
   python train.py --help                                 # every flag, with its default
   python train.py export RUN/checkpoints/step_0000100 OUT  # any checkpoint as an HF folder
+                                                         # (--replace: over an earlier export)
   python train.py plot RUN [OUT.png]                     # any run's curves from its metrics.jsonl
   python train.py compare OUT.png A=RUN_A B=RUN_B        # arms of an ablation: the referee side
 
 Everything a run writes lands in --out_dir: config.json, metrics.jsonl (one line per step),
 samples.jsonl (every --samples_every steps), checkpoints/, curves.png and final/ (an HF folder).
-A fresh run refuses an --out_dir that holds an earlier run (--resume or --overwrite).
+One run at a time per --out_dir (out_dir/.lock); a fresh run refuses one that holds an earlier
+run (--resume or --overwrite). The last step always saves a checkpoint: --resume continues it.
 """
 from __future__ import annotations  # annotations name classes defined further down
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import math
@@ -37,6 +41,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -139,10 +144,12 @@ class Config:
     out_dir: str = option("runs/urpo", "where the run writes everything")
     seed: int = option(0, "one seed for data order, shuffles and sampling")
     samples_every: int = option(5, "write prompts, completions, rewards every N steps")
-    save_every: int = option(0, "checkpoint every N steps (0: only on SIGTERM; final/ always)")
+    save_every: int = option(0, "checkpoint every N steps (0: none between; the last step and "
+                             "a stop by signal always save one)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints")
     resume: bool = option(False, "continue from the newest intact checkpoint in out_dir, with "
-                          "its config.json's settings (none yet: start the run)")
+                          "its config.json's settings; flags given are checked against them "
+                          "(none yet: start the run)")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run (its "
                              "metrics, samples, checkpoints and final/ are deleted)")
     eval_every: int = option(0, "held-out evaluation every N steps (0: never)")
@@ -553,7 +560,8 @@ def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
 
 # ---- Before the first step: the cold start (ours, not the paper's) -------------------------------
 
-def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -> dict:
+def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config,
+               stop: StopSignal | None = None) -> dict | None:
     """Supervised steps on gold-formatted targets from the training data, before GRPO
     (data.cold_start_examples): the referee's gold rankings written as verdicts (a pair's in the
     --referee_group_orders orders GRPO shows it in, every --cold_start_group_every-th one
@@ -564,7 +572,8 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
     whatever the run's --loss_agg: the gradient of the token-mean NLL; its own AdamW at
     --cold_start_lr, dropped afterwards. Examples over --max_prompt_tokens or their role's
     budget (--max_new_tokens; a verdict --referee_max_new_tokens) are left out; the KL reference
-    stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step, time)."""
+    stays the model as loaded. Returns the step-0 metrics (NLL of the first and last step, time),
+    or None when a signal (`stop`) ended it after a step."""
     started = time.perf_counter()
 
     def sample(example) -> Sample:
@@ -602,15 +611,21 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config) -
                supervised, tokenizer.pad_token_id, tally)
         nll.append(-tally.reduce()["logprob_mean"])
         print0(f"cold start step {step + 1}: NLL {nll[-1]:.3f} per target token")
+        if stop is not None and step + 1 < cfg.cold_start_steps and stop.agreed():
+            return None
     return {"cold_start/nll_first": nll[0], "cold_start/nll_last": nll[-1],
             "time/cold_start": time.perf_counter() - started}
 
 
 def before_training(cfg: Config, policy, engine, engine_is_policy: bool, tokenizer,
-                    sources: dict, eval_sets: dict) -> dict:
+                    sources: dict, eval_sets: dict, stop: StopSignal,
+                    evaluated: bool = False) -> tuple[dict, bool]:
     """Step 0: the cold start (--cold_start_steps, ours) and a sync, with the held-out evaluation
     (--eval_start_end) of the model as loaded, or with --eval_after_cold_start of the model GRPO
-    starts from; returns the step-0 metrics line."""
+    starts from; `evaluated`: the evaluation before training is in metrics.jsonl already (a run
+    stopped after it), not made again. Returns the step-0 metrics line and whether a signal
+    (`stop`) ended step 0 before anything was trained: it stops after the phase under way, the
+    evaluation or a cold-start step, and a cold start cut short is not kept."""
     line = {"step": 0}
     def evaluate(when: str):
         if cfg.eval_start_end and eval_sets:
@@ -620,24 +635,35 @@ def before_training(cfg: Config, policy, engine, engine_is_policy: bool, tokeniz
             line["time/eval"] = time.perf_counter() - t
             print0("  " + ", ".join(f"{name} {text}" for name, text
                                     in evaluation.format_metrics(line, "eval/").items()))
-    if not cfg.eval_after_cold_start:
+    if stop.agreed():  # signalled while the models loaded
+        return line, True
+    if evaluated:
+        print0("held-out evaluation before training: kept from the stopped run (metrics.jsonl)")
+    elif not cfg.eval_after_cold_start:
         evaluate("before training")
+    if stop.agreed():
+        return line, True
     if cfg.cold_start_steps:
         engine.sleep()  # vLLM on GPU: the engine's memory goes to the trainer, as in step 6
-        line.update(cold_start(policy, sources, tokenizer, cfg))
+        summary = cold_start(policy, sources, tokenizer, cfg, stop)
+        if summary is None:
+            return line, True
+        line.update(summary)
         sync(engine, policy, engine_is_policy)
     if cfg.eval_after_cold_start:
         evaluate("after the cold start")
-    return line
+    return line, False
 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     rank, world, device = init_distributed(cfg.dist_timeout_min)
+    stop = StopSignal()  # from here on, SIGTERM and Ctrl-C end the run cleanly (StopSignal)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple "
                          f"of the world size {world}")
     checkpoint = check_out_dir(cfg)  # with --resume, the newest intact checkpoint (or "")
+    kept = kept_evaluation(cfg) if not checkpoint else False
     paths, tokenizers, sources, eval_sets = load_inputs(cfg)
     tokenizer = tokenizers["model"]
 
@@ -657,16 +683,28 @@ def main(argv=None) -> int:
     engines = {"engine": engine, "referee_engine": referee_engine}  # each RNG checkpointed
     step, bad_steps = resume(cfg, checkpoint, policy, optimizer, scheduler, mixture, engines,
                              engine_is_policy)
-    log = RunLog(cfg, step, tokenizer)
+    log = RunLog(cfg, step, tokenizer, append=bool(checkpoint) or kept)
+    saved_step = step if checkpoint else None
 
     # ---- 0. before the first step: held-out evaluation, then the cold start (ours) ------------
-    if step == 0:
-        log.write(before_training(cfg, policy, engine, engine_is_policy, tokenizer, sources,
-                                  eval_sets))
+    if not checkpoint:  # a checkpoint, even step 0's, comes after step 0
+        line, untrained = before_training(cfg, policy, engine, engine_is_policy, tokenizer,
+                                          sources, eval_sets, stop, evaluated=kept)
+        log.write(line)
+        if untrained:
+            evaluation_kept = kept or any(key.startswith("eval/") for key in line)
+            print0("stopped by signal before training: nothing was trained yet"
+                   + (", step 0's evaluation is kept in metrics.jsonl" if evaluation_kept else "")
+                   + "; --resume starts the training from step 0"
+                   + (" without evaluating again" if evaluation_kept else ""))
+            return 0
     if guard_ids:
         gaps = check_engine(engine, policy, guard_ids, cfg, step)
         print0("log-prob gap engine vs trainer at start: mean {:.2e}, max {:.2e}".format(*gaps))
-    stop = StopSignal()
+    if step == 0 and stop.agreed():  # signalled after the cold start: it is kept
+        print0(f"saved {save(cfg, step, policy, optimizer, scheduler, mixture, engines, 0)}")
+        print0("stopped by signal before the first URPO step; continue with --resume")
+        return 0
     while step < cfg.steps:
         tally, seconds, started = Tally(), {}, time.perf_counter()
         # Every random choice of a step derives from (seed, step, rank): a resume replays it.
@@ -731,15 +769,16 @@ def main(argv=None) -> int:
             return 1
 
         # ---- 10. checkpoint ----------------------------------------------------------------------
-        stopping = stop.agreed()
+        stopping = stop.agreed() and step < cfg.steps  # at the last step: finish as usual
         if stopping or (cfg.save_every and step % cfg.save_every == 0):
             saved = save(cfg, step, policy, optimizer, scheduler, mixture, engines, bad_steps)
+            saved_step = step
             print0(f"saved {saved}")
         if stopping:
             print0("stopped by signal after a clean save; continue with --resume")
             return 0
-    if cfg.save_every and step % cfg.save_every:
-        save(cfg, step, policy, optimizer, scheduler, mixture, engines, bad_steps)
+    if saved_step != step:  # the last step always leaves a checkpoint: --resume --steps N goes on
+        print0(f"saved {save(cfg, step, policy, optimizer, scheduler, mixture, engines, bad_steps)}")
     log.close()
     finish(cfg, policy, tokenizer, compute_dtype, log.metrics_path)
     dist.barrier()
@@ -778,7 +817,17 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(f"--{field.name}", type=type(default), **kwargs)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    if values["resume"]:  # the run's own settings, then only the flags given on this command line
+        ran = run_settings(values["out_dir"])
+        unset = object()  # a namespace that holds an attribute keeps it: only given flags change
+        given = {name: value for name, value in vars(parser.parse_args(
+            argv, argparse.Namespace(**{name: unset for name in values}))).items()
+            if value is not unset}
+        check_resumed_config(ran, given, values["out_dir"])
+        values |= {name: value for name, value in ran.items()  # not what this command asks
+                   if name in values and name not in ("out_dir", "resume", "overwrite")} | given
+    cfg = Config(**values)
     if cfg.rollout == "auto":
         cfg = dataclasses.replace(cfg, rollout="vllm" if importlib.util.find_spec("vllm") else "hf")
     problems = config_problems(cfg)
@@ -846,8 +895,8 @@ def config_problems(cfg: Config) -> list[str]:
     specs = {f"{task}_data": getattr(cfg, f"{task}_data") for task in TASKS}
     specs |= {"eval_data": spec for spec in cfg.eval_data.split(",") if spec}
     for flag, spec in specs.items():  # a misspelt data key, before any data or model loads
-        need(spec.partition(":")[0] in data.REGISTRY, flag, spec,
-             f"unknown data set; known: {', '.join(data.REGISTRY)}")
+        problem = data.spec_problem(spec)
+        need(problem is None, flag, spec, problem)
     return problems
 
 
@@ -866,19 +915,25 @@ def task_weights(cfg: Config) -> dict[str, float]:
     return weights
 
 
-EARLIER_RUN = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves.png")
+# A run's folder holds a run from the moment its config.json is written.
+EARLIER_RUN = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final",
+               "curves.png")
+LOCK_FILE = ".lock"  # flock'ed by the run writing into the folder; its text names that run
 
 
 def check_out_dir(cfg: Config) -> str:
-    """Before any model loads: --out_dir must be writable, and a fresh run must not overwrite an
-    earlier one's metrics, checkpoints or final/ unless told to (--overwrite deletes them first;
-    --resume continues it). SystemExit with one line otherwise. Every rank checks; rank 0
-    deletes. Returns the checkpoint --resume continues from: the newest intact one
-    (model.checkpoint_problem; a damaged one is named and skipped), "" for none or a fresh run."""
+    """Before any model loads: --out_dir must be writable and free (lock_out_dir: one run per
+    folder), and a fresh run must not overwrite an earlier one's config, metrics, checkpoints or
+    final/ unless told to (--overwrite deletes them first; --resume continues it). SystemExit
+    with one line otherwise. Every rank checks; rank 0 locks and deletes. Returns the checkpoint
+    --resume continues from: the newest intact one (model.checkpoint_problem; a damaged one is
+    named and skipped), "" for none or a fresh run."""
+    created = not os.path.exists(cfg.out_dir)
     try:
         model_lib.check_writable(cfg.out_dir)
     except ValueError as error:
         raise SystemExit(f"train.py: --out_dir {cfg.out_dir!r}: {error}") from None
+    lock_out_dir(cfg.out_dir, created)
     def holds(name: str) -> bool:  # a non-empty file or folder
         path = os.path.join(cfg.out_dir, name)
         if os.path.isdir(path):
@@ -896,24 +951,99 @@ def check_out_dir(cfg: Config) -> str:
         raise SystemExit(f"train.py: --out_dir {cfg.out_dir!r} holds an earlier run "
                          f"({', '.join(earlier)}): continue it with --resume, start afresh there "
                          "with --overwrite, or pick another --out_dir")
-    elif cfg.resume and "metrics.jsonl" in earlier and not checkpoints:
-        raise SystemExit(f"train.py: --resume: {cfg.out_dir!r} holds an earlier run's "
-                         "metrics.jsonl but no checkpoint to continue it from: start afresh "
-                         "there with --overwrite, or pick another --out_dir")
+    final = os.path.join(cfg.out_dir, "final")
+    trained = max((line["step"] for line in metrics_lines(cfg.out_dir)), default=0
+                  ) if cfg.resume and not checkpoints else 0
+    if trained:
+        raise SystemExit(
+            f"train.py: --resume: {cfg.out_dir!r} holds a run trained to step {trained} but no "
+            "checkpoint to continue it from (it ran before the last step always saved one): "
+            + (f"start a new run from its weights with --model {final} --out_dir OTHER, or "
+               if os.path.isfile(os.path.join(final, "config.json")) else "")
+            + "start afresh there with --overwrite")
+    if cfg.resume and model_lib.export_problem(final, replace=True):  # found now, not at the end
+        raise SystemExit(f"train.py: --resume: {model_lib.export_problem(final, replace=True)} "
+                         "(the run writes its final/ there)")
     for path in reversed(checkpoints):
         problem = model_lib.checkpoint_problem(path)
         if problem is None:
-            check_resumed_config(cfg)
             return path
         print0(f"--resume: {problem}; trying the one before it")
     if checkpoints:
         raise SystemExit(f"train.py: --resume: no intact checkpoint in {cfg.out_dir}/checkpoints "
                          f"(the {len(checkpoints)} there are named above): start afresh with "
                          "--overwrite, or in another --out_dir")
-    if cfg.resume:  # a job script may always pass --resume: its first launch starts the run
+    if cfg.resume and "config.json" in earlier:  # stopped before its first step
+        print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0 "
+               "(the run there was stopped before anything was trained)")
+    elif cfg.resume:  # a job script may always pass --resume: its first launch starts the run
         print0(f"--resume: no checkpoint in {cfg.out_dir}/checkpoints, starting from step 0 "
                "(a fresh run: check --out_dir if you meant to continue one)")
     return ""
+
+
+def lock_out_dir(out_dir: str, created: bool) -> None:
+    """One run per folder: rank 0 takes an exclusive flock on out_dir/.lock, held until the
+    process ends (the kernel releases it on any death, kill -9 included: no stale lock), and
+    writes its pid, host and start time into it; every rank learns the outcome. A folder locked
+    by another run: SystemExit in one line naming that run. A folder this run `created` is
+    removed at exit when it holds nothing but the lock (a run refused before it began)."""
+    refusal = ""
+    if dist.get_rank() == 0:
+        path = os.path.join(out_dir, LOCK_FILE)
+        lock = open(path, "a+")  # "a+": opening never erases the holder's text
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "one that is starting"
+            lock.close()
+            refusal = (f"train.py: --out_dir {out_dir!r} is in use by another run ({holder}): "
+                       "wait for it to end (--resume continues it then), or pick another "
+                       "--out_dir")
+        except OSError as error:  # a file system without locks (some NFS mounts)
+            print0(f"--out_dir: no file lock there ({error.strerror}): make sure no other run "
+                   "writes into it")
+        else:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            lock.flush()
+            atexit.register(release_out_dir, lock, out_dir, created)  # holds the lock until exit
+    outcome = [refusal]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise SystemExit(outcome[0])
+
+
+def release_out_dir(lock, out_dir: str, created: bool) -> None:
+    """At exit: a folder this run created and left holding nothing but its lock file goes."""
+    if created and os.listdir(out_dir) == [LOCK_FILE]:
+        os.remove(os.path.join(out_dir, LOCK_FILE))
+        os.rmdir(out_dir)
+    lock.close()
+
+
+def metrics_lines(out_dir: str) -> list[dict]:
+    """out_dir/metrics.jsonl's lines ([] when there is none); SystemExit naming a damaged line."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        return evaluation.read_jsonl(path) if os.path.exists(path) else []
+    except ValueError as error:
+        raise SystemExit(f"train.py: {error}") from None
+
+
+def kept_evaluation(cfg: Config) -> bool:
+    """Whether a --resume that starts from step 0 (a run stopped before its first step) finds
+    that run's evaluation before training in metrics.jsonl: it is kept, not made again (rank 0
+    rewrites the file without a line cut short by a kill, which the run then appends to)."""
+    kept = (cfg.resume and cfg.eval_start_end and not cfg.eval_after_cold_start
+            and any(line["step"] == 0 and any(key.startswith("eval/") for key in line)
+                    for line in metrics_lines(cfg.out_dir)))
+    if kept and dist.get_rank() == 0:
+        keep_metrics_until(os.path.join(cfg.out_dir, "metrics.jsonl"), 0)
+    return kept
 
 
 # What --resume may change: how long and how often, and where the work runs; not what it computes.
@@ -923,23 +1053,36 @@ RESUME_MAY_CHANGE = {"steps", "out_dir", "resume", "overwrite", "preset", "save_
                      "referee_vllm_memory", "activation_checkpointing", "micro_batch_tokens"}
 
 
-def check_resumed_config(cfg: Config) -> None:
-    """SystemExit in one line when --resume is given settings that differ from the run's
-    config.json beyond RESUME_MAY_CHANGE: the steps already run would be recorded under settings
-    they did not run with (a preset counts by the values it gives, not by its name)."""
+def run_settings(out_dir: str) -> dict:
+    """The settings in out_dir/config.json, {} when there is none; SystemExit when it is
+    damaged (--resume would not know what the run computed)."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return {}
     try:
-        with open(os.path.join(cfg.out_dir, "config.json")) as f:
+        with open(path) as f:
             ran = json.load(f)
-    except (OSError, ValueError):  # no readable record of the run: nothing to compare with
-        return
+        if not isinstance(ran, dict):
+            raise ValueError(f"a JSON {type(ran).__name__}, not an object of settings")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"train.py: --resume: {path} cannot be read ({error}): restore it, or "
+                         "start afresh with --overwrite") from None
+    return ran
+
+
+def check_resumed_config(ran: dict, given: dict, out_dir: str) -> None:
+    """SystemExit in one line when --resume is given flags (`given`: those on the command line)
+    that differ from the run's settings (`ran`, its config.json) beyond RESUME_MAY_CHANGE: the
+    steps already run would be recorded under settings they did not run with. Flags not given
+    take the run's values."""
     changed = [f"--{name} {value!r} (the run's {ran[name]!r})"
-               for name, value in dataclasses.asdict(cfg).items()
+               for name, value in sorted(given.items())
                if name in ran and name not in RESUME_MAY_CHANGE and ran[name] != value]
     if changed:
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if changed[6:] else "")
-        raise SystemExit(f"train.py: --resume: {shown} differ from {cfg.out_dir}/config.json: "
-                         "resume with the run's settings (its --preset and flags), or start "
-                         "another --out_dir")
+        raise SystemExit(f"train.py: --resume: {shown} differ from {out_dir}/config.json: "
+                         "--resume takes the run's settings, so leave those flags out (or "
+                         "start another --out_dir)")
 
 
 def load_inputs(cfg: Config) -> tuple[dict, dict, dict, dict]:
@@ -1126,15 +1269,18 @@ def restore_trainer_state(trainer: dict, scheduler, mixture, engines: dict) -> t
 def keep_metrics_until(path: str, step: int) -> None:
     """Drop the metrics lines of steps after `step` (a resumed run runs them again)."""
     if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
+        lines = [line for line in metrics_lines(os.path.dirname(path)) if line["step"] <= step]
         with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
+            f.writelines(json.dumps(line) + "\n" for line in lines)
         os.replace(path + ".tmp", path)
 
 
 class StopSignal:
-    """SIGTERM/SIGINT ask the run to finish its current step, save, and exit 0."""
+    """SIGTERM/SIGINT, from the start of main: the first asks the run to finish the phase under
+    way (a URPO step, the step-0 evaluation, a cold-start step), save what can be continued and
+    exit 0 (main). A second one ends the process at once with one line, exit 128 + the signal's
+    number: a save under way is abandoned, which leaves the checkpoints as they were (a save
+    writes step_N.tmp and renames it whole), and the lock goes with the process."""
 
     def __init__(self):
         self.requested = False
@@ -1142,10 +1288,17 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested:  # a second signal: the user really wants out now
-            raise KeyboardInterrupt
+            if dist.get_rank() == 0:
+                tqdm.write(f"train.py: second {name}: stopped at once, nothing more saved; "
+                           "--resume continues from the newest intact checkpoint", sys.stderr)
+                sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(128 + signum)  # no unwinding: no traceback, no half-run cleanup
         self.requested = True
-        tqdm.write(f"[rank {dist.get_rank()}] signal {signum}: finishing this step, then saving")
+        print0(f"{name}: finishing this phase (a step, the evaluation or a cold-start step), then "
+               f"saving what can be continued; a second {name} stops at once")
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (one collective: no rank waits)."""
@@ -1153,11 +1306,11 @@ class StopSignal:
 
 
 class RunLog:
-    """Rank 0's writers: metrics.jsonl (a line per step; appended to on resume), wandb when
-    asked, samples.jsonl every --samples_every steps, the progress bar. Also writes
+    """Rank 0's writers: metrics.jsonl (a line per step; appended to when `append`: a resume),
+    wandb when asked, samples.jsonl every --samples_every steps, the progress bar. Also writes
     config.json."""
 
-    def __init__(self, cfg: Config, start_step: int, tokenizer):
+    def __init__(self, cfg: Config, start_step: int, tokenizer, append: bool = False):
         self.cfg, self.tokenizer, self.rank0 = cfg, tokenizer, dist.get_rank() == 0
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.wandb = self.file = None
@@ -1176,7 +1329,7 @@ class RunLog:
                 self.wandb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
             except ImportError:
                 print0("--wandb: wandb is not installed (pip install wandb); metrics.jsonl only")
-        self.file = open(self.metrics_path, "a" if start_step else "w")
+        self.file = open(self.metrics_path, "a" if append else "w")
 
     def write(self, line: dict, groups: list | None = None, verdicts: list | None = None) -> None:
         """One metrics line; a step's line (with its groups) also moves the bar and the samples."""
@@ -1255,8 +1408,14 @@ def finish(cfg: Config, policy, tokenizer, compute_dtype: torch.dtype, metrics_p
     final_state = model_lib.full_state_dict(policy, compute_dtype, rank0_only=True)
     if dist.get_rank() != 0:
         return
-    model_lib.export_run(final_state, policy.config, tokenizer, os.path.join(cfg.out_dir, "final"),
-                         policy.generation_config, dataclasses.asdict(cfg))
+    try:  # final/ replaces only this run's earlier final/ (a resumed run), nothing else
+        model_lib.export_run(final_state, policy.config, tokenizer,
+                             os.path.join(cfg.out_dir, "final"), policy.generation_config,
+                             dataclasses.asdict(cfg))
+    except ValueError as error:
+        last = model_lib.checkpoint_dirs(cfg.out_dir)[-1]
+        print0(f"final/ not written: {error}; the trained weights are in {last} "
+               f"(python train.py export {last} OUT)")
     try:  # a report that fails must not keep the other ranks waiting at main's last barrier
         print0(evaluation.before_and_after(metrics_path))
         if cfg.plot:
@@ -1287,10 +1446,13 @@ def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, t
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["export"]:  # python train.py export RUN/checkpoints/step_0000100 OUT_DIR
-        if len(sys.argv) != 4:
-            raise SystemExit("usage: python train.py export CHECKPOINT_DIR OUT_DIR")
+        args = [arg for arg in sys.argv[2:] if arg != "--replace"]
+        if len(args) != 2:
+            raise SystemExit("usage: python train.py export CHECKPOINT_DIR OUT_DIR [--replace] "
+                             "(--replace: OUT_DIR may hold an earlier export, which it replaces)")
         try:
-            print(f"exported {sys.argv[2]} to {model_lib.export_checkpoint(*sys.argv[2:])}")
+            print(f"exported {args[0]} to "
+                  f"{model_lib.export_checkpoint(*args, replace='--replace' in sys.argv)}")
         except ValueError as error:
             raise SystemExit(f"train.py export: {error}") from None
         sys.exit(0)
