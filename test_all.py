@@ -3508,7 +3508,6 @@ def test_a_damaged_metrics_line_is_named_with_its_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(invalid start byte at byte "
                                          r"12\)"):
         evaluation.read_jsonl(str(path))
->>>>>>> issue31
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
