@@ -654,7 +654,8 @@ class VLLMEngine:
 
 
 class StaleWeightsError(RuntimeError):
-    """The rollout engine does not hold the trainer's weights, or computes another function of them."""
+    """The rollout engine does not hold the trainer's weights, or computes another function of
+    them."""
 
 
 @torch.no_grad()
@@ -814,6 +815,9 @@ def compare_weights(engine_side: dict, trainer_side: dict[str, torch.Tensor]) ->
     """None when every sampled element is equal; else one line naming the first tensor that
     differs (state-dict order), how many of its samples differ and by how much at most, and how
     many other tensors differ. `engine_side`: {name: (dtype, samples) or None (not compared)}."""
+    if not trainer_side:  # nothing to compare is no proof of a sync
+        return (f"it holds none of the trainer's {len(engine_side)} tensors by name (e.g. "
+                f"{next(iter(engine_side), 'none')}) and shape")
     differing = []
     for name, trainer_values in trainer_side.items():
         dtype, engine_values = engine_side[name]

@@ -1803,6 +1803,121 @@ def test_load_full_state_dict_is_strict_before_copying_anything():
             assert torch.equal(tensor, before[name]), name
 
 
+# ---- the weight check: the sync verified exactly -------------------------------------------------
+
+def test_weight_samples_lie_at_fixed_odd_strides():
+    # 300 x 64 = 19200 elements: stride 19200 // 1024 = 18, made odd: 19; ceil(19200 / 19) = 1011
+    assert rollout.sample_stride(19200) == (19, 1011)
+    assert rollout.sample_stride(100) == (1, 100)  # a small tensor: every element
+    assert rollout.sample_stride(2048, samples=1024) == (3, 683)  # 2 -> 3: ceil(2048 / 3)
+    assert rollout.sample_stride(4096 * 4096) == (16385, 1024)
+    # 16385 = 4 rows of 4096 + 1: with 4096 columns each sample falls in another column
+    assert len(set((torch.arange(1024) * 16385 % 4096).tolist())) == 1024
+    values = rollout.strided_samples(torch.arange(19200.0).reshape(300, 64))
+    assert values.dtype == torch.float64 and torch.equal(values, torch.arange(1011.0) * 19)
+
+
+def test_engine_tensor_finds_fused_and_padded_rows():
+    q, k, v = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2, 3)
+    prefix = "model.layers.0.self_attn."
+    params = {prefix + "qkv_proj.weight": torch.cat([q, k, v]),  # vLLM stacks q, k, v by rows
+              "model.embed_tokens.weight": torch.randn(7, 3),  # vocabulary padded from 5 to 7
+              "model.norm.weight": torch.empty(0)}  # emptied (vLLM's CPU build repacks linears)
+    shapes = {prefix + "q_proj.weight": (4, 3), prefix + "k_proj.weight": (2, 3),
+              prefix + "v_proj.weight": (2, 3), "model.embed_tokens.weight": (5, 3),
+              "model.norm.weight": (3,), "lm_head.weight": (5, 3)}
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    found = {name: rollout.engine_tensor(params, name, shapes, packed) for name in shapes}
+    assert torch.equal(found[prefix + "q_proj.weight"], q)
+    assert torch.equal(found[prefix + "k_proj.weight"], k)
+    assert torch.equal(found[prefix + "v_proj.weight"], v)
+    assert torch.equal(found["model.embed_tokens.weight"], params["model.embed_tokens.weight"][:5])
+    assert found["model.norm.weight"] is None and found["lm_head.weight"] is None
+    # nothing the engine holds by the trainer's names: no proof of a sync, a difference
+    assert "holds none of the trainer's 2 tensors" in rollout.compare_weights(
+        {"a.weight": None, "b.weight": None}, {})
+
+
+def one_adamw_step(model, tokenizer, lr: float = 1e-6) -> dict[str, torch.Tensor]:
+    """One AdamW step on a language-model loss (every weight moves by ~lr: Adam's first step is
+    a sign step); returns the weights before it."""
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    ids = torch.tensor([tokenizer(CORPUS[0])["input_ids"]])  # [1, T]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_check_stops_a_stale_or_half_loaded_engine(tiny_dir, dtype):
+    tokenizer = load_tokenizer(tiny_dir)
+    trainer, engine = load_model(tiny_dir), HFEngine(tiny_dir, tokenizer, dtype)
+    before = one_adamw_step(trainer, tokenizer)  # lr 1e-6: flips a few bf16 weights only
+    after = {name: t.detach().clone() for name, t in trainer.state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in after.items()}
+
+    def difference(state: dict) -> str | None:
+        engine.load_weights(state)
+        engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+        assert all(side is not None and side[0] == dtype for side in engine_side.values())
+        trainer_side = rollout.trainer_weight_samples(
+            trainer.state_dict(), {name: side[0] for name, side in engine_side.items()})
+        return rollout.compare_weights(engine_side, trainer_side)
+    assert difference(after) is None  # fresh: equal after the cast, bf16 rounding included
+    stale = difference(before)
+    # the embedding (300 x 64, 1011 samples, sample_stride) comes first in state-dict order
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    assert re.fullmatch(rf"model\.embed_tokens\.weight differs in (\d+) of 1011 sampled elements "
+                        rf"\(largest by \S+, both in {name}\); \d+ more tensors differ", stale), stale
+    if dtype == torch.float32:  # every fp32 weight moved
+        assert stale.startswith("model.embed_tokens.weight differs in 1011 of 1011")
+    half = difference({name: (before if ".layers.1." in name else after)[name] for name in after})
+    assert half.startswith("model.layers.1."), half  # layer 0 arrived: layer 1 is named
+    with pytest.raises(StaleWeightsError, match=r"^step 3: the rollout engine does not hold the "
+                       r"trainer's weights: model\.layers\.1\..* fix the sync"):
+        rollout.check_weights(half, step=3)
+    rollout.check_weights(None, step=3)
+
+
+TRAINER_SAMPLES_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    sys.path.insert(0, sys.argv[1])
+    import rollout
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)  # the same weights on every rank
+    # rows split as torch.chunk over 3 ranks: 101/101/99, 2/2/1, 1/1/0 (an empty shard)
+    module = torch.nn.Sequential(torch.nn.Embedding(301, 8), torch.nn.Linear(8, 5),
+                                 torch.nn.Linear(5, 2))
+    full = {name: t.detach().clone() for name, t in module.state_dict().items()}
+    fully_shard(module)
+    for samples in (1024, 7):  # every element; strides that cross the shards' boundaries
+        for dtype in (torch.float32, torch.bfloat16):
+            got = rollout.trainer_weight_samples(module.state_dict(),
+                                                 {name: dtype for name in full}, samples)
+            for name, tensor in full.items():
+                expected = rollout.strided_samples(tensor.to(dtype), samples)
+                assert torch.equal(got[name], expected), (name, samples, dtype)
+    print(f"rank {dist.get_rank()} equal", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_trainer_weight_samples_of_fsdp2_shards_equal_the_full_tensors(tmp_path):
+    # three ranks, uneven and empty shards: each fills its own positions, one all-reduce joins
+    script = tmp_path / "trainer_samples.py"
+    script.write_text(TRAINER_SAMPLES_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+         str(script), HERE], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert sorted(re.findall(r"rank (\d) equal", result.stdout)) == ["0", "1", "2"]
+
+
 # ---------------------------------------------------------------------------------------------
 # rollout.py: the self-referee pass
 # ---------------------------------------------------------------------------------------------
