@@ -2687,6 +2687,34 @@ def test_engine_options_let_only_the_policy_engine_sleep():
         train.engine_options(cfg, "judge")
 
 
+def presets_pass_the_start_check_under_bf16(engine, model_dir: str, texts: list[str]) -> dict:
+    """train.check_engine, the start-of-run check, under every preset, with the trainer's bf16
+    path (FSDP2, bf16 compute; CPU here) and a bf16 `engine` synced from it; then one optimizer
+    step (AdamW, lr 1e-6) the engine never receives must stop it. Returns the presets' metrics."""
+    tokenizer = load_tokenizer(model_dir)
+    policy = model_lib.shard_model(load_model(model_dir), torch.device("cpu"), bf16=True)
+    train.sync(engine, policy, engine_is_policy=False)
+    guard_ids = [tokenizer(text)["input_ids"] for text in texts]
+    metrics = {}
+    for preset in train.PRESETS:
+        cfg = train.parse_config(["--preset", preset])
+        metrics[preset], _ = train.check_engine(engine, policy, guard_ids, cfg, step=0)
+        assert metrics[preset]["logprob_gap/mean"] <= cfg.logprob_gap_max, preset
+    one_adamw_step(policy, tokenizer)
+    with pytest.raises(StaleWeightsError, match=r"^step 1: .* model\.embed_tokens\.weight differs "
+                       r"in \d+ of \d+ sampled elements \(largest by \S+, both in bfloat16\)"):
+        train.check_engine(engine, policy, guard_ids, train.parse_config([]), step=1)
+    return metrics
+
+
+def test_every_preset_passes_the_start_of_run_check_under_bf16(process_group, tiny_dir):
+    # The HF engine in bf16 runs the trainer's own kernels: its gap is 0 here (vLLM's: below)
+    engine = HFEngine(tiny_dir, load_tokenizer(tiny_dir), torch.bfloat16)
+    metrics = presets_pass_the_start_check_under_bf16(engine, tiny_dir, CORPUS)
+    assert set(metrics) == set(train.PRESETS)
+    assert all(m["logprob_gap/mean"] == 0 and m["time/weight_check"] > 0 for m in metrics.values())
+
+
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
 
 def dp_worker(model_dir: str, out_file: str) -> None:
