@@ -3668,6 +3668,7 @@ def test_training_steps_with_vllm_rollouts_log_the_gap_and_is_weights(tmp_path):
     for line in lines:
         # the guard ran after each sync and the weights arrived
         assert line["logprob_gap/mean"] < 1e-3
+        assert 0 < line["time/weight_check"] < 5  # the weights were checked equal (else: stopped)
         assert 0 < line["is/weight_mean"] <= 2.0 and 0 <= line["is/capped_frac"] <= 1
 
 
@@ -3742,11 +3743,18 @@ def test_guard_fires_when_a_sync_is_skipped_after_a_big_change(tiny_qwen):
                                     sequences)
     check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=0)  # step 0: in sync, passes
 
-    # the optimizer moved the trainer, the sync was skipped on purpose
+    # the optimizer moved the trainer, the sync was skipped on purpose: the weight check names
+    # the first tensor, and the gap, far above noise, would stop the run too
+    shapes = {name: tuple(t.shape) for name, t in changed.state_dict().items()}
+    engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+    trainer_side = rollout.trainer_weight_samples(
+        changed.state_dict(), {name: side[0] for name, side in engine_side.items() if side})
+    assert rollout.compare_weights(engine_side, trainer_side).startswith(
+        "model.embed_tokens.weight differs in")
     mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids),
                                     sequences)
     assert mean_gap > 0.5
-    with pytest.raises(StaleWeightsError, match="step 7: .*weight sync did not arrive"):
+    with pytest.raises(StaleWeightsError, match="step 7: .*differ from the trainer's by"):
         check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=7)
     with pytest.raises(StaleWeightsError):
         check_logprob_gap(float("nan"), float("nan"), threshold=1e-3, step=7)
@@ -3880,6 +3888,41 @@ def test_two_ranks_under_torchrun_each_own_an_engine_synced_from_fsdp2_shards(ti
         assert float(max_gap) < 1e-3
         assert distinct == "True"  # a seed per rank: the ranks sample different completions
 
+
+@pytest.mark.vllm
+def test_vllm_weight_check_fresh_stale_half_loaded_and_every_preset_under_bf16(process_group,
+                                                                               tiny_qwen):
+    path, tokenizer, engine = tiny_qwen
+    trainer = trainer_model(path)
+    before = one_adamw_step(trainer, tokenizer)
+    after = {name: t.detach().clone() for name, t in trainer.state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in after.items()}
+
+    def difference(state: dict) -> str | None:  # fp32: every weight moved
+        engine.load_weights(state)
+        engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+        compared = {name: side[0] for name, side in engine_side.items() if side is not None}
+        # vLLM's CPU build repacks linear weights into oneDNN's layout (its .weight is emptied):
+        # there the embedding, every layer's norms and q/k/v biases (sliced from the fused
+        # qkv_proj.bias) are compared; on GPU every tensor
+        assert sorted(compared) == sorted(name for name in shapes if not name.endswith(
+            "proj.weight")) and "model.layers.0.self_attn.k_proj.bias" in compared
+        return rollout.compare_weights(
+            engine_side, rollout.trainer_weight_samples(trainer.state_dict(), compared))
+    assert difference(after) is None
+    assert re.match(r"model\.embed_tokens\.weight differs in (\d+) of \1 sampled", difference(before))
+    half = {name: (before if ".layers.1." in name else after)[name] for name in after}
+    assert difference(half).startswith("model.layers.1.self_attn.q_proj.bias differs in 64 of 64")
+
+    bf16 = VLLMEngine(path, tokenizer, torch.bfloat16, seed=0, max_model_len=1024,
+                      cpu_kv_cache_gib=0.25)
+    try:
+        metrics = presets_pass_the_start_check_under_bf16(bf16, path, QWEN_CORPUS)
+    finally:
+        bf16.close()  # also ends the process group: this test comes last
+    # two kernels in bf16: a real gap, well below every preset's threshold (SmolLM2-135M's is
+    # ~0.05, this 2-layer model's ~6e-4: README, "GPUs")
+    assert all(0 < m["logprob_gap/mean"] < 0.05 for m in metrics.values()), metrics
 
 if __name__ == "__main__":  # worker entry points for the multi-process tests above
     sys.path.insert(0, HERE)
