@@ -3611,7 +3611,9 @@ def test_gpu_check_dry_run_on_cpu_passes_every_row(tmp_path):
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout.split("gpu_check on cpu")[1].splitlines()
-    for check in ("urpo steps", "resume", "export", "log-prob gap", "output grad", "MFU tiny"):
+    for check in (
+            "urpo steps", "resume", "export", "log-prob gap", "weight check", "output grad",
+            "MFU tiny"):
         (row,) = [line for line in table if line.startswith(check)]
         assert row.rstrip().endswith("yes"), row
 
