@@ -1868,8 +1868,9 @@ def test_weight_check_stops_a_stale_or_half_loaded_engine(tiny_dir, dtype):
     stale = difference(before)
     # the embedding (300 x 64, 1011 samples, sample_stride) comes first in state-dict order
     name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    assert re.fullmatch(rf"model\.embed_tokens\.weight differs in (\d+) of 1011 sampled elements "
-                        rf"\(largest by \S+, both in {name}\); \d+ more tensors differ", stale), stale
+    assert re.fullmatch(rf"model\.embed_tokens\.weight differs in (\d+) of 1011 sampled "
+                        rf"elements \(largest by \S+, both in {name}\); \d+ more tensors differ",
+                        stale), stale
     if dtype == torch.float32:  # every fp32 weight moved
         assert stale.startswith("model.embed_tokens.weight differs in 1011 of 1011")
     half = difference({name: (before if ".layers.1." in name else after)[name] for name in after})
@@ -3912,7 +3913,8 @@ def test_vllm_weight_check_fresh_stale_half_loaded_and_every_preset_under_bf16(p
         return rollout.compare_weights(
             engine_side, rollout.trainer_weight_samples(trainer.state_dict(), compared))
     assert difference(after) is None
-    assert re.match(r"model\.embed_tokens\.weight differs in (\d+) of \1 sampled", difference(before))
+    assert re.match(r"model\.embed_tokens\.weight differs in (\d+) of \1 sampled",
+                    difference(before))
     half = {name: (before if ".layers.1." in name else after)[name] for name in after}
     assert difference(half).startswith("model.layers.1.self_attn.q_proj.bias differs in 64 of 64")
 
