@@ -348,6 +348,21 @@ class HFEngine:
         """Copy in a full or FSDP2-sharded state dict (collective: every rank calls it). Strict."""
         load_full_state_dict(self.model, state_dict)
 
+    @torch.no_grad()
+    def weight_samples(self, shapes: dict[str, tuple], samples: int) -> dict:
+        """The weight check's engine side (see compare_weights): {name: (dtype, strided_samples)}
+        of each named tensor of the engine's model, None where it holds none of that shape."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        found = {name: engine_tensor(params, name, shapes, {}) for name in shapes}
+        return {name: None if tensor is None else (tensor.dtype, strided_samples(tensor, samples))
+                for name, tensor in found.items()}
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids_list: list[list[int]]) -> list[list[float]]:
+        """log p_1(ids[t] | ids[:t]) for t >= 1 of each sequence, by the engine's model in its
+        dtype (the log-prob gap's engine side, as VLLMEngine.prompt_logprobs)."""
+        return trainer_prompt_logprobs(self.model, token_ids_list)
+
     def sleep(self) -> None:  # nothing to free or shut down: a plain model in this process
         pass
 
@@ -518,8 +533,10 @@ def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: li
 
 # --- The vLLM engine and the log-prob gap guard ----------------------------------------------
 # One in-process engine per rank (a full copy): the sync passes tensors by reference. After
-# each sync engine and trainer score the same sequences; disagreement (a failed sync, a changed
-# vLLM loader, a wrong dtype) stops the run. CI runs CPU only: not sleep mode, CUDA graphs, NCCL.
+# each sync the weight check (below) compares the engine's weights with the trainer's exactly,
+# then engine and trainer score the same sequences: that gap is numerics (kernels, bf16), the
+# sampler mismatch the IS weights correct; far above noise (a wrong dtype, a config the engine
+# reads otherwise) it stops the run. CI runs CPU only: not sleep mode, CUDA graphs, NCCL.
 
 log = logging.getLogger(__name__)
 # vLLM warns at every sync that the rotary embedding got no weights: it has none to get
@@ -631,6 +648,12 @@ class VLLMEngine:
                                     use_tqdm=False)
         return [list(output.prompt_logprobs.logprobs) for output in outputs]
 
+    def weight_samples(self, shapes: dict[str, tuple], samples: int) -> dict:
+        """The weight check's engine side, read in vLLM's worker (as the sync writes there):
+        {name: (dtype, strided_samples)} of the tensor holding each trainer tensor, fused ones
+        sliced (engine_tensor); None where the engine holds none."""
+        return self.llm.collective_rpc(_engine_weight_samples, args=(shapes, samples))[0]
+
     def sleep(self) -> None:
         """Free weights and KV cache (CUDA only); level 2 discards weights the sync overwrites."""
         if self.sleep_enabled:
@@ -647,7 +670,8 @@ class VLLMEngine:
 
 
 class StaleWeightsError(RuntimeError):
-    """The rollout engine's log-probabilities do not match the trainer's."""
+    """The rollout engine does not hold the trainer's weights, or computes another function of
+    them."""
 
 
 @torch.no_grad()
@@ -682,12 +706,155 @@ def logprob_gap(engine, trainer_logprob_fn, token_ids_list: list[list[int]]) -> 
 
 
 def check_logprob_gap(mean_gap: float, max_gap: float, threshold: float, step: int) -> None:
-    """Stop the run when the mean gap says the engine is not sampling from the trained policy."""
+    """Stop the run when the mean gap is far above numeric noise (the weights are checked exactly
+    before: check_weights), i.e. the engine computes another function of the same weights."""
     if not mean_gap <= threshold:  # also catches NaN
         raise StaleWeightsError(
             f"step {step}: the rollout engine's log-probabilities differ from the trainer's by "
-            f"{mean_gap:.4g} on average (max {max_gap:.4g}; threshold {threshold:g}): the "
-            f"engine is not sampling from the policy being trained, most likely because the "
-            f"weight sync did not arrive (vLLM version other than {VLLM_VERSION}? dtype or "
-            f"parameter names that the engine does not load?). Fix the sync; raise the "
-            f"threshold only if the gap is rounding (bf16) and stays flat over the steps.")
+            f"{mean_gap:.4g} on average (max {max_gap:.4g}; --logprob_gap_max {threshold:g}; "
+            f"bf16 noise is ~0.05) although it holds the same weights: it computes another "
+            f"function of them (a dtype, attention kernel, RoPE scaling or sliding window that "
+            f"it reads otherwise from the model's config?). Raise --logprob_gap_max only if the "
+            f"gap is rounding and stays flat over the steps.")
+
+
+# --- The weight check: the sync verified exactly -----------------------------------------------
+# After each sync the engine's weights are compared with the trainer's, element for element, on
+# fixed strided samples of every tensor (WEIGHT_SAMPLES each), the trainer's cast to the dtype
+# the engine holds the tensor in, so bf16 rounding is the same on both sides and "equal" means
+# equal. One AdamW step at lr 1e-6 moves every fp32 weight and flips a few percent of bf16 ones
+# (those near a rounding boundary): a stale or partly loaded engine differs in some sampled
+# element of some tensor whatever the dtype, where the log-prob gap cannot tell it from noise.
+
+WEIGHT_SAMPLES = 1024  # sampled elements per tensor (all of a smaller one)
+
+
+def sample_stride(numel: int, samples: int = WEIGHT_SAMPLES) -> tuple[int, int]:
+    """(stride, count): the flat positions 0, stride, ..., (count - 1) * stride of a tensor of
+    `numel` elements. The stride is odd so that, with power-of-two rows, successive samples fall
+    in different columns (an even stride that is a multiple of the row length samples column 0
+    only)."""
+    stride = max(1, numel // samples) | 1
+    return stride, min(samples, -(-numel // stride))
+
+
+def strided_samples(tensor: torch.Tensor, samples: int = WEIGHT_SAMPLES) -> torch.Tensor:
+    """The elements of `tensor` (any shape, any float dtype, any device) at sample_stride's flat
+    positions, as exact float64 values on the CPU: [count]."""
+    stride, count = sample_stride(tensor.numel(), samples)
+    positions = torch.arange(count, device=tensor.device) * stride  # [count]
+    return tensor.reshape(-1)[positions].double().cpu()
+
+
+def _local_part(tensor: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(the flat elements this rank contributes, the global flat position of the first): an
+    FSDP2 shard (Shard(0) over every rank) as it lies, rows split as torch.chunk splits them; a
+    plain tensor, which every rank holds whole, from rank 0 only; anything else gathered."""
+    distributed = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if not hasattr(tensor, "to_local"):
+        return (tensor.reshape(-1) if rank == 0 else None), 0
+    from torch.distributed.tensor import Shard
+    mesh = tensor.device_mesh
+    if (tuple(tensor.placements) == (Shard(0),) and mesh.ndim == 1
+            and mesh.size() == torch.distributed.get_world_size()):
+        rows = tensor.shape[0]
+        first_row = min(mesh.get_local_rank() * -(-rows // mesh.size()), rows)
+        return tensor.to_local().reshape(-1), first_row * (tensor.numel() // max(rows, 1))
+    full = tensor.full_tensor()  # collective: every rank gathers
+    return (full.reshape(-1) if rank == 0 else None), 0
+
+
+@torch.no_grad()
+def trainer_weight_samples(state_dict: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                           samples: int = WEIGHT_SAMPLES) -> dict[str, torch.Tensor]:
+    """The check's trainer side: strided_samples of each tensor named in `dtypes`, cast to that
+    dtype (the engine's), as if gathered, without gathering an FSDP2 shard: each rank fills the
+    positions its shard holds and one all-reduce (sums with zeros: exact) joins them. Collective:
+    every rank calls it with the same names. {name: [count] float64 on the CPU}."""
+    parts, buffers = [], []
+    for name, dtype in dtypes.items():
+        tensor = state_dict[name]
+        stride, count = sample_stride(tensor.numel(), samples)
+        local, first = _local_part(tensor)
+        buffer = torch.zeros(count, dtype=torch.float64, device=tensor.device)  # [count]
+        if local is not None and local.numel():
+            begin = -(-first // stride)  # the first sample at or after `first`
+            end = min(count, -(-(first + local.numel()) // stride))
+            positions = torch.arange(begin, end, device=local.device) * stride - first
+            buffer[begin:end] = local[positions].to(dtype).double()
+        parts.append(count)
+        buffers.append(buffer)
+    if not buffers:
+        return {}
+    joined = torch.cat([b.to(buffers[0].device) for b in buffers])  # [sum of counts]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(joined)
+    return dict(zip(dtypes, joined.cpu().split(parts), strict=True))
+
+
+def engine_tensor(params: dict[str, torch.Tensor], name: str, shapes: dict[str, tuple],
+                  packed: dict[str, list[str]]) -> torch.Tensor | None:
+    """The engine's tensor that holds the trainer's `name` (shape shapes[name]), None if none
+    does: the same name, or its rows of a fused one (vLLM's packed_modules_mapping, e.g.
+    qkv_proj = q_proj, k_proj, v_proj stacked by rows); rows beyond the trainer's (vLLM pads the
+    vocabulary) are left out."""
+    tensor = params.get(name)
+    if tensor is None:
+        for fused, parts in packed.items():
+            part = next((p for p in parts if f".{p}." in name), None)
+            if part is None or name.replace(f".{part}.", f".{fused}.") not in params:
+                continue
+            tensor = params[name.replace(f".{part}.", f".{fused}.")]
+            start = sum(shapes[name.replace(f".{part}.", f".{p}.")][0]
+                        for p in parts[:parts.index(part)])
+            tensor = tensor[start:]
+            break
+    shape = tuple(shapes[name])
+    if tensor is None or tuple(tensor.shape[1:]) != shape[1:] or tensor.shape[0] < shape[0]:
+        return None
+    return tensor[:shape[0]]
+
+
+def _engine_weight_samples(worker, shapes: dict[str, tuple], samples: int) -> dict:
+    """In vLLM's worker: {name: (dtype, strided_samples)} of the tensor holding each trainer
+    tensor (engine_tensor), or None where the engine holds none."""
+    model = worker.get_model()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    found = {name: engine_tensor(params, name, shapes, packed) for name in shapes}
+    return {name: None if tensor is None else (tensor.dtype, strided_samples(tensor, samples))
+            for name, tensor in found.items()}
+
+
+def compare_weights(engine_side: dict, trainer_side: dict[str, torch.Tensor]) -> str | None:
+    """None when every sampled element is equal; else one line naming the first tensor that
+    differs (state-dict order), how many of its samples differ and by how much at most, and how
+    many other tensors differ. `engine_side`: {name: (dtype, samples) or None (not compared)}."""
+    if not trainer_side:  # nothing to compare is no proof of a sync
+        return (f"it holds none of the trainer's {len(engine_side)} tensors by name (e.g. "
+                f"{next(iter(engine_side), 'none')}) and shape")
+    differing = []
+    for name, trainer_values in trainer_side.items():
+        dtype, engine_values = engine_side[name]
+        unequal = (engine_values != trainer_values) & ~(engine_values.isnan()
+                                                        & trainer_values.isnan())
+        if unequal.any():
+            differing.append((name, int(unequal.sum()), len(unequal), (
+                engine_values - trainer_values)[unequal].abs().max().item(), dtype))
+    if not differing:
+        return None
+    name, count, total, largest, dtype = differing[0]
+    more = f"; {len(differing) - 1} more tensors differ" if len(differing) > 1 else ""
+    return (f"{name} differs in {count} of {total} sampled elements (largest by {largest:.3g}, "
+            f"both in {str(dtype).removeprefix('torch.')}){more}")
+
+
+def check_weights(difference: str | None, step: int) -> None:
+    """Stop the run when the engine does not hold the weights the trainer has (compare_weights
+    gave a difference)."""
+    if difference is not None:
+        raise StaleWeightsError(
+            f"step {step}: the rollout engine does not hold the trainer's weights: {difference}. "
+            f"The weight sync did not arrive, or arrived in part (vLLM version other than "
+            f"{VLLM_VERSION}? parameter names the engine does not load?): fix the sync.")

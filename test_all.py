@@ -1877,6 +1877,122 @@ def test_load_full_state_dict_is_strict_before_copying_anything():
             assert torch.equal(tensor, before[name]), name
 
 
+# ---- the weight check: the sync verified exactly -------------------------------------------------
+
+def test_weight_samples_lie_at_fixed_odd_strides():
+    # 300 x 64 = 19200 elements: stride 19200 // 1024 = 18, made odd: 19; ceil(19200 / 19) = 1011
+    assert rollout.sample_stride(19200) == (19, 1011)
+    assert rollout.sample_stride(100) == (1, 100)  # a small tensor: every element
+    assert rollout.sample_stride(2048, samples=1024) == (3, 683)  # 2 -> 3: ceil(2048 / 3)
+    assert rollout.sample_stride(4096 * 4096) == (16385, 1024)
+    # 16385 = 4 rows of 4096 + 1: with 4096 columns each sample falls in another column
+    assert len(set((torch.arange(1024) * 16385 % 4096).tolist())) == 1024
+    values = rollout.strided_samples(torch.arange(19200.0).reshape(300, 64))
+    assert values.dtype == torch.float64 and torch.equal(values, torch.arange(1011.0) * 19)
+
+
+def test_engine_tensor_finds_fused_and_padded_rows():
+    q, k, v = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2, 3)
+    prefix = "model.layers.0.self_attn."
+    params = {prefix + "qkv_proj.weight": torch.cat([q, k, v]),  # vLLM stacks q, k, v by rows
+              "model.embed_tokens.weight": torch.randn(7, 3),  # vocabulary padded from 5 to 7
+              "model.norm.weight": torch.empty(0)}  # emptied (vLLM's CPU build repacks linears)
+    shapes = {prefix + "q_proj.weight": (4, 3), prefix + "k_proj.weight": (2, 3),
+              prefix + "v_proj.weight": (2, 3), "model.embed_tokens.weight": (5, 3),
+              "model.norm.weight": (3,), "lm_head.weight": (5, 3)}
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    found = {name: rollout.engine_tensor(params, name, shapes, packed) for name in shapes}
+    assert torch.equal(found[prefix + "q_proj.weight"], q)
+    assert torch.equal(found[prefix + "k_proj.weight"], k)
+    assert torch.equal(found[prefix + "v_proj.weight"], v)
+    assert torch.equal(found["model.embed_tokens.weight"], params["model.embed_tokens.weight"][:5])
+    assert found["model.norm.weight"] is None and found["lm_head.weight"] is None
+    # nothing the engine holds by the trainer's names: no proof of a sync, a difference
+    assert "holds none of the trainer's 2 tensors" in rollout.compare_weights(
+        {"a.weight": None, "b.weight": None}, {})
+
+
+def one_adamw_step(model, tokenizer, lr: float = 1e-6) -> dict[str, torch.Tensor]:
+    """One AdamW step on a language-model loss (every weight moves by ~lr: Adam's first step is
+    a sign step); returns the weights before it."""
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    ids = torch.tensor([tokenizer(CORPUS[0])["input_ids"]])  # [1, T]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_check_stops_a_stale_or_half_loaded_engine(tiny_dir, dtype):
+    tokenizer = load_tokenizer(tiny_dir)
+    trainer, engine = load_model(tiny_dir), HFEngine(tiny_dir, tokenizer, dtype)
+    before = one_adamw_step(trainer, tokenizer)  # lr 1e-6: flips a few bf16 weights only
+    after = {name: t.detach().clone() for name, t in trainer.state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in after.items()}
+
+    def difference(state: dict) -> str | None:
+        engine.load_weights(state)
+        engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+        assert all(side is not None and side[0] == dtype for side in engine_side.values())
+        trainer_side = rollout.trainer_weight_samples(
+            trainer.state_dict(), {name: side[0] for name, side in engine_side.items()})
+        return rollout.compare_weights(engine_side, trainer_side)
+    assert difference(after) is None  # fresh: equal after the cast, bf16 rounding included
+    stale = difference(before)
+    # the embedding (300 x 64, 1011 samples, sample_stride) comes first in state-dict order
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    assert re.fullmatch(rf"model\.embed_tokens\.weight differs in (\d+) of 1011 sampled "
+                        rf"elements \(largest by \S+, both in {name}\); \d+ more tensors differ",
+                        stale), stale
+    if dtype == torch.float32:  # every fp32 weight moved
+        assert stale.startswith("model.embed_tokens.weight differs in 1011 of 1011")
+    half = difference({name: (before if ".layers.1." in name else after)[name] for name in after})
+    assert half.startswith("model.layers.1."), half  # layer 0 arrived: layer 1 is named
+    with pytest.raises(StaleWeightsError, match=r"^step 3: the rollout engine does not hold the "
+                       r"trainer's weights: model\.layers\.1\..* fix the sync"):
+        rollout.check_weights(half, step=3)
+    rollout.check_weights(None, step=3)
+
+
+TRAINER_SAMPLES_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    sys.path.insert(0, sys.argv[1])
+    import rollout
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)  # the same weights on every rank
+    # rows split as torch.chunk over 3 ranks: 101/101/99, 2/2/1, 1/1/0 (an empty shard)
+    module = torch.nn.Sequential(torch.nn.Embedding(301, 8), torch.nn.Linear(8, 5),
+                                 torch.nn.Linear(5, 2))
+    full = {name: t.detach().clone() for name, t in module.state_dict().items()}
+    fully_shard(module)
+    for samples in (1024, 7):  # every element; strides that cross the shards' boundaries
+        for dtype in (torch.float32, torch.bfloat16):
+            got = rollout.trainer_weight_samples(module.state_dict(),
+                                                 {name: dtype for name in full}, samples)
+            for name, tensor in full.items():
+                expected = rollout.strided_samples(tensor.to(dtype), samples)
+                assert torch.equal(got[name], expected), (name, samples, dtype)
+    print(f"rank {dist.get_rank()} equal", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_trainer_weight_samples_of_fsdp2_shards_equal_the_full_tensors(tmp_path):
+    # three ranks, uneven and empty shards: each fills its own positions, one all-reduce joins
+    script = tmp_path / "trainer_samples.py"
+    script.write_text(TRAINER_SAMPLES_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+         str(script), HERE], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert sorted(re.findall(r"rank (\d) equal", result.stdout)) == ["0", "1", "2"]
+
+
 # ---------------------------------------------------------------------------------------------
 # rollout.py: the self-referee pass
 # ---------------------------------------------------------------------------------------------
@@ -2829,6 +2945,34 @@ def test_engine_options_let_only_the_policy_engine_sleep():
     assert train.engine_options(cfg, "referee") == dict(context_len=None, trust_remote_code=True)
     with pytest.raises(ValueError, match="role"):
         train.engine_options(cfg, "judge")
+
+
+def presets_pass_the_start_check_under_bf16(engine, model_dir: str, texts: list[str]) -> dict:
+    """train.check_engine, the start-of-run check, under every preset, with the trainer's bf16
+    path (FSDP2, bf16 compute; CPU here) and a bf16 `engine` synced from it; then one optimizer
+    step (AdamW, lr 1e-6) the engine never receives must stop it. Returns the presets' metrics."""
+    tokenizer = load_tokenizer(model_dir)
+    policy = model_lib.shard_model(load_model(model_dir), torch.device("cpu"), bf16=True)
+    train.sync(engine, policy, engine_is_policy=False)
+    guard_ids = [tokenizer(text)["input_ids"] for text in texts]
+    metrics = {}
+    for preset in train.PRESETS:
+        cfg = train.parse_config(["--preset", preset])
+        metrics[preset], _ = train.check_engine(engine, policy, guard_ids, cfg, step=0)
+        assert metrics[preset]["logprob_gap/mean"] <= cfg.logprob_gap_max, preset
+    one_adamw_step(policy, tokenizer)
+    with pytest.raises(StaleWeightsError, match=r"^step 1: .* model\.embed_tokens\.weight differs "
+                       r"in \d+ of \d+ sampled elements \(largest by \S+, both in bfloat16\)"):
+        train.check_engine(engine, policy, guard_ids, train.parse_config([]), step=1)
+    return metrics
+
+
+def test_every_preset_passes_the_start_of_run_check_under_bf16(process_group, tiny_dir):
+    # The HF engine in bf16 runs the trainer's own kernels: its gap is 0 here (vLLM's: below)
+    engine = HFEngine(tiny_dir, load_tokenizer(tiny_dir), torch.bfloat16)
+    metrics = presets_pass_the_start_check_under_bf16(engine, tiny_dir, CORPUS)
+    assert set(metrics) == set(train.PRESETS)
+    assert all(m["logprob_gap/mean"] == 0 and m["time/weight_check"] > 0 for m in metrics.values())
 
 
 # ---- FSDP2 under torchrun: data parallelism is exact -------------------------------------------
@@ -4175,7 +4319,9 @@ def test_gpu_check_dry_run_on_cpu_passes_every_row(tmp_path):
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout.split("gpu_check on cpu")[1].splitlines()
-    for check in ("urpo steps", "resume", "export", "log-prob gap", "output grad", "MFU tiny"):
+    for check in (
+            "urpo steps", "resume", "export", "log-prob gap", "weight check", "output grad",
+            "MFU tiny"):
         (row,) = [line for line in table if line.startswith(check)]
         assert row.rstrip().endswith("yes"), row
 
@@ -4232,6 +4378,7 @@ def test_training_steps_with_vllm_rollouts_log_the_gap_and_is_weights(tmp_path):
     for line in lines:
         # the guard ran after each sync and the weights arrived
         assert line["logprob_gap/mean"] < 1e-3
+        assert 0 < line["time/weight_check"] < 5  # the weights were checked equal (else: stopped)
         assert 0 < line["is/weight_mean"] <= 2.0 and 0 <= line["is/capped_frac"] <= 1
 
 
@@ -4306,11 +4453,18 @@ def test_guard_fires_when_a_sync_is_skipped_after_a_big_change(tiny_qwen):
                                     sequences)
     check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=0)  # step 0: in sync, passes
 
-    # the optimizer moved the trainer, the sync was skipped on purpose
+    # the optimizer moved the trainer, the sync was skipped on purpose: the weight check names
+    # the first tensor, and the gap, far above noise, would stop the run too
+    shapes = {name: tuple(t.shape) for name, t in changed.state_dict().items()}
+    engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+    trainer_side = rollout.trainer_weight_samples(
+        changed.state_dict(), {name: side[0] for name, side in engine_side.items() if side})
+    assert rollout.compare_weights(engine_side, trainer_side).startswith(
+        "model.embed_tokens.weight differs in")
     mean_gap, max_gap = logprob_gap(engine, lambda ids: trainer_prompt_logprobs(changed, ids),
                                     sequences)
     assert mean_gap > 0.5
-    with pytest.raises(StaleWeightsError, match="step 7: .*weight sync did not arrive"):
+    with pytest.raises(StaleWeightsError, match="step 7: .*differ from the trainer's by"):
         check_logprob_gap(mean_gap, max_gap, threshold=1e-3, step=7)
     with pytest.raises(StaleWeightsError):
         check_logprob_gap(float("nan"), float("nan"), threshold=1e-3, step=7)
@@ -4444,6 +4598,42 @@ def test_two_ranks_under_torchrun_each_own_an_engine_synced_from_fsdp2_shards(ti
         assert float(max_gap) < 1e-3
         assert distinct == "True"  # a seed per rank: the ranks sample different completions
 
+
+@pytest.mark.vllm
+def test_vllm_weight_check_fresh_stale_half_loaded_and_every_preset_under_bf16(process_group,
+                                                                               tiny_qwen):
+    path, tokenizer, engine = tiny_qwen
+    trainer = trainer_model(path)
+    before = one_adamw_step(trainer, tokenizer)
+    after = {name: t.detach().clone() for name, t in trainer.state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in after.items()}
+
+    def difference(state: dict) -> str | None:  # fp32: every weight moved
+        engine.load_weights(state)
+        engine_side = engine.weight_samples(shapes, rollout.WEIGHT_SAMPLES)
+        compared = {name: side[0] for name, side in engine_side.items() if side is not None}
+        # vLLM's CPU build repacks linear weights into oneDNN's layout (its .weight is emptied):
+        # there the embedding, every layer's norms and q/k/v biases (sliced from the fused
+        # qkv_proj.bias) are compared; on GPU every tensor
+        assert sorted(compared) == sorted(name for name in shapes if not name.endswith(
+            "proj.weight")) and "model.layers.0.self_attn.k_proj.bias" in compared
+        return rollout.compare_weights(
+            engine_side, rollout.trainer_weight_samples(trainer.state_dict(), compared))
+    assert difference(after) is None
+    assert re.match(r"model\.embed_tokens\.weight differs in (\d+) of \1 sampled",
+                    difference(before))
+    half = {name: (before if ".layers.1." in name else after)[name] for name in after}
+    assert difference(half).startswith("model.layers.1.self_attn.q_proj.bias differs in 64 of 64")
+
+    bf16 = VLLMEngine(path, tokenizer, torch.bfloat16, seed=0, max_model_len=1024,
+                      cpu_kv_cache_gib=0.25)
+    try:
+        metrics = presets_pass_the_start_check_under_bf16(bf16, path, QWEN_CORPUS)
+    finally:
+        bf16.close()  # also ends the process group: this test comes last
+    # two kernels in bf16: a real gap, well below every preset's threshold (SmolLM2-135M's is
+    # ~0.05, this 2-layer model's ~6e-4: README, "GPUs")
+    assert all(0 < m["logprob_gap/mean"] < 0.05 for m in metrics.values()), metrics
 
 if __name__ == "__main__":  # worker entry points for the multi-process tests above
     sys.path.insert(0, HERE)

@@ -17,6 +17,8 @@ import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import eval as evaluation  # noqa: E402  (the repository's eval.py)
 ARMS_DIR = os.path.join(HERE, "arms")
 BASE = "python train.py --preset cpu_referee"
 # arm -> the flags it adds to BASE (every arm starts from the shared cold start's final/)
@@ -56,10 +58,16 @@ def differences(a: dict, b: dict) -> list[str]:
 
 
 def interval(line: dict, key: str) -> str:
+    """The mean and its 95% Clopper-Pearson interval over the set's items (eval.proportion_interval),
+    recomputed from the mean and the item count, so that every arm's interval comes from one
+    method whatever the code that ran it logged."""
     if key not in line:
         return "-"
-    low, high = line.get(f"{key}_ci_low"), line.get(f"{key}_ci_high")
-    return f"{line[key]:.3f} ({low:.2f}-{high:.2f})" if low is not None else f"{line[key]:.3f}"
+    count = line.get("count/eval/{}/n".format(key.split("/")[1]))
+    if not count:
+        return f"{line[key]:.3f}"
+    low, high = evaluation.proportion_interval([line[key]] * round(count))
+    return f"{line[key]:.3f} ({low:.2f}-{high:.2f})"
 
 
 def row(arm: str, line: dict) -> str:

@@ -15,7 +15,10 @@ row of the table printed at the end (exit status 1 when any row fails):
   resume          the same run continued with --resume: the step after the checkpoint runs.
   export          `python train.py export` of the checkpoint: an HF folder that loads.
   log-prob gap    engine (bf16 copy) vs trainer (FSDP2, bf16 compute) on sampled completions, the
-                  mean |difference| of log p_T (train.py's --logprob_gap_max of the paper preset).
+                  mean |difference| of log p_T (bound: train.py's --logprob_gap_max default).
+  weight check    train.check_engine, the guard after every sync, on that engine: it passes when
+                  synced, and stops a one-step-stale (AdamW, lr 1e-6, not synced) and a half-loaded
+                  engine; its cost per call.
   output grad     the output layer's weight gradient under bf16 compute against float32's, relative
                   error (model._OutputLayerLogprobs sums it in float32).
   peak memory     torch.cuda.max_memory_allocated over the in-process checks.
@@ -49,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--mfu_shapes", default=None,
                    help="comma-separated shapes for MFU (default: qwen2.5-0.5b,qwen2.5-1.5b on "
                         "cuda, tiny on cpu)")
-    p.add_argument("--gap_max", type=float, default=0.05, help="bound of the mean log-prob gap")
+    p.add_argument("--gap_max", type=float, default=None,
+                   help="bound of the mean log-prob gap (default: train.py's --logprob_gap_max)")
     p.add_argument("--grad_error_max", type=float, default=0.05,
                    help="bound of the bf16 output-layer gradient's relative error")
     p.add_argument("--out", default=None, help="working folder (default: a temporary one)")
@@ -172,10 +176,42 @@ def precision_rows(model_dir: str, device: torch.device, gap_max: float,
     error = ((output_gradient(policy) - reference).norm() / reference.norm()).item()
     rows.append(("output grad", f"{error:.2e} relative to float32", f"<= {grad_error_max:g}",
                  error <= grad_error_max))
+    rows.append(weight_check_row(policy, engine, prompts))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
         rows.append(("peak memory", f"{peak:.1f} GiB", "reported", True))
     return rows
+
+
+def weight_check_row(policy, engine, prompts: list[list[int]]) -> tuple:
+    """train.check_engine on `engine` (synced from `policy`): fresh, then one AdamW step (lr 1e-6)
+    the engine never receives, then half the layers loaded."""
+    import model as model_lib
+    import rollout
+    import train
+    cfg = train.Config()
+
+    def verdict(step: int) -> tuple[str, dict]:
+        try:
+            return "pass", train.check_engine(engine, policy, prompts, cfg, step)[0]
+        except rollout.StaleWeightsError as error:
+            return "stop" if "does not hold the trainer's weights" in str(error) else "gap", {}
+    fresh, metrics = verdict(0)
+    before = {name: t.clone() for name, t in model_lib.full_state_dict(policy).items()}
+    policy.zero_grad(set_to_none=True)
+    ids = torch.tensor([prompts[0]], device=next(policy.parameters()).device)  # [1, T]
+    policy(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.AdamW(policy.parameters(), lr=1e-6).step()
+    stale, _ = verdict(1)
+    after = model_lib.full_state_dict(policy)
+    layers = policy.config.num_hidden_layers
+    late = tuple(f".layers.{i}." for i in range(layers // 2, layers))
+    engine.load_weights({name: (before if any(k in name for k in late) else after)[name]
+                         for name in after})
+    half, _ = verdict(2)
+    cost = f"{metrics['time/weight_check'] * 1e3:.0f} ms" if metrics else "-"
+    return ("weight check", f"fresh {fresh}, one step stale {stale}, half loaded {half}; {cost}",
+            "pass, stop, stop", (fresh, stale, half) == ("pass", "stop", "stop"))
 
 
 def mfu_rows(shapes: list[str], device: str, log: str) -> list[tuple]:
@@ -208,6 +244,9 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     model_dir = random_model(args.shape, os.path.join(work, "model"))
     rows = urpo_rows(model_dir, work, log)
+    if args.gap_max is None:
+        from train import Config
+        args.gap_max = Config.logprob_gap_max
     rows += precision_rows(model_dir, torch.device(args.device), args.gap_max,
                            args.grad_error_max)
     rows += mfu_rows(shapes, args.device, log)
