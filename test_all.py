@@ -699,6 +699,8 @@ def _write_jsonl(path, rows):
     (f"gsm8k:{SAMPLES}/gsm8k/train.first200.jsonl", 200, {}),
     (f"gsm8k:{SAMPLES}/gsm8k/test.first100.jsonl", 100, {}),
     (f"math500:{SAMPLES}/math500/test.first100.jsonl", 100, {}),
+    (f"aime24:{SAMPLES}/aime24/test.jsonl", 30, {}),
+    (f"amc23:{SAMPLES}/amc23/test.jsonl", 40, {}),
     (f"math:{FIXTURES}/math_lighteval.jsonl", 2, {"no \\boxed{} in solution": 1}),
     (f"numina:{FIXTURES}/numina_cot.jsonl", 2, {"no \\boxed{} in solution": 1}),
     (f"ultrafeedback_binarized:{SAMPLES}/ultrafeedback_binarized/train_prefs.first200.jsonl", 199,
@@ -743,7 +745,7 @@ def test_every_key_loads_its_sample(spec, n_records, skipped):
 
 
 def test_every_registry_key_has_a_sample_test():
-    covered = {"gsm8k", "math500", "math", "numina", "ultrafeedback_binarized", "ultrafeedback",
+    covered = {"gsm8k", "math500", "aime24", "amc23", "math", "numina", "ultrafeedback_binarized", "ultrafeedback",
                "hh_rlhf", "skywork", "helpsteer2", "rewardbench", "alpaca", "alpaca_eval",
                "ultrachat", "tulu3", "ultrafeedback_prompts"}
     assert set(data.REGISTRY) == covered
@@ -774,6 +776,42 @@ def test_gsm8k_gold_drops_thousands_commas(tmp_path):
     records, counts = data.load_with_counts(f"gsm8k:{path}")
     assert [r["answer"] for r in records] == ["1234"]
     assert counts == {"no '####' final answer": 1}
+
+
+def test_aime24_and_amc23_gold_answers_on_the_real_rows():
+    aime = data.load(f"aime24:{SAMPLES}/aime24/test.jsonl")
+    assert (aime[0]["id"], aime[0]["answer"]) == ("60", "204")
+    assert aime[0]["messages"][0]["content"].startswith("Every morning Aya goes for a $9$-kilo")
+    assert aime[7]["answer"] == "25"  # upstream "025": AIME writes three digits
+    assert aime[-1]["meta"]["url"].endswith("2024_AIME_II_Problems/Problem_9")
+    amc = data.load(f"amc23:{SAMPLES}/amc23/test.jsonl")
+    assert [r["answer"] for r in amc[:4]] == ["27", "36", "45", "3159"]  # upstream 27.0, ...
+    assert amc[15]["answer"] == "-1" and amc[-1]["id"] == "49"
+    assert all(r["answer"].lstrip("-").isdigit() for r in aime + amc)
+
+
+@pytest.mark.parametrize("answer, gold", [
+    (27.0, "27"), (-1.0, "-1"), (3, "3"), (1e20, "100000000000000000000"), (0.5, "0.5"),
+    ("27.0", "27"), ("-3.00", "-3"), ("+4.", "4"), ("025", "25"), ("204", "204"),
+    ("0.50", "0.50"), ("1.05", "1.05"), (" 7 ", "7"), ("\\frac{1}{2}", "\\frac{1}{2}")])
+def test_competition_gold_numbers_drop_only_a_zero_fraction(tmp_path, answer, gold):
+    path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": answer}])
+    assert data.load(f"amc23:{path}")[0]["answer"] == gold
+
+
+def test_competition_gold_that_is_no_number_is_named(tmp_path):
+    for answer, kind in ((True, "True"), (None, "NoneType")):
+        path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": answer}])
+        with pytest.raises(data.DataError, match=f"amc23 loader: .*amc.jsonl line 1: field "
+                                                 f"'answer' is {kind}"):
+            data.load(f"amc23:{path}")
+    path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": ""}])
+    assert data.load_with_counts(f"amc23:{path}") == ([], {"empty gold answer": 1})
+    # the hub copy of AMC 2023 (math-ai/amc23) names the statement `question` and may lack `id`
+    path = _write_jsonl(tmp_path / "hub.jsonl", [{"question": "q", "answer": 27.0}])
+    [record] = data.load(f"amc23:{path}")
+    assert (record["id"], record["messages"][0]["content"], record["answer"]) == (
+        "hub.jsonl-0", "q", "27")
 
 
 def test_preference_orders():
