@@ -470,10 +470,12 @@ TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 
 def held_out_items(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
                    seed: int = 0, batch_size: int = 16, think: bool = True,
-                   referee_max_new_tokens: int | None = None) -> dict[str, tuple[str, list]]:
-    """Each held-out set's record kind and items (evaluate_items), all greedy, with the live
-    engine; `referee_max_new_tokens` None: max_new_tokens. The model judges open sets itself.
-    ValueError for a set of mixed or no record kinds."""
+                   referee_max_new_tokens: int | None = None, samples: int = 1,
+                   temperature: float = 0.0) -> dict[str, tuple[str, list]]:
+    """Each held-out set's record kind and items (evaluate_items) with the live engine: verdicts
+    and open answers greedy, problems greedy or `samples` answers each at `temperature` (their
+    accuracy is then avg@k); `referee_max_new_tokens` None: max_new_tokens. The model judges
+    open sets itself. ValueError for a set of mixed or no record kinds."""
     judged = {}
     for name, records in sets.items():
         kinds = {record["task"] for record in records}
@@ -485,7 +487,7 @@ def held_out_items(engine, tokenizer, sets: dict[str, list[dict]], max_new_token
         for start in range(0, len(records), batch_size):
             items += evaluate_items(kind, engine, tokenizer, records[start:start + batch_size],
                                     max_new_tokens, referee_max_new_tokens or max_new_tokens, seed,
-                                    think=think)
+                                    samples, temperature, think=think)
         judged[name] = (kind, items)
     return judged
 
@@ -503,10 +505,12 @@ def held_out_metrics(judged: dict[str, tuple[str, list]]) -> dict[str, float]:
 
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
                              seed: int = 0, batch_size: int = 16, think: bool = True,
-                             referee_max_new_tokens: int | None = None) -> dict[str, float]:
+                             referee_max_new_tokens: int | None = None, samples: int = 1,
+                             temperature: float = 0.0) -> dict[str, float]:
     """held_out_metrics of held_out_items, in one process."""
     return held_out_metrics(held_out_items(engine, tokenizer, sets, max_new_tokens, seed,
-                                           batch_size, think, referee_max_new_tokens))
+                                           batch_size, think, referee_max_new_tokens, samples,
+                                           temperature))
 
 
 def held_out_sets(specs: str, limit: int, fits, pairs: int | None = None) -> dict[str, list[dict]]:

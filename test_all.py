@@ -745,9 +745,9 @@ def test_every_key_loads_its_sample(spec, n_records, skipped):
 
 
 def test_every_registry_key_has_a_sample_test():
-    covered = {"gsm8k", "math500", "aime24", "amc23", "math", "numina", "ultrafeedback_binarized", "ultrafeedback",
+    covered = {"gsm8k", "math500", "math", "numina", "ultrafeedback_binarized", "ultrafeedback",
                "hh_rlhf", "skywork", "helpsteer2", "rewardbench", "alpaca", "alpaca_eval",
-               "ultrachat", "tulu3", "ultrafeedback_prompts"}
+               "ultrachat", "tulu3", "ultrafeedback_prompts", "aime24", "amc23"}
     assert set(data.REGISTRY) == covered
 
 
@@ -2440,6 +2440,26 @@ def test_config_flags_presets_and_errors(capsys):
     assert "--referee_orders" in help_text and "orders per self-refereed group" in help_text
 
 
+def test_paper_preset_evaluates_aime24_as_avg_at_16_at_the_sampling_temperature(process_group,
+                                                                                tiny_dir):
+    cfg = train.parse_config(["--preset", "paper"])
+    assert cfg.eval_data.split(",")[0] == "aime24:samples/aime24/test.jsonl"
+    assert (cfg.eval_samples, cfg.temperature, cfg.eval_every) == (16, 1.0, 50)
+    # the held-out evaluation samples each problem eval_samples times at the run's temperature
+    tokenizer = load_tokenizer(tiny_dir)
+    engine, calls = rollout.HFEngine(tiny_dir, tokenizer), []
+    generate = engine.generate
+    def spy(prompts, n, temperature, max_new_tokens):
+        calls.append((len(prompts), n, temperature))
+        return generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens)
+    engine.generate = spy
+    sets = {"aime24": data.load(f"aime24:{SAMPLES}/aime24/test.jsonl", limit=2)}
+    line = train.evaluate_held_out(engine, tokenizer, sets, tiny_cfg(
+        eval_samples=3, temperature=0.7, eval_max_new_tokens=4))
+    assert calls == [(2, 3, 0.7)]
+    assert line["eval/aime24/accuracy"] == 0.0 and line["count/eval/aime24/n"] == 2
+
+
 def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(capsys):
     import dataclasses
     assert all(field.metadata.get("help") for field in dataclasses.fields(train.Config))
@@ -2485,7 +2505,8 @@ def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, mes
 
 @pytest.mark.parametrize("flag", ["max_new_tokens", "referee_max_new_tokens", "max_prompt_tokens",
                                   "eval_max_new_tokens", "eval_limit", "eval_pairs",
-                                  "micro_batch_tokens", "cold_start_batch", "keep_checkpoints"])
+                                  "micro_batch_tokens", "cold_start_batch", "keep_checkpoints",
+                                  "eval_samples"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_every_budget_below_one_is_named_in_one_line(flag, value):
     with pytest.raises(SystemExit) as error:
