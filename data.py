@@ -14,6 +14,7 @@ the task mixture, and the player/referee prompts. A record is a plain dict:
 
 import gzip
 import json
+import math
 import random
 import re
 import sys
@@ -98,6 +99,34 @@ def _math500(row):
             "answer": _field(row, "answer"),
             "meta": {"subject": _field(row, "subject"), "level": _field(row, "level", int),
                      "reference": _field(row, "solution")}}
+
+
+_DECIMAL = re.compile(r"[+-]?\d+(\.\d*)?")
+
+
+def _gold_number(value) -> str:
+    """A numeric gold answer as text: an integer-valued number as its integer (27.0, "27.0",
+    "025" -> "27", "27", "25": AMC's JSON floats and AIME's zero-padded strings), any other
+    number kept exactly as given (0.5 -> "0.5", "0.50" stays "0.50"), other text stripped."""
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise _BadRow(f"field 'answer' is {value!r}, expected a finite number or a str")
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    text = value.strip()
+    match = _DECIMAL.fullmatch(text)
+    if match and set(match.group(1) or "") <= {".", "0"}:  # no fraction, or only zeros
+        return str(int(text.split(".")[0]))  # int("-025") == -25
+    return text
+
+
+def _competition(row):
+    """AIME 2024 and AMC 2023 as Qwen2.5-Math's evaluation/data files (bundled in samples/):
+    `id, problem, question, answer, url` (AIME adds a worked `solution`, not kept: it boxes no
+    answer to imitate); the hub copies have `problem` or `question` alone, `id` optional."""
+    fields = {"messages": _user(_field(row, "problem" if "problem" in row else "question")),
+              "answer": _gold_number(_field(row, "answer", (int, float, str))),
+              "meta": {"url": row.get("url")}}
+    return fields | ({"id": str(_field(row, "id", (int, str)))} if "id" in row else {})
 
 
 def _boxed_solution(row, meta):
@@ -233,6 +262,9 @@ class Source:
 REGISTRY = {
     "gsm8k": Source("verifiable", {"path": "openai/gsm8k", "name": "main"}, "train", _gsm8k),
     "math500": Source("verifiable", {"path": "HuggingFaceH4/MATH-500"}, "test", _math500),
+    # AIME 2024 (30 problems) and AMC 2023 (40): bundled whole in samples/, the hub has copies
+    "aime24": Source("verifiable", {"path": "HuggingFaceH4/aime_2024"}, "train", _competition),
+    "amc23": Source("verifiable", {"path": "math-ai/amc23"}, "test", _competition),
     "math": Source("verifiable", {"path": "DigitalLearningGmbH/MATH-lighteval", "name": "default"},
                    "train", lambda row: _boxed_solution(
                        row, {"level": _field(row, "level"), "type": _field(row, "type")})),

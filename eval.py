@@ -3,7 +3,9 @@
   referee       RewardBench v1 pairwise accuracy per subset and section, and the position bias
                 (a second pass with every pair swapped)
   reasoning     math_reward accuracy on GSM8K, MATH-500 or sets in their schemas (greedy, or
-                pass@1 over k samples), per subject and level where the data has them
+                pass@1 over k samples), per subject and level where the data has them; AIME 2024
+                and AMC 2023 as avg@k (16 samples by default) with pass@k; one reasoning average
+                over the reasoning tasks that ran, naming them
   instructions  AlpacaEval answers as alpaca_eval's model_outputs.json, and a local win rate
                 against the gpt4_1106_preview reference outputs, judged by a local referee
 
@@ -14,6 +16,8 @@ An item whose prompt and token budget exceed the engine's context is skipped and
 
 Run:
   python eval.py --model runs/urpo/final --tasks rewardbench,gsm8k,math500,alpaca_eval
+  # the paper's reasoning benchmarks, bundled whole in samples/ (offline): avg@16 each
+  python eval.py --model runs/urpo/final --tasks aime24,amc23
   # offline, on the excerpts bundled in samples/ (hh-rlhf pairs stand in for RewardBench):
   python eval.py --tasks rewardbench,gsm8k,math500,alpaca_eval --limit 20 \\
       --rewardbench_data hh_rlhf:samples/hh_rlhf/helpful-base/test.first100.jsonl.gz \\
@@ -67,8 +71,15 @@ BENCHMARKS = {
     "rewardbench": ("preference", "rewardbench", None),
     "gsm8k": ("verifiable", "gsm8k", "test"),
     "math500": ("verifiable", "math500", None),
+    "aime24": ("verifiable", "aime24:samples/aime24/test.jsonl", None),
+    "amc23": ("verifiable", "amc23:samples/amc23/test.jsonl", None),
     "alpaca_eval": ("open", "alpaca_eval", None),
 }
+
+
+# answers per problem when --samples is not given: AIME has 30 problems, so a greedy score moves
+# in steps of 3.3 points; the field reports the mean over 16 samples (avg@16) instead
+DEFAULT_SAMPLES = {"aime24": 16, "amc23": 16}  # other tasks: 1 (greedy)
 
 
 # ==================================================================================== scoring
@@ -294,6 +305,85 @@ def reasoning_metrics(items: list[dict]) -> dict[str, float]:
     return metrics
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of one problem, c of them right (Chen et
+    al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1): the chance that k
+    samples drawn without replacement from the n hold a right one, 1 - C(n-c, k) / C(n, k).
+    n = 4, c = 2: pass@1 = 0.5, pass@2 = 1 - 1/6 = 5/6, pass@4 = 1. ValueError unless
+    0 <= c <= n and 1 <= k <= n (pass@k needs at least k samples)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@{k} needs 1 <= k <= n samples and 0 <= c <= n right ones; got "
+                         f"n={n}, c={c}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def problem_interval(strata: list[list[float]], level: float = 0.95, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean over strata (tasks) of each stratum's mean
+    of per-problem values (e.g. pass rates over k samples). The resampling unit is the problem,
+    drawn with replacement within its task: a problem's k samples are not independent draws (a
+    problem the model can solve is solved often), so neither they nor the per-problem rates are
+    Bernoulli trials, and a proportion's interval over all samples would be too narrow. One
+    stratum: the interval of one task's mean. Seeded, so the same values give the same interval.
+    All problems of a task alike (e.g. every AIME problem 0 of 16) give a zero-width interval:
+    it measures the problems seen, nothing about others. (nan, nan) when a stratum is empty."""
+    if not strata or not all(strata):
+        return float("nan"), float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.zeros(resamples, dtype=torch.float64)  # [R] the statistic per resample
+    for values in strata:
+        scores = torch.tensor(values, dtype=torch.float64)  # [n] this task's problems
+        draws = torch.randint(len(scores), (resamples, len(scores)), generator=generator)  # [R, n]
+        means += scores[draws].mean(dim=1) / len(strata)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return low.item(), high.item()
+
+
+def pass_rates(items: list[dict]) -> list[float]:
+    """Each generated problem's share of right answers (its `rewards`' mean), in item order."""
+    return [mean(item["rewards"]) for item in scored(items)[0]]
+
+
+def sampled_reasoning_metrics(items: list[dict]) -> dict[str, float]:
+    """AIME and AMC scoring: reasoning_metrics, with its accuracy named `avg@k` (k answers per
+    problem: the mean over problems of each one's pass rate; = pass@1), and `pass@j` beside it
+    (j = 2, 4, 8, ... below k, and k): the mean over problems of the unbiased estimator
+    pass_at_k(k, right answers, j). Each carries a 95% problem_interval (bootstrap over
+    problems). E.g. rewards [1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]: avg@4 = 0.5,
+    pass@2 = (5/6 + 0 + 1) / 3, pass@4 = 2/3."""
+    metrics = reasoning_metrics(items)
+    for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high"):
+        metrics.pop(key)
+    rewards = [item["rewards"] for item in scored(items)[0]]
+    k = min(map(len, rewards), default=1)
+    per_problem = {f"avg@{k}": [mean(r) for r in rewards]}
+    for j in [2 ** i for i in range(1, k.bit_length()) if 2 ** i < k] + ([k] if k > 1 else []):
+        per_problem[f"pass@{j}"] = [pass_at_k(len(r), int(sum(r)), j) for r in rewards]
+    headline = {}
+    for name, values in per_problem.items():
+        headline[name] = mean(values)
+        headline[f"{name}_ci_low"], headline[f"{name}_ci_high"] = problem_interval([values])
+    return headline | metrics
+
+
+def reasoning_average(per_task: dict[str, list[float]]) -> dict | None:
+    """One reasoning number, as the paper's "composite reasoning average": the mean over the
+    given tasks of each task's mean per-problem pass rate (its accuracy, or avg@k), every task
+    weighing the same (GSM8K's 1,319 problems do not drown AIME's 30), with `tasks`, the list
+    it averages (averages over other lists are not comparable), each task's value, and its 95%
+    problem_interval (problems resampled within each task). Tasks without a scored problem are
+    left out; None when none is left."""
+    tasks = [task for task, rates in per_task.items() if rates]
+    if not tasks:
+        return None
+    low, high = problem_interval([per_task[task] for task in tasks])
+    return {"tasks": tasks, "value": mean(mean(per_task[task]) for task in tasks),
+            "ci_low": low, "ci_high": high,
+            "per_task": {task: mean(per_task[task]) for task in tasks},
+            "interval": "95% percentile bootstrap over problems, resampled within each task"}
+
+
 def instruction_metrics(items: list[dict]) -> dict[str, float]:
     """Local AlpacaEval win rate: candidates [output, reference], judged in both orders; a verdict
     is 1 (the model wins: gold [0, 1]), 0, or 0.5 if invalid; win rate = mean over items of the
@@ -401,6 +491,7 @@ def reasoning_items(engine, tokenizer, records, max_new_tokens, samples=1, tempe
             continue
         checks = math_checks([c.text for c in outs], [r["answer"]] * len(outs))
         items.append(item | dict(
+            pass_rate=mean(check == RIGHT for check in checks),  # right answers / samples
             rewards=[float(check == RIGHT) for check in checks],
             timeouts=[check == TIMEOUT for check in checks],
             truncated=[c.finish_reason == "length" for c in outs],
@@ -450,6 +541,7 @@ def evaluate_items(kind: str, engine, tokenizer, records, max_new_tokens: int,
 
 METRICS = {"preference": referee_metrics, "verifiable": reasoning_metrics,
            "open": instruction_metrics}
+TASK_METRICS = {"aime24": sampled_reasoning_metrics, "amc23": sampled_reasoning_metrics}
 def _with_intervals(*names: str) -> list[str]:
     return [key for name in names for key in (name, f"{name}_ci_low", f"{name}_ci_high")]
 
@@ -468,10 +560,12 @@ TRAINING_COUNTS = ("n", "skipped_long_prompts", "timeouts")
 
 def held_out_items(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
                    seed: int = 0, batch_size: int = 16, think: bool = True,
-                   referee_max_new_tokens: int | None = None) -> dict[str, tuple[str, list]]:
-    """Each held-out set's record kind and items (evaluate_items), all greedy, with the live
-    engine; `referee_max_new_tokens` None: max_new_tokens. The model judges open sets itself.
-    ValueError for a set of mixed or no record kinds."""
+                   referee_max_new_tokens: int | None = None, samples: int = 1,
+                   temperature: float = 0.0) -> dict[str, tuple[str, list]]:
+    """Each held-out set's record kind and items (evaluate_items) with the live engine: verdicts
+    and open answers greedy, problems greedy or `samples` answers each at `temperature` (their
+    accuracy is then avg@k); `referee_max_new_tokens` None: max_new_tokens. The model judges
+    open sets itself. ValueError for a set of mixed or no record kinds."""
     judged = {}
     for name, records in sets.items():
         kinds = {record["task"] for record in records}
@@ -483,7 +577,7 @@ def held_out_items(engine, tokenizer, sets: dict[str, list[dict]], max_new_token
         for start in range(0, len(records), batch_size):
             items += evaluate_items(kind, engine, tokenizer, records[start:start + batch_size],
                                     max_new_tokens, referee_max_new_tokens or max_new_tokens, seed,
-                                    think=think)
+                                    samples, temperature, think=think)
         judged[name] = (kind, items)
     return judged
 
@@ -501,10 +595,12 @@ def held_out_metrics(judged: dict[str, tuple[str, list]]) -> dict[str, float]:
 
 def evaluate_during_training(engine, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int,
                              seed: int = 0, batch_size: int = 16, think: bool = True,
-                             referee_max_new_tokens: int | None = None) -> dict[str, float]:
+                             referee_max_new_tokens: int | None = None, samples: int = 1,
+                             temperature: float = 0.0) -> dict[str, float]:
     """held_out_metrics of held_out_items, in one process."""
     return held_out_metrics(held_out_items(engine, tokenizer, sets, max_new_tokens, seed,
-                                           batch_size, think, referee_max_new_tokens))
+                                           batch_size, think, referee_max_new_tokens, samples,
+                                           temperature))
 
 
 def held_out_sets(specs: str, limit: int, fits, pairs: int | None = None) -> dict[str, list[dict]]:
@@ -879,13 +975,19 @@ def task_settings(args, task: str, fingerprints: dict[str, str] | None = None) -
         if not args.referee_think:  # absent when True: older results files still match
             settings.update(think=False)
     if kind == "verifiable":
-        settings.update(samples=args.samples,
-                        temperature=args.temperature if args.samples > 1 else 0.0)
+        samples = task_samples(args, task)
+        settings.update(samples=samples, temperature=args.temperature if samples > 1 else 0.0)
     if kind == "open":
         settings.update(referee_model=args.referee_model or args.model,
                         referee_weights=fingerprints.get("referee_model",
                                                          fingerprints.get("model")))
     return settings
+
+
+def task_samples(args, task: str) -> int:
+    """Answers per problem of a reasoning task: --samples, else DEFAULT_SAMPLES (16 on aime24 and
+    amc23), else 1 (greedy)."""
+    return args.samples or DEFAULT_SAMPLES.get(task, 1)
 
 
 def load_task_data(task: str, spec: str, limit: int | None) -> list[dict]:
@@ -986,8 +1088,9 @@ def parse_args(argv=None):
     add("--referee_max_new_tokens", type=int, default=None,
         help=f"token budget of a referee verdict (None: the run's, as --max_new_tokens; else "
              f"{DEFAULTS['referee_max_new_tokens']})")
-    add("--samples", type=int, default=1,
-        help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k)")
+    add("--samples", type=int, default=None,
+        help="reasoning: answers per problem (1: greedy; k > 1: pass@1 over k, avg@k on aime24 "
+             "and amc23; None: 16 on aime24 and amc23, 1 elsewhere)")
     add("--temperature", type=float, default=0.6,
         help="reasoning: sampling temperature when --samples > 1")
     add("--referee_model", help="the referee of alpaca_eval answers (None: the evaluated model)")
@@ -1006,9 +1109,10 @@ def parse_args(argv=None):
               ("limit", "batch_size", "max_new_tokens", "referee_max_new_tokens", "samples")}
     problems = [f"--{flag} {value}: use 1 or more"
                 for flag, value in counts.items() if value is not None and value < 1]
-    if args.samples > 1 and not 0 < args.temperature < math.inf:  # greedy (1) needs none
+    samples = max(task_samples(args, task.strip()) for task in args.tasks.split(","))
+    if samples > 1 and not 0 < args.temperature < math.inf:  # greedy (1) needs none
         problems.append(f"--temperature {args.temperature}: use a finite number > 0 to sample "
-                        f"--samples {args.samples}, or --samples 1 (greedy, no temperature)")
+                        f"--samples {samples}, or --samples 1 (greedy, no temperature)")
     if problems:
         raise SystemExit("eval.py: " + "\neval.py: ".join(problems))
     return args
@@ -1127,9 +1231,10 @@ def main(argv=None):
         make_items = functools.partial(  # one batch of records -> their items
             evaluate_items, kind, engine, tokenizer, max_new_tokens=args.max_new_tokens,
             referee_max_new_tokens=args.referee_max_new_tokens, seed=args.seed,
-            samples=args.samples, temperature=args.temperature,
+            samples=task_samples(args, task), temperature=args.temperature,
             referee_pair=(referee_engine, referee_tokenizer), think=args.referee_think)
-        metrics = run_task(results, task, data[task], make_items, METRICS[kind], args.batch_size)
+        metrics = run_task(results, task, data[task], make_items,
+                           TASK_METRICS.get(task, METRICS[kind]), args.batch_size)
         if task == "alpaca_eval":
             write_model_outputs(results, args)
             metrics.update(win_rate_kind="raw (not length-controlled)", judge=(
@@ -1150,6 +1255,23 @@ def main(argv=None):
                    for key, value in results.data["tasks"][task]["metrics"].items()}
         for metric, text in format_metrics(metrics).items():
             print(f"{task:<14}{metric:<36}{text:>24}")
+    report_reasoning_average(results, [t for t in tasks if BENCHMARKS[t][0] == "verifiable"])
+
+
+def report_reasoning_average(results: Results, tasks: list[str]) -> None:
+    """The reasoning_average of the reasoning tasks of this run (finished now or earlier) into
+    --out as `reasoning_average` (a rerun over other tasks replaces it) and as the table's last
+    rows, with the tasks it averages."""
+    average = reasoning_average({task: pass_rates(results.items[task]) for task in tasks})
+    if average is None:
+        return
+    results.data["reasoning_average"] = average
+    results.save()
+    text = format_metrics({"average": average["value"], "average_ci_low": average["ci_low"],
+                           "average_ci_high": average["ci_high"]})["average"]
+    print(f"{'reasoning':<14}{'average of ' + str(len(average['tasks'])) + ' tasks':<36}"
+          f"{text:>24}\n{'':<14}(the mean of {', '.join(average['tasks'])}, one weight each; "
+          "interval: bootstrap over problems)")
 
 
 if __name__ == "__main__":

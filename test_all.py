@@ -721,6 +721,8 @@ def _write_jsonl(path, rows):
     (f"gsm8k:{SAMPLES}/gsm8k/train.first200.jsonl", 200, {}),
     (f"gsm8k:{SAMPLES}/gsm8k/test.first100.jsonl", 100, {}),
     (f"math500:{SAMPLES}/math500/test.first100.jsonl", 100, {}),
+    (f"aime24:{SAMPLES}/aime24/test.jsonl", 30, {}),
+    (f"amc23:{SAMPLES}/amc23/test.jsonl", 40, {}),
     (f"math:{FIXTURES}/math_lighteval.jsonl", 2, {"no \\boxed{} in solution": 1}),
     (f"numina:{FIXTURES}/numina_cot.jsonl", 2, {"no \\boxed{} in solution": 1}),
     (f"ultrafeedback_binarized:{SAMPLES}/ultrafeedback_binarized/train_prefs.first200.jsonl", 199,
@@ -767,7 +769,7 @@ def test_every_key_loads_its_sample(spec, n_records, skipped):
 def test_every_registry_key_has_a_sample_test():
     covered = {"gsm8k", "math500", "math", "numina", "ultrafeedback_binarized", "ultrafeedback",
                "hh_rlhf", "skywork", "helpsteer2", "rewardbench", "alpaca", "alpaca_eval",
-               "ultrachat", "tulu3", "ultrafeedback_prompts"}
+               "ultrachat", "tulu3", "ultrafeedback_prompts", "aime24", "amc23"}
     assert set(data.REGISTRY) == covered
 
 
@@ -796,6 +798,42 @@ def test_gsm8k_gold_drops_thousands_commas(tmp_path):
     records, counts = data.load_with_counts(f"gsm8k:{path}")
     assert [r["answer"] for r in records] == ["1234"]
     assert counts == {"no '####' final answer": 1}
+
+
+def test_aime24_and_amc23_gold_answers_on_the_real_rows():
+    aime = data.load(f"aime24:{SAMPLES}/aime24/test.jsonl")
+    assert (aime[0]["id"], aime[0]["answer"]) == ("60", "204")
+    assert aime[0]["messages"][0]["content"].startswith("Every morning Aya goes for a $9$-kilo")
+    assert aime[7]["answer"] == "25"  # upstream "025": AIME writes three digits
+    assert aime[-1]["meta"]["url"].endswith("2024_AIME_II_Problems/Problem_9")
+    amc = data.load(f"amc23:{SAMPLES}/amc23/test.jsonl")
+    assert [r["answer"] for r in amc[:4]] == ["27", "36", "45", "3159"]  # upstream 27.0, ...
+    assert amc[15]["answer"] == "-1" and amc[-1]["id"] == "49"
+    assert all(r["answer"].lstrip("-").isdigit() for r in aime + amc)
+
+
+@pytest.mark.parametrize("answer, gold", [
+    (27.0, "27"), (-1.0, "-1"), (3, "3"), (1e20, "100000000000000000000"), (0.5, "0.5"),
+    ("27.0", "27"), ("-3.00", "-3"), ("+4.", "4"), ("025", "25"), ("204", "204"),
+    ("0.50", "0.50"), ("1.05", "1.05"), (" 7 ", "7"), ("\\frac{1}{2}", "\\frac{1}{2}")])
+def test_competition_gold_numbers_drop_only_a_zero_fraction(tmp_path, answer, gold):
+    path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": answer}])
+    assert data.load(f"amc23:{path}")[0]["answer"] == gold
+
+
+def test_competition_gold_that_is_no_number_is_named(tmp_path):
+    for answer, kind in ((True, "True"), (None, "NoneType")):
+        path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": answer}])
+        with pytest.raises(data.DataError, match=f"amc23 loader: .*amc.jsonl line 1: field "
+                                                 f"'answer' is {kind}"):
+            data.load(f"amc23:{path}")
+    path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 1, "problem": "p", "answer": ""}])
+    assert data.load_with_counts(f"amc23:{path}") == ([], {"empty gold answer": 1})
+    # the hub copy of AMC 2023 (math-ai/amc23) names the statement `question` and may lack `id`
+    path = _write_jsonl(tmp_path / "hub.jsonl", [{"question": "q", "answer": 27.0}])
+    [record] = data.load(f"amc23:{path}")
+    assert (record["id"], record["messages"][0]["content"], record["answer"]) == (
+        "hub.jsonl-0", "q", "27")
 
 
 def test_preference_orders():
@@ -2766,6 +2804,26 @@ def test_config_flags_presets_and_errors(capsys):
     assert "--referee_orders" in help_text and "orders per self-refereed group" in help_text
 
 
+def test_paper_preset_evaluates_aime24_as_avg_at_16_at_the_sampling_temperature(process_group,
+                                                                                tiny_dir):
+    cfg = train.parse_config(["--preset", "paper"])
+    assert cfg.eval_data.split(",")[0] == "aime24:samples/aime24/test.jsonl"
+    assert (cfg.eval_samples, cfg.temperature, cfg.eval_every) == (16, 1.0, 50)
+    # the held-out evaluation samples each problem eval_samples times at the run's temperature
+    tokenizer = load_tokenizer(tiny_dir)
+    engine, calls = rollout.HFEngine(tiny_dir, tokenizer), []
+    generate = engine.generate
+    def spy(prompts, n, temperature, max_new_tokens):
+        calls.append((len(prompts), n, temperature))
+        return generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens)
+    engine.generate = spy
+    sets = {"aime24": data.load(f"aime24:{SAMPLES}/aime24/test.jsonl", limit=2)}
+    line = train.evaluate_held_out(engine, tokenizer, sets, tiny_cfg(
+        eval_samples=3, temperature=0.7, eval_max_new_tokens=4))
+    assert calls == [(2, 3, 0.7)]
+    assert line["eval/aime24/accuracy"] == 0.0 and line["count/eval/aime24/n"] == 2
+
+
 def test_config_help_comes_from_field_metadata_and_problems_are_one_line_each(capsys):
     import dataclasses
     assert all(field.metadata.get("help") for field in dataclasses.fields(train.Config))
@@ -2816,7 +2874,8 @@ def test_user_errors_end_in_one_line_before_any_model_loads(tmp_path, flags, mes
 
 @pytest.mark.parametrize("flag", ["max_new_tokens", "referee_max_new_tokens", "max_prompt_tokens",
                                   "eval_max_new_tokens", "eval_limit", "eval_pairs",
-                                  "micro_batch_tokens", "cold_start_batch", "keep_checkpoints"])
+                                  "micro_batch_tokens", "cold_start_batch", "keep_checkpoints",
+                                  "eval_samples"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_every_budget_below_one_is_named_in_one_line(flag, value):
     with pytest.raises(SystemExit) as error:
@@ -3910,6 +3969,78 @@ def test_reasoning_metrics_per_subject_and_level():
     assert metrics["n"] == 3 and metrics["skipped_long_prompts"] == 1 and "level/2" not in metrics
 
 
+def test_pass_at_k_is_the_unbiased_estimator():
+    # n = 4 samples, c = 2 right: pass@2 = 1 - C(2, 2) / C(4, 2) = 1 - 1/6
+    assert evaluation.pass_at_k(4, 2, 1) == 0.5 and evaluation.pass_at_k(4, 2, 2) == 5 / 6
+    assert evaluation.pass_at_k(4, 2, 3) == 1.0 and evaluation.pass_at_k(4, 0, 4) == 0.0
+    # n = 16, c = 1: pass@8 = 1 - C(15, 8) / C(16, 8) = 1 - 6435 / 12870 = 0.5
+    assert evaluation.pass_at_k(16, 1, 8) == 0.5
+    for n, c, k in ((2, 1, 4), (4, 5, 2), (4, 1, 0)):
+        with pytest.raises(ValueError, match="needs 1 <= k <= n"):
+            evaluation.pass_at_k(n, c, k)
+
+
+def sampled_item(rewards):
+    return dict(rewards=rewards, truncated=[False] * len(rewards), tokens=[5] * len(rewards),
+                texts=["\\boxed{1}"] * len(rewards))
+
+
+def test_avg_at_k_and_pass_at_k_over_problems():
+    items = [sampled_item([1.0, 0.0, 0.0, 1.0]), sampled_item([0.0] * 4),
+             sampled_item([1.0] * 4), dict(skipped="prompt over the context")]
+    metrics = evaluation.sampled_reasoning_metrics(items)
+    assert list(metrics)[:9] == [f"{name}{end}" for name in ("avg@4", "pass@2", "pass@4")
+                                 for end in ("", "_ci_low", "_ci_high")]
+    assert "accuracy" not in metrics  # avg@4 is its name here
+    assert metrics["avg@4"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert metrics["pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert metrics["pass@4"] == pytest.approx(2 / 3)
+    assert metrics["n"] == 3 and metrics["skipped_long_prompts"] == 1
+    assert 0 <= metrics["avg@4_ci_low"] < metrics["avg@4"] < metrics["avg@4_ci_high"] <= 1
+    # 16 samples: pass@2, 4, 8 and 16; greedy (1 sample): avg@1 alone
+    assert [key for key in evaluation.sampled_reasoning_metrics([sampled_item([0.0] * 16)])
+            if key.startswith(("avg@", "pass@")) and "_ci_" not in key] == [
+        "avg@16", "pass@2", "pass@4", "pass@8", "pass@16"]
+    greedy = evaluation.sampled_reasoning_metrics([sampled_item([1.0]), sampled_item([0.0])])
+    assert greedy["avg@1"] == 0.5 and not any(key.startswith("pass@") for key in greedy)
+
+
+def test_problem_interval_resamples_problems_not_samples():
+    # 30 problems, each right in 8 of 16 samples: the problems do not vary, so neither does the
+    # mean (a proportion's interval over the 480 samples would be about +-0.045)
+    assert evaluation.problem_interval([[0.5] * 30]) == (0.5, 0.5)
+    low, high = evaluation.problem_interval([[0.0, 1.0] * 15])  # half solved always, half never
+    assert 0.3 < low < 0.4 and 0.6 < high < 0.7
+    assert evaluation.problem_interval([[0.0, 1.0] * 15]) == (low, high)  # seeded
+    # two tasks: the first constant, so the average's spread is half the second's
+    low2, high2 = evaluation.problem_interval([[0.5] * 30, [0.0, 1.0] * 15])
+    assert (low2, high2) == pytest.approx(((0.5 + low) / 2, (0.5 + high) / 2))
+    assert all(math.isnan(end) for end in evaluation.problem_interval([[1.0], []]))
+
+
+def test_reasoning_average_names_its_tasks_and_weighs_each_the_same():
+    average = evaluation.reasoning_average({"gsm8k": [1.0, 0.0, 1.0, 1.0], "math500": [],
+                                            "aime24": [0.5, 0.5]})
+    assert average["tasks"] == ["gsm8k", "aime24"]  # math500: no scored problem, left out
+    assert average["per_task"] == {"gsm8k": 0.75, "aime24": 0.5}
+    assert average["value"] == 0.625  # (0.75 + 0.5) / 2, not the 3.5 / 6 of pooled problems
+    assert average["ci_low"] <= 0.625 <= average["ci_high"]
+    assert evaluation.reasoning_average({"gsm8k": []}) is None
+
+
+def test_aime24_and_amc23_sample_16_unless_told():
+    args = evaluation.parse_args([])
+    assert evaluation.task_samples(args, "aime24") == evaluation.task_samples(args, "amc23") == 16
+    assert evaluation.task_samples(args, "gsm8k") == 1
+    assert evaluation.task_settings(args, "aime24")["temperature"] == 0.6
+    assert evaluation.task_settings(args, "math500")["temperature"] == 0.0
+    greedy = evaluation.parse_args(["--samples", "1", "--temperature", "0"])
+    assert (evaluation.task_settings(greedy, "aime24")["samples"],
+            evaluation.task_settings(greedy, "aime24")["temperature"]) == (1, 0.0)
+    with pytest.raises(SystemExit, match="^eval.py: --temperature 0.0: .* --samples 16, or "):
+        evaluation.parse_args(["--tasks", "gsm8k,amc23", "--temperature", "0"])
+
+
 # ---------------------------------------------------------------------------- the CLI, end to end
 def cli_args(model, out, *extra):
     return ["--model", model, "--out", out, "--limit", "2", "--batch_size", "1",
@@ -3944,7 +4075,8 @@ def test_cli_writes_every_task_and_a_rerun_continues(tmp_path, monkeypatch, tiny
     evaluation.main(cli_args(model, out, "--tasks", "rewardbench,gsm8k,math500,alpaca_eval"))
     with open(out) as f:
         tasks = json.load(f)["tasks"]
-    assert all(tasks[t]["status"] == "done" for t in evaluation.BENCHMARKS)
+    assert all(tasks[t]["status"] == "done"
+               for t in ("rewardbench", "gsm8k", "math500", "alpaca_eval"))
     referee = tasks["rewardbench"]["metrics"]
     # the fixture's math-prm pair has an empty answer and is skipped: two pairs remain
     assert referee["n"] == 2 and {"section/Chat", "section/Safety"} <= set(referee)
@@ -4010,6 +4142,37 @@ def test_a_rerun_never_mixes_models_or_settings_and_fresh_starts_over(tmp_path, 
     with pytest.raises(SystemExit, match="is not an eval.py results file"):
         evaluation.main(cli_args(model, GPT4_OUTPUTS, "--tasks", "gsm8k", "--fresh"))
     assert os.path.getsize(GPT4_OUTPUTS) > 0
+
+
+def test_cli_scores_aime24_and_amc23_with_avg_at_k_and_the_reasoning_average(tmp_path, tiny_dir,
+                                                                               capsys):
+    out = str(tmp_path / "r.json")
+    evaluation.main(["--model", tiny_dir, "--out", out, "--tasks", "aime24,amc23,gsm8k",
+                     "--limit", "2", "--batch_size", "2", "--max_new_tokens", "4",
+                     "--gsm8k_data", f"gsm8k:{HERE}/samples/gsm8k/test.first100.jsonl"])
+    with open(out) as f:
+        results = json.load(f)
+    for task in ("aime24", "amc23"):
+        entry = results["tasks"][task]
+        assert entry["settings"]["samples"] == 16 and entry["settings"]["temperature"] == 0.6
+        assert entry["metrics"]["n"] == 2 and entry["metrics"]["avg@16"] == 0.0
+        assert {"avg@16_ci_low", "pass@2", "pass@16_ci_high"} <= set(entry["metrics"])
+    assert results["tasks"]["gsm8k"]["settings"]["samples"] == 1  # greedy
+    average = results["reasoning_average"]
+    assert average["tasks"] == ["aime24", "amc23", "gsm8k"] and average["value"] == 0.0
+    with open(tmp_path / "r.items.jsonl") as f:
+        items = [json.loads(line) for line in f]
+    aime = [item for item in items if item["task"] == "aime24"]
+    assert [item["id"] for item in aime] == ["60", "61"] and aime[0]["answer"] == "204"
+    assert all(len(item["rewards"]) == 16 and item["pass_rate"] == 0.0 for item in aime)
+    table = capsys.readouterr().out
+    assert "aime24        avg@16" in table and "amc23         pass@16" in table
+    assert "(the mean of aime24, amc23, gsm8k" in table
+    # the average is of this run's tasks, finished now or earlier
+    evaluation.main(["--model", tiny_dir, "--out", out, "--tasks", "amc23", "--limit", "2",
+                     "--batch_size", "2", "--max_new_tokens", "4"])
+    with open(out) as f:
+        assert json.load(f)["reasoning_average"]["tasks"] == ["amc23"]
 
 
 def test_eval_judges_with_the_verdict_format_and_budgets_the_run_trained(tmp_path, tiny_dir):
@@ -4148,7 +4311,8 @@ def test_eval_budget_below_one_is_named_in_one_line(flag, value):
     for value in ("0", "-1", "nan", "inf"):  # a temperature counts when it samples
         with pytest.raises(SystemExit, match=f"^eval.py: --temperature {value}"):
             evaluation.parse_args(["--temperature", value, "--samples", "4"])
-    assert evaluation.parse_args(["--limit", "1", "--temperature", "0"]).samples == 1  # greedy
+    assert evaluation.parse_args(["--limit", "1", "--temperature", "0",  # greedy
+                                  "--tasks", "gsm8k"]).samples is None
 
 
 def test_eval_out_deletes_nothing_it_did_not_write(tmp_path):

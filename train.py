@@ -159,6 +159,8 @@ class Config:
     eval_limit: int = option(8, "records per held-out player set (the first that fit)")
     eval_pairs: int = option(8, "pairs per held-out referee set, each judged in both orders")
     eval_max_new_tokens: int = option(96, "budget of an answer during evaluation")
+    eval_samples: int = option(1, "answers per held-out aime24/amc23 problem (1: greedy; k: "
+                               "avg@k at --temperature); other sets greedy")
     eval_start_end: bool = option(True, "also evaluate before the first step and after the last")
     eval_after_cold_start: bool = option(False, "step 0's evaluation after the cold start, not "
                                          "before it")
@@ -176,8 +178,10 @@ PRESETS = {
         cold_start_steps=0, micro_batch_tokens=32768, activation_checkpointing=True,
         save_every=50, eval_every=50, eval_limit=1319, eval_max_new_tokens=2048, samples_every=10,
         # held-out: the whole GSM8K test split (1319) and MATH-500, all 2985 RewardBench pairs:
-        # 95% intervals of +-0.01 to +-0.045 (+-0.34 on 8 items), for about two steps' generation
-        eval_data="gsm8k,math500,rewardbench", eval_pairs=2985,
+        # 95% intervals of +-0.01 to +-0.045 (+-0.34 on 8 items), for about two steps' generation;
+        # and the paper's AIME claim, as avg@16 at the sampling temperature (30 problems: a greedy
+        # score moves in steps of 3.3 points)
+        eval_data="gsm8k,math500,aime24,rewardbench", eval_pairs=2985, eval_samples=16,
         # 8 long completions behind one prompt: the masked attention costs more than it saves
         share_prompt=False,
     ),
@@ -536,9 +540,15 @@ def evaluate_held_out(engine, tokenizer, eval_sets: dict[str, list[dict]],
     shards = {name: records[rank::world] for name, records in eval_sets.items()
               if records[rank::world]}
     engine_rng = engine.rng.getstate()
-    mine = evaluation.held_out_items(
-        engine, tokenizer, shards, cfg.eval_max_new_tokens, cfg.seed, think=cfg.referee_think,
-        referee_max_new_tokens=cfg.referee_max_new_tokens)  # a verdict as long as in training
+    mine = {}
+    for sampled in (False, True):  # AIME and AMC as avg@k (--eval_samples), every other greedy
+        subset = {name: records for name, records in shards.items()
+                  if (name in evaluation.DEFAULT_SAMPLES) == sampled}
+        mine |= evaluation.held_out_items(
+            engine, tokenizer, subset, cfg.eval_max_new_tokens, cfg.seed,
+            think=cfg.referee_think,
+            referee_max_new_tokens=cfg.referee_max_new_tokens,  # a verdict as long as in training
+            samples=cfg.eval_samples if sampled else 1, temperature=cfg.temperature)
     engine.rng.setstate(engine_rng)
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -629,7 +639,9 @@ def before_training(cfg: Config, policy, engine, engine_is_policy: bool, tokeniz
     line = {"step": 0}
     def evaluate(when: str):
         if cfg.eval_start_end and eval_sets:
-            print0(f"held-out evaluation {when} ({', '.join(eval_sets)}; greedy)")
+            sampled = (f"aime24/amc23 avg@{cfg.eval_samples} at temperature {cfg.temperature}, "
+                       "the rest greedy" if cfg.eval_samples > 1 else "greedy")
+            print0(f"held-out evaluation {when} ({', '.join(eval_sets)}; {sampled})")
             t = time.perf_counter()
             line.update(evaluate_held_out(engine, tokenizer, eval_sets, cfg))
             line["time/eval"] = time.perf_counter() - t
@@ -864,7 +876,7 @@ def config_problems(cfg: Config) -> list[str]:
     at_least(1, "prompts_per_step", "referee_orders", "updates_per_batch",
              "cold_start_batch", "max_prompt_tokens", "max_new_tokens", "referee_max_new_tokens",
              "eval_max_new_tokens", "eval_limit", "eval_pairs", "micro_batch_tokens",
-             "keep_checkpoints", "max_bad_steps", "dist_timeout_min")
+             "keep_checkpoints", "max_bad_steps", "dist_timeout_min", "eval_samples")
     at_least(0, "cold_start_steps", "cold_start_group_every", "warmup_steps", meaning=" (off)")
     at_least(0, "steps", meaning=" (0: the cold start alone, exported to final/)")
     at_least(0, "data_limit", "max_model_len", meaning=" (none)")
