@@ -4370,7 +4370,7 @@ def test_paper_preset_holds_out_full_test_sets_from_the_hub(monkeypatch):
     # pairs to tell the paper's 1.6-point RewardBench gap from noise better than 8 pairs could
     assert read == [("gsm8k", "test"), ("math500", None), ("aime24", None), ("rewardbench", None)]
     assert {name: len(records) for name, records in sets.items()} == {
-        "gsm8k": 1319, "math500": 1319, "rewardbench": 2985}
+        "gsm8k": 1319, "math500": 1319, "aime24": 1319, "rewardbench": 2985}
     assert cfg.eval_pairs >= 200 and "samples/" not in cfg.eval_data
 
 
