@@ -30,6 +30,10 @@ ARMS = {
     # the paper's comparison: a dedicated referee trained on the same preference groups alone
     # (2 per step, as b_two_orders gets from 4 prompts at weights 1:2:1), from the same model
     "baseline_referee": "--task_weights verifiable=0,preference=1,open=0 --prompts_per_step 2",
+    # ... and its player: the verifiable and open groups b_two_orders trains (1 + 1 per step),
+    # the open ones rewarded by that dedicated referee, frozen
+    "baseline_player": "--task_weights verifiable=1,preference=0,open=1 --prompts_per_step 2 "
+                       "--referee_model runs/arms/baseline_referee/final",
 }
 ONE_FLAG = [("a_one_order", "b_two_orders", "referee_group_orders"),
             ("b_two_orders", "c_consistency", "consistency_coef"),
@@ -105,6 +109,13 @@ def table() -> str:
         out.append(f"baseline_referee against b_two_orders: differs in {diff} (by design); "
                    f"preference groups trained: {counts['b_two_orders']:.0f} vs "
                    f"{counts['baseline_referee']:.0f}")
+    if "baseline_player" in loaded and "b_two_orders" in loaded:
+        counts = {arm: [sum(line.get(f"count/groups/{task}", 0) for line in loaded[arm][1])
+                        for task in ("verifiable", "open")]
+                  for arm in ("b_two_orders", "baseline_player")}
+        out.append(f"baseline_player against b_two_orders: verifiable and open groups trained "
+                   f"{counts['b_two_orders']} vs {counts['baseline_player']}; open rewards from "
+                   f"{loaded['baseline_player'][0]['referee_model']} (frozen) vs the policy")
     return "\n".join(out)
 
 
