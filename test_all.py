@@ -1922,90 +1922,127 @@ def test_self_referee_orders_give_a_position_biased_referee_nothing_to_reward(k,
                            torch.zeros(k))
 
 
-def tournament_jobs(answers, num_orders, rng):
-    """README's worked example: a pairwise tournament, every pair of a group's answers judged
-    in both orders (num_orders and rng unused)."""
-    pairs = [(group, i, j) for group, group_answers in enumerate(answers)
-             for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))]
-    return [(group, shown, unit) for unit, (group, i, j) in enumerate(pairs)
-            for shown in ([i, j], [j, i])]
+def scores_script(scores):
+    """A pointwise referee: scores[answer][round] for q-consistent's answers (None: invalid)."""
+    def script(question, shown, count):
+        (answer,) = shown
+        score = scores[answer][count // len(scores)]  # every round scores each answer once
+        return "no score" if score is None else f"<think>ok</think><answer>{score}</answer>"
+    return script
 
 
-@pytest.mark.parametrize("protocol", ["listwise", "tournament"])
-def test_any_self_reward_protocol_pays_content_and_not_position(monkeypatch, protocol):
-    # The invariants of a self-reward protocol, whichever verdicts it asks for: a referee that
-    # ranks by shown position alone gives every answer the same reward (advantage 0), and one
-    # that ranks by content gives the answers rewards in that order.
-    if protocol == "tournament":
-        monkeypatch.setattr(rollout, "listwise_jobs", tournament_jobs)
+def pairwise_script(question, shown, count):
+    """Alphabetical, except that apple pie against cherry tart goes to the one shown first."""
+    best = shown[0] if set(shown) == {"apple pie", "cherry tart"} else min(shown)
+    return reward.format_verdict([shown.index(best), 1 - shown.index(best)])
+
+
+@pytest.mark.parametrize("protocol, script, expected, unbalanced", [
+    # listwise, M = 2: alphabetical in both orders: positions 0, 1, 2 score 1, 0.5, 0
+    ("listwise", referee_script, [1.0, 0.5, 0.0], 0),
+    # pairwise: apple beats banana twice and cherry once of two: 3/4; banana beats cherry twice,
+    # loses to apple twice: 2/4; cherry wins once of four: 1/4 (Copeland, scaled to [0, 1])
+    ("pairwise", pairwise_script, [0.75, 0.5, 0.25], 0),
+    # pointwise, M = 2 rounds: (score - 1) / 9 averaged: apple (9, 7) -> 7/9, banana (5, 5) ->
+    # 4/9, cherry (2, 4) -> 2/9
+    ("pointwise", scores_script({"apple pie": [9, 7], "banana split": [5, 5],
+                                 "cherry tart": [2, 4]}), [7 / 9, 4 / 9, 2 / 9], 0),
+    # ... with banana's second score invalid: round 2 is incomplete, its 2 valid scores left out
+    ("pointwise", scores_script({"apple pie": [9, 7], "banana split": [5, None],
+                                 "cherry tart": [2, 4]}), [8 / 9, 4 / 9, 1 / 9], 2)])
+def test_each_protocol_gives_a_three_answer_group_its_hand_computed_rewards(
+        protocol, script, expected, unbalanced):
     tokenizer = tiny_tokenizer()
-    conversations = [[{"role": "user", "content": "q-consistent"}]]
-    answers = [ANSWERS["q-consistent"]]  # alphabetical: apple pie > banana split > cherry tart
-    for script, check in ((lambda q, shown, n: "<answer>" + " > ".join(
-            f"[{j + 1}]" for j in range(len(shown))) + "</answer>", "equal"),
-                          (referee_script, "ordered")):
-        for seed in range(3):
-            result = self_referee(ScriptedReferee(tokenizer, script), tokenizer, conversations,
-                                  answers, num_orders=2, temperature=1.0, max_new_tokens=8,
-                                  rng=random.Random(seed))
-            rewards = result.rewards[0]
-            if check == "equal":
-                assert rewards == pytest.approx([0.5] * 3)
-            else:
-                assert rewards[0] > rewards[1] > rewards[2]
+    result = self_referee(ScriptedReferee(tokenizer, script), tokenizer,
+                          [[{"role": "user", "content": "q-consistent"}]],
+                          [ANSWERS["q-consistent"]], num_orders=2, temperature=1.0,
+                          max_new_tokens=8, rng=random.Random(0),
+                          protocol=data.PROTOCOLS[protocol])
+    assert result.rewards[0] == pytest.approx(expected) and result.unbalanced == unbalanced
+    shows = {"listwise": 3, "pairwise": 2, "pointwise": 1}[protocol]
+    assert {len(v.order) for v in result.verdicts} == {shows}  # answer indices, one meaning
+    assert len(result.verdicts) == {"listwise": 2, "pairwise": 6, "pointwise": 6}[protocol]
+    for v in result.verdicts:  # the verdict names the answers it was shown, in the group's terms
+        assert v.prompt_ids and v.token_ids == [1]
+        text = tokenizer.decode(v.prompt_ids)
+        assert sorted(v.order, key=lambda i: text.index(ANSWERS["q-consistent"][i])) == v.order
 
 
 class PatternReferee:
     """A scripted referee over answers "answer-0" .. "answer-{k-1}" (lower index = better
     content): verdict j of the call is invalid where `failed[j]`; else `kind` decides: "first" and
-    "last" rank by shown position alone (content-blind), "oracle" by content."""
+    "last" rank by shown position alone (content-blind), "oracle" by content. Shown one answer
+    alone (pointwise) it scores: "first" a constant 7, "last" by the round alone (the verdict's
+    place in the call // k: a content-blind score that drifts), "oracle" 10 - 3 x index."""
     context_len = 10**6
 
-    def __init__(self, tokenizer, kind, failed):
-        self.tokenizer, self.kind, self.failed = tokenizer, kind, failed
+    def __init__(self, tokenizer, kind, failed, k=None):
+        self.tokenizer, self.kind, self.failed, self.k = tokenizer, kind, failed, k
 
     def generate(self, prompt_ids, n, temperature, max_new_tokens):
         out = []
         for j, ids in enumerate(prompt_ids):
             text = self.tokenizer.decode(ids)
             shown = sorted(re.findall(r"answer-\d", text), key=text.index)
-            labels = {"first": list(range(len(shown))),
-                      "last": list(range(len(shown)))[::-1],
-                      "oracle": sorted(range(len(shown)), key=lambda p: shown[p])}[self.kind]
-            verdict = reward.format_verdict(labels)
+            if len(shown) == 1:
+                score = {"first": 7, "last": 2 + j // self.k,
+                         "oracle": 10 - 3 * int(shown[0][-1])}[self.kind]
+                verdict = reward.format_score(score)
+            else:
+                labels = {"first": list(range(len(shown))),
+                          "last": list(range(len(shown)))[::-1],
+                          "oracle": sorted(range(len(shown)), key=lambda p: shown[p])}[self.kind]
+                verdict = reward.format_verdict(labels)
             out.append([Completion([1], "no verdict" if self.failed[j] else verdict, "eos", None)])
         return out
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-@pytest.mark.parametrize("orders", [2, 4])
-def test_self_reward_pays_content_not_position_under_every_pattern_of_failed_verdicts(k, orders):
-    # Exhaustive over which of the group's M verdicts fail: a content-blind referee (first- or
-    # last-shown best: for k = 2 every position-only verdict there is) earns exactly zero
-    # advantages on every kept group; an oracle's ranking is paid; a group is kept exactly when
-    # some order and its reverse both parse, and every valid verdict outside such a set is counted.
+@pytest.mark.parametrize("protocol, k, orders", [
+    ("listwise", 2, 2), ("listwise", 3, 2), ("listwise", 4, 2), ("listwise", 2, 4),
+    ("listwise", 3, 4), ("listwise", 4, 4), ("pairwise", 2, 2), ("pairwise", 3, 2),
+    ("pairwise", 4, 2), ("pointwise", 2, 2), ("pointwise", 3, 2), ("pointwise", 4, 2),
+    ("pointwise", 2, 3)])
+def test_self_reward_pays_content_not_position_under_every_pattern_of_failed_verdicts(
+        protocol, k, orders):
+    # Over which of the group's verdicts fail (exhaustive up to 8 verdicts, else 300 patterns
+    # drawn): a content-blind referee (listwise, pairwise: first- or last-shown best, for k = 2
+    # every position-only verdict there is; pointwise: a constant score, or one that drifts
+    # from round to round) earns exactly zero advantages on every kept group; an oracle's
+    # judgement is paid in order; a group is kept exactly when some balanced set (listwise: an
+    # order and its reverse; pairwise: a pair in both orders; pointwise: a round) is wholly
+    # valid, and every valid verdict outside such a set is counted.
     tokenizer = tiny_tokenizer()
     answers = [f"answer-{i}" for i in range(k)]
-    for failed in itertools.product([False, True], repeat=orders):
-        complete = [not (failed[2 * s] or failed[2 * s + 1]) for s in range(orders // 2)]
-        lone = sum(not failed[2 * s + t] for s in range(orders // 2) for t in (0, 1)
-                   if not complete[s])
+    count, size = {"listwise": (orders, 2), "pairwise": (k * (k - 1), 2),
+                   "pointwise": (k * orders, k)}[protocol]
+    patterns = list(itertools.product([False, True], repeat=count)) if count <= 8 else [
+        tuple(random.Random(i).random() < 0.3 for _ in range(count)) for i in range(300)]
+    for failed in patterns:
+        sets = [failed[s:s + size] for s in range(0, count, size)]
+        complete = [not any(verdicts) for verdicts in sets]
+        lone = sum(verdicts.count(False) for verdicts, ok in zip(sets, complete) if not ok)
         for kind in ("first", "last", "oracle"):
-            result = self_referee(PatternReferee(tokenizer, kind, failed), tokenizer,
+            result = self_referee(PatternReferee(tokenizer, kind, failed, k), tokenizer,
                                   [[{"role": "user", "content": "q"}]], [answers],
                                   num_orders=orders, temperature=1.0, max_new_tokens=8,
-                                  rng=random.Random(sum(failed) + k))
+                                  rng=random.Random(sum(failed) + k),
+                                  protocol=data.PROTOCOLS[protocol])
             (rewards,) = result.rewards
             assert (rewards is not None) == any(complete), (failed, kind, rewards)
             assert result.unbalanced == lone and result.dropped == (not any(complete))
             if rewards is None:
                 continue
             advantages = grpo.group_advantages(torch.tensor(rewards), k)
-            if kind == "oracle":  # each answer's rank score: best 1, worst 0, linear between
-                assert rewards == [(k - 1 - i) / (k - 1) for i in range(k)]
-                assert advantages[0] > 0 > advantages[-1]
+            if kind == "oracle":  # never all equal, the best never paid below the worst
+                assert rewards[0] >= rewards[-1] and len(set(rewards)) > 1, (failed, rewards)
+                if not any(failed):  # all valid: every answer in its place, hand-computed
+                    assert rewards == pytest.approx(
+                        [1 - i / 3 for i in range(k)] if protocol == "pointwise"
+                        else [(k - 1 - i) / (k - 1) for i in range(k)])
+                    assert advantages[0] > 0 > advantages[-1]
             else:
-                assert rewards == [0.5] * k and torch.equal(advantages, torch.zeros(k))
+                assert len(set(rewards)) == 1 and torch.equal(advantages, torch.zeros(k)), (
+                    protocol, failed, kind, rewards)
 
 
 def test_an_odd_number_of_orders_is_refused():
