@@ -2398,18 +2398,23 @@ def test_a_position_biased_referee_earns_advantages_only_under_balanced_groups(
                 assert min(biased) < 0 < max(biased) and sum(biased) == pytest.approx(0, abs=1e-5)
 
 
-@pytest.mark.parametrize("advantage, scale, expected", [
+@pytest.mark.parametrize("estimator, advantage, scale, expected", [
     # rewards [1, 1 | 1, 0] over two orders, hand-computed (test_presentation_advantages_...)
-    ("group", True, [0.5, 0.5, 0.5, -1.5]),
-    ("group", False, [0.25, 0.25, 0.25, -0.75]),
-    ("group+order", True, [0.33142, 0.33142, 0.80012, -1.46296]),
-    ("group+order", False, [0.14434, 0.14434, 0.43301, -0.72169])])
+    ("grpo", "group", True, [0.5, 0.5, 0.5, -1.5]),
+    ("grpo", "group", False, [0.25, 0.25, 0.25, -0.75]),
+    ("grpo", "group+order", True, [0.33142, 0.33142, 0.80012, -1.46296]),
+    ("grpo", "group+order", False, [0.14434, 0.14434, 0.43301, -0.72169]),
+    # RLOO: r_i minus the mean of the other three: 1 - 2/3, ..., 0 - 1
+    ("rloo", "group", False, [1 / 3, 1 / 3, 1 / 3, -1.0]),
+    # plus within each order ([1, 1]: 0, 0; [1, 0]: 1, -1) = [1/3, 1/3, 4/3, -2], rescaled by
+    # |[1/3, 1/3, 1/3, -1]| / |[1/3, 1/3, 4/3, -2]| = sqrt(4/3) / sqrt(6)
+    ("rloo", "group+order", False, [0.15713, 0.15713, 0.62854, -0.94281])])
 def test_the_training_path_gives_each_advantage_setting_its_hand_computed_values(
-        process_group, advantage, scale, expected):
-    # what train.advantages_and_samples hands the loss, per --referee_advantage and
+        process_group, estimator, advantage, scale, expected):
+    # what train.advantages_and_samples hands the loss, per --advantage, --referee_advantage and
     # --scale_advantages: a setting lost on the way (the std scaling, say) fails here
     cfg = tiny_cfg(group_size=4, referee_group_orders=2, referee_advantage=advantage,
-                   scale_advantages=scale, skip_zero_advantage=False)
+                   advantage=estimator, scale_advantages=scale, skip_zero_advantage=False)
     group = train.Group(PAIR, [[1], [2]], orders=[[0, 1], [1, 0]],
                         completions=[Completion([3], "x", "eos", None)] * 4,
                         rewards=[1.0, 1.0, 1.0, 0.0])
@@ -2421,7 +2426,62 @@ def test_the_training_path_gives_each_advantage_setting_its_hand_computed_values
                          rewards=[1.0, 1.0, 1.0, 0.0])
     samples = train.advantages_and_samples([player], cfg, train.Tally())
     assert [s.advantage for s in samples] == pytest.approx(
-        [0.5, 0.5, 0.5, -1.5] if scale else [0.25, 0.25, 0.25, -0.75], abs=1e-4)
+        [1 / 3, 1 / 3, 1 / 3, -1.0] if estimator == "rloo"
+        else [0.5, 0.5, 0.5, -1.5] if scale else [0.25, 0.25, 0.25, -0.75], abs=1e-4)
+
+
+def test_open_verdicts_become_a_referee_group_paid_for_agreement(process_group):
+    # --open_verdict_reward consistency, pairwise, on q-consistent's 3 answers: the referee is
+    # alphabetical except apple pie vs cherry tart, which goes to the one shown first. The
+    # verdicts of a pair in its two orders agree (1, 1) on apple-banana and banana-cherry and
+    # disagree (0, 0) on apple-cherry; each verdict trains on its own prompt, tokens and
+    # sampler log-probs, at the referee's temperature.
+    tokenizer = tiny_tokenizer()
+
+    class WithLogprobs(ScriptedReferee):
+        def generate(self, prompt_ids, n, temperature, max_new_tokens):
+            return [[Completion([7, 8], c.text, "eos", [-0.5, -0.25]) for c in out]
+                    for out in super().generate(prompt_ids, n, temperature, max_new_tokens)]
+    cfg = tiny_cfg(group_size=3, self_reward="pairwise", open_verdict_reward="consistency",
+                   referee_temperature=1.3, rollout="vllm", skip_zero_advantage=False)
+    record = {"task": "open", "id": "o", "messages": [{"role": "user", "content": "q-consistent"}]}
+    groups = [train.Group(record, [[1]], completions=[Completion([2], text, "eos", None)
+                                                      for text in ANSWERS["q-consistent"]])]
+    tally = train.Tally()
+    verdicts = train.self_referee_pass(groups, WithLogprobs(tokenizer, pairwise_script), cfg,
+                                       random.Random(0), tally)
+    assert groups[0].rewards == pytest.approx([0.75, 0.5, 0.25])  # the player's, as before
+    (answers, judged) = groups
+    assert judged.kind == "open_verdicts" and len(judged.completions) == len(verdicts) == 6
+    assert judged.rewards == [0.0 if sorted(v.order) == [0, 2] else 1.0 for v in verdicts]
+    assert judged.prompts == [v.prompt_ids for v in verdicts] and judged.orders == [
+        v.order for v in verdicts]
+    samples = train.advantages_and_samples(groups, cfg, tally)[3:]  # after the 3 answers
+    assert [s.prompt_ids for s in samples] == [v.prompt_ids for v in verdicts]
+    assert all(s.completion_ids == [7, 8] and s.sampler_logprobs == [-0.5, -0.25]
+               and s.temperature == 1.3 for s in samples)
+    assert [s.advantage > 0 for s in samples] == [r == 1.0 for r in judged.rewards]
+    metrics = tally.reduce()
+    assert metrics["count/groups/open_verdicts"] == 1 and metrics["reward/open_verdicts"] == (
+        pytest.approx(2 / 3))
+    assert metrics["referee/first_shown_best/open"] == pytest.approx(4 / 6)  # logged, the risk
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--open_verdict_reward", "consistency"], "listwise --referee_orders 2 the two verdicts"),
+    (["--open_verdict_reward", "consistency", "--self_reward", "pointwise"],
+     "pointwise scores order no pairs"),
+    (["--self_reward", "ranked"], "use listwise, pairwise, pointwise"),
+    (["--advantage", "rloo"], "add --no-scale_advantages"),
+    (["--self_reward", "pointwise", "--consistency_coef", "0.5"], "name no best candidate")])
+def test_protocol_and_estimator_settings_that_cannot_work_are_refused_in_one_line(flags, message):
+    with pytest.raises(SystemExit, match=message) as refused:
+        train.parse_config(flags)
+    assert "\n" not in str(refused.value)
+    for works in (["--open_verdict_reward", "consistency", "--referee_orders", "4"],
+                  ["--self_reward", "pointwise", "--referee_orders", "3"],
+                  ["--advantage", "rloo", "--no-scale_advantages"]):
+        train.parse_config(works)
 
 
 SYNTHETIC_VERDICTS = ["<answer>[1] > [2]</answer>", "<answer>[2] > [1]</answer>"]
@@ -3287,6 +3347,78 @@ def test_before_and_after_table(tmp_path):
     assert (rows[1].split() == ["gsm8k/boxed_rate", "0.000", "0.250"]
             and rows[2].split() == ["hh/accuracy", "0.500", "[0.38,", "0.62]", "0.750", "[0.62,",
                                     "0.88]"])
+
+
+class FormatFollowingEngine:
+    """The real HFEngine, except that a referee prompt gets a valid verdict in its protocol's
+    format (a ranking naming the first shown best, or the score 7), as real tokens, so that the
+    wiring of every protocol reaches its rewards with a random tiny model."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer, self.rng = engine, engine.tokenizer, engine.rng
+        self.context_len = engine.context_len
+
+    def __getattr__(self, name):  # load_weights, sleep, close, use_policy_weights, ...
+        return getattr(self.engine, name)
+
+    def generate(self, prompt_ids, n, temperature, max_new_tokens):
+        texts = [self.tokenizer.decode(ids) for ids in prompt_ids]
+        if not any("impartial judge" in text for text in texts):
+            return self.engine.generate(prompt_ids, n, temperature, max_new_tokens)
+        out = []
+        for text in texts:
+            shown = len(re.findall(r"### Candidate \[\d+\]", text))
+            verdict = (reward.format_score(7) if shown == 0
+                       else reward.format_verdict(list(range(shown))))
+            ids = self.tokenizer(verdict, add_special_tokens=False)["input_ids"]
+            out.append([Completion(ids + [self.tokenizer.eos_token_id], verdict, "eos", None)
+                        for _ in range(n)])
+        return out
+
+
+@pytest.mark.parametrize("flags, shows", [
+    (["--self_reward", "listwise"], 4), (["--self_reward", "pairwise"], 2),
+    (["--self_reward", "pointwise"], 1),
+    (["--self_reward", "pairwise", "--open_verdict_reward", "consistency"], 2),
+    (["--self_reward", "listwise", "--referee_orders", "4", "--open_verdict_reward",
+      "consistency", "--advantage", "rloo", "--no-scale_advantages"], 4)])
+def test_main_runs_each_protocol_end_to_end_in_a_minute(tiny_dir, tmp_path, monkeypatch, flags,
+                                                        shows):
+    # train.main in this process with a flag list: the cold start, one step of all three tasks,
+    # the self-referee pass and the export, so that a fork's flag is checked to reach main
+    # without a real run. The tiny BPE's pair prompts are long: --max_prompt_tokens 1500.
+    made = rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine",
+                        lambda *args, **kwargs: FormatFollowingEngine(made(*args, **kwargs)))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # StopSignal: keep pytest's
+    if dist.is_initialized():  # main makes its own one-process group, as `python train.py`
+        dist.destroy_process_group()
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    assert train.main(run_args(tiny_dir, out, "--steps", "1",
+                               "--prompts_per_step", "3", "--cold_start_steps", "1",
+                               "--group_size", "4",
+                               "--cold_start_batch", "2", "--samples_every", "1",
+                               "--max_prompt_tokens", "1500", "--data_limit", "4",
+                               "--max_new_tokens", "100", "--referee_max_new_tokens", "24",
+                               "--task_weights", "verifiable=1,preference=1,open=1",
+                               *flags)[1:]) == 0
+    seconds = time.perf_counter() - started
+    assert seconds < 60, f"{seconds:.0f} s"
+    assert json.load(open(out / "config.json"))["self_reward"] == flags[1]
+    step0, step1 = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert step0["cold_start/nll_first"] > 0
+    # every verdict valid: the preference groups are read, the open group rewarded
+    assert step1["referee/invalid_rate/preference"] == 0 == step1["referee/invalid_rate/open"]
+    assert step1["count/dropped_groups/open"] == 0
+    lines = [json.loads(line) for line in open(out / "samples.jsonl")]
+    (open_line,) = [line for line in lines if line["task"] == "open"]
+    assert {len(v["order"]) for v in open_line["referee"]} == {shows}
+    verdict_groups = [line for line in lines if line["task"] == "open_verdicts"]
+    assert len(verdict_groups) == ("consistency" in flags)
+    for line in verdict_groups:  # one verdict per prompt, each its own, rewarded for agreeing
+        assert len(line["completions"]) == len(open_line["referee"]) == len(line["rewards"])
+        assert step1["count/groups/open_verdicts"] == 1
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):
