@@ -64,12 +64,11 @@ def parse_ranking(text: str, k: int) -> list[int] | None:
     """
     if k < 2:
         raise ValueError(f"a ranking needs k >= 2 candidates, got k={k}")
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end != -1 else -1
-    if start == -1:
+    block = _answer_block(text)
+    if block is None:
         return None
     labels = []
-    for part in text[start + len("<answer>") : end].split(">"):
+    for part in block.split(">"):
         match = _LABEL.fullmatch(part.strip())
         if match is None:
             return None
@@ -77,6 +76,13 @@ def parse_ranking(text: str, k: int) -> list[int] | None:
     if sorted(labels) != list(range(1, k + 1)):
         return None
     return [label - 1 for label in labels]
+
+
+def _answer_block(text: str) -> str | None:
+    """What the last closed `<answer>...</answer>` block holds; None without one."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end != -1 else -1
+    return None if start == -1 else text[start + len("<answer>"):end]
 
 
 def to_original(shown: list[int] | None, order: list[int]) -> list[int] | None:
@@ -190,11 +196,7 @@ def parse_score(text: str, low: int = 1, high: int = 10) -> int | None:
     >>> parse_score("<think>fine</think><answer> 7 </answer>")
     7
     """
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end != -1 else -1
-    if start == -1:
-        return None
-    content = text[start + len("<answer>"):end].strip()
+    content = (_answer_block(text) or "").strip()
     if not re.fullmatch(r"[0-9]{1,3}", content) or not low <= int(content) <= high:
         return None
     return int(content)

@@ -159,6 +159,33 @@ def test_balanced_self_rewards_count_complete_sets_only():
     assert rewards == [0.5] * 4
 
 
+def test_pointwise_scores_and_agreement_rewards_by_hand():
+    assert [reward.parse_score(t) for t in (
+        "<think>x</think><answer> 10 </answer>", "<answer>1</answer><answer>4</answer>",
+        "<answer>0</answer>", "<answer>11</answer>", "<answer>7.5</answer>", "<answer>7/10</answer>",
+        "<answer>seven</answer>", "7", "<answer>7")] == [10, 4, None, None, None, None, None,
+                                                         None, None]
+    assert reward.parse_score(reward.format_score(3, "")) == 3
+    # complete rounds only: round 2 lacks answer 1's score, its valid one is left out
+    assert reward.scored_self_rewards([[(1, 4), (0, 10)], [(0, 1), None]], 2) == (
+        [1.0, 1 / 3], 1)
+    assert reward.scored_self_rewards([[(0, 10), (1, 1)], [(1, 10), (0, 1)]], 2) == ([0.5, 0.5], 0)
+    assert reward.scored_self_rewards([[None, (1, 5)]], 2) == (None, 1)
+    # a pair, two samples per candidate: sample t of chosen against sample t of rejected; a tie
+    # is wrong for both; an invalid partner leaves 0.5; an invalid score earns invalid_reward
+    assert reward.scored_preference_rewards([9, 5, 7, None], shown=[0, 1], gold=[0, 1],
+                                            invalid_reward=-1.0) == [1.0, 0.5, 1.0, -1.0]
+    assert reward.scored_preference_rewards([5, 5], shown=[0, 1], gold=[0, 1]) == [0.0, 0.0]
+    assert reward.scored_preference_rewards([3, 8], shown=[1, 0], gold=[0, 1]) == [1.0, 1.0]
+    # three candidates, one sample each: 8 > 9 is wrong, every pair with 2 right
+    assert reward.scored_preference_rewards([8, 9, 2], shown=[0, 1, 2], gold=[0, 1, 2]) == [
+        0.5, 0.5, 1.0]
+    # agreement among one group's verdicts: [0, 1, 2] and [0, 2, 1] share 2 of 3 pairs; [2, 3]
+    # orders a pair no other verdict orders: 0.5; the invalid one earns invalid_reward
+    assert reward.agreement_rewards([[0, 1, 2], [0, 2, 1], None, [2, 3]], 0.25) == pytest.approx(
+        [2 / 3, 2 / 3, 0.25, 0.5])
+
+
 def test_consistency_rewards_pay_aligned_verdicts_that_name_the_same_candidate():
     # K = 2, two presentations of 3 samples: aligned pairs (0, 3), (1, 4), (2, 5).
     # (0, 3) both name candidate 1: +0.5 each; (1, 4) name 0 and 1: -0.5; (2, 5) one invalid: -0.5
@@ -3294,6 +3321,37 @@ def test_cold_start_verdicts_rank_pairs_and_every_third_a_group(process_group, t
     train.cold_start(policy, {"preference": pairs}, tokenizer,
                      dataclasses_replace(cfg, cold_start_group_every=0))
     assert [text.count("[") for text in seen[12:]] == [2] * 12  # pairs only
+
+
+def test_cold_start_speaks_the_protocol(process_group, tiny_dir, monkeypatch):
+    # --self_reward pointwise: the cold start's verdicts score each candidate of a pair alone,
+    # the pair's two kept together, chosen 8 and rejected 3 (data.gold_score), and no verdict
+    # ranks a group; pairwise: rankings of 2, never of group_size.
+    tokenizer = model_lib.load_tokenizer(tiny_dir)
+    pairs = [{"task": "preference", "id": str(i), "messages": [{"role": "user", "content": f"q{i}"}],
+              "responses": [f"yes {i}", f"no {i}"], "ranking": [0, 1], "meta": {}}
+             for i in range(5)]
+    seen, prompts = [], []
+
+    def record(policy, optimizer, scheduler, batch, cfg, pad_id, tally):
+        seen.extend(tokenizer.decode(sample.completion_ids) for sample in batch)
+        prompts.extend(tokenizer.decode(sample.prompt_ids) for sample in batch)
+        tally.add("logprob_mean", -1.0)
+        return []
+    monkeypatch.setattr(train, "update", record)
+    cfg = tiny_cfg(group_size=4, max_new_tokens=100, max_prompt_tokens=2000, cold_start_steps=2,
+                   cold_start_batch=4, self_reward="pointwise", referee_think=False)
+    train.cold_start(torch.nn.Linear(1, 1), {"preference": pairs}, tokenizer, cfg)
+    assert [text.split("<|im_end|>")[0] for text in seen] == [
+        "<answer>8</answer>", "<answer>3</answer>"] * 4
+    for prompt, verdict in zip(prompts, seen):
+        shown = re.findall(r"(yes|no) \d", prompt)
+        assert "scale from 1 (worst) to 10" in prompt and len(shown) == 1
+        assert ("8" in verdict) == (shown == ["yes"])
+    seen.clear()
+    train.cold_start(torch.nn.Linear(1, 1), {"preference": pairs}, tokenizer,
+                     dataclasses_replace(cfg, self_reward="pairwise"))
+    assert [text.count("[") for text in seen] == [2] * 8
 
 
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
