@@ -572,7 +572,8 @@ def pairwise_jobs(answers: list[list[str]], num_orders: int,
     says nothing about the answers."""
     jobs = []
     for group, group_answers in enumerate(answers):
-        pairs = [[i, j] for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))]
+        count = len(group_answers)
+        pairs = [[i, j] for i in range(count) for j in range(i + 1, count)]
         rng.shuffle(pairs)
         for unit, pair in enumerate(pairs):
             jobs += [(group, pair, unit), (group, pair[::-1], unit)]

@@ -10,7 +10,10 @@ Every prompt of a step ends up here after its rollouts:
   writes the same format (the template's example, the cold start's targets);
 - open prompts (the model judges its own answers): `balanced_self_rewards` keeps the complete
   balanced sets of the referee's verdicts (an order and its reverse, both valid) and
-  `self_rewards` averages `rank_scores` over their rankings;
+  `self_rewards` averages `rank_scores` over their rankings; pointwise, `parse_score` reads a
+  1-10 score and `scored_self_rewards` averages complete rounds (`scored_preference_rewards`
+  scores such verdicts on preference pairs); `agreement_rewards` pays a verdict on an open group
+  for agreeing with the group's other verdicts (--open_verdict_reward consistency);
 - order-balanced referee groups: `consistency_rewards` pays index-aligned verdicts of different
   presentations for naming the same candidate (PA-GRPO).
 

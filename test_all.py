@@ -162,9 +162,9 @@ def test_balanced_self_rewards_count_complete_sets_only():
 def test_pointwise_scores_and_agreement_rewards_by_hand():
     assert [reward.parse_score(t) for t in (
         "<think>x</think><answer> 10 </answer>", "<answer>1</answer><answer>4</answer>",
-        "<answer>0</answer>", "<answer>11</answer>", "<answer>7.5</answer>", "<answer>7/10</answer>",
-        "<answer>seven</answer>", "7", "<answer>7")] == [10, 4, None, None, None, None, None,
-                                                         None, None]
+        "<answer>0</answer>", "<answer>11</answer>", "<answer>7.5</answer>",
+        "<answer>7/10</answer>", "<answer>seven</answer>", "7", "<answer>7")] == [
+            10, 4, None, None, None, None, None, None, None]
     assert reward.parse_score(reward.format_score(3, "")) == 3
     # complete rounds only: round 2 lacks answer 1's score, its valid one is left out
     assert reward.scored_self_rewards([[(1, 4), (0, 10)], [(0, 1), None]], 2) == (
@@ -3328,8 +3328,8 @@ def test_cold_start_speaks_the_protocol(process_group, tiny_dir, monkeypatch):
     # the pair's two kept together, chosen 8 and rejected 3 (data.gold_score), and no verdict
     # ranks a group; pairwise: rankings of 2, never of group_size.
     tokenizer = model_lib.load_tokenizer(tiny_dir)
-    pairs = [{"task": "preference", "id": str(i), "messages": [{"role": "user", "content": f"q{i}"}],
-              "responses": [f"yes {i}", f"no {i}"], "ranking": [0, 1], "meta": {}}
+    pairs = [{"task": "preference", "id": str(i), "responses": [f"yes {i}", f"no {i}"],
+              "messages": [{"role": "user", "content": f"q{i}"}], "ranking": [0, 1], "meta": {}}
              for i in range(5)]
     seen, prompts = [], []
 
