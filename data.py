@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from reward import format_verdict, last_boxed
+from reward import (balanced_self_rewards, format_score, format_verdict, last_boxed, parse_score,
+                    ranking_reward, read_verdict, scored_preference_rewards, scored_self_rewards)
 
 TASKS = ("verifiable", "preference", "open")
 ROLES = ("system", "user", "assistant")
@@ -486,6 +487,25 @@ THINK_INSTRUCTION = ("First explain your judgement briefly inside <think></think
 RANKING_INSTRUCTION = "Write the full ranking, best first,"  # ours: small budgets and models
 EXAMPLE_THINKING = "A few sentences comparing the candidates."
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+SCORE_TEMPLATE = """\
+You are an impartial judge. Below is a conversation between a user and an AI assistant, then \
+one candidate reply to the user's last message.
+
+### Conversation
+{conversation}
+
+### Candidate
+{candidate}
+
+### Your task
+Rate the candidate as the assistant's next reply on a scale from 1 (worst) to 10 (best): prefer \
+a reply that is more helpful, correct, honest and harmless. Do not let its length sway you.
+{instruction} inside <answer></answer>: one whole number from 1 to 10, with no other words.
+The format, N standing for the number you give (write the number, not the letter):
+{example}"""
+SCORE_THINK_INSTRUCTION = ("First explain your judgement briefly inside <think></think>. Then "
+                           "write the score")
+SCORE_INSTRUCTION = "Write the score"
 
 
 def player_prompt(example: dict) -> list[dict]:
@@ -519,6 +539,26 @@ def referee_prompt(messages: list[dict], responses: list[str], order: list[int],
         labels=", ".join(f"[{j}]" for j in range(1, k + 1)),
         example=format_example(_letters(k), think))
     return [{"role": "user", "content": text}]
+
+
+def score_prompt(messages: list[dict], response: str, think: bool = True) -> list[dict]:
+    """One user turn asking to score one candidate alone from 1 to 10 (the pointwise protocol);
+    its format example names no number ("N"), so there is no score to copy."""
+    conversation = "\n\n".join(f"{_ROLE_LABELS[m['role']]}: {m['content']}" for m in messages)
+    example = "<answer>N</answer>"
+    text = SCORE_TEMPLATE.format(
+        conversation=conversation, candidate=response,
+        instruction=SCORE_THINK_INSTRUCTION if think else SCORE_INSTRUCTION,
+        example=f"<think>{EXAMPLE_THINKING}</think>\n{example}" if think else example)
+    return [{"role": "user", "content": text}]
+
+
+def gold_score(place: int, k: int) -> int:
+    """The cold start's gold score of the candidate at `place` (0: best) of a gold ranking of k:
+    8 for the best, 3 for the worst, linear between (pairs: chosen 8, rejected 3). A convention
+    of ours: preference data rank, they do not score; it teaches the format and the direction
+    and leaves both ends of the scale free."""
+    return round(8 - 5 * place / (k - 1))
 
 
 def format_example(placeholders: list[str], think: bool) -> str:
@@ -566,24 +606,137 @@ def shown_orders(k: int, count: int, rng: random.Random) -> list[list[int]]:
     return orders
 
 
+# --- The self-reward protocol, whole: one Protocol per --self_reward (README.md, "Forking") ---
+
+def listwise_jobs(answers: list[list[str]], num_orders: int,
+                  rng: random.Random) -> list[tuple[int, list[int], int]]:
+    """URPO's listwise protocol's verdicts, as (group, shown, set): the indices of the answers a
+    verdict sees in the order shown, and the balanced set it belongs to. Per group, `num_orders`
+    (even) verdicts on all G answers, in shown_orders: rotations of a random order, each followed
+    by its reverse; an order and its reverse form one set (an answer shown at position p in one
+    is at G - 1 - p in the other, so a referee that ranks by shown position alone pays every
+    answer the same). ValueError on an odd num_orders."""
+    if num_orders < 2 or num_orders % 2:
+        raise ValueError(f"num_orders {num_orders}: the listwise self-reward needs an even number "
+                         "of orders (each order with its reverse) to cancel shown position")
+    return [(group, order, index // 2) for group, group_answers in enumerate(answers)
+            for index, order in enumerate(shown_orders(len(group_answers), num_orders, rng))]
+
+
+def pairwise_jobs(answers: list[list[str]], num_orders: int,
+                  rng: random.Random) -> list[tuple[int, list[int], int]]:
+    """SERL's pairwise protocol's verdicts: every pair of a group's G answers judged in both
+    orders, the two verdicts one balanced set: G (G - 1) verdicts per group (G = 4: 12), each of
+    two answers, at the referee's budget; `num_orders` does not apply (both orders of every pair
+    are the balanced design). Pairs in a random order (rng), so the context a batch gives them
+    says nothing about the answers."""
+    jobs = []
+    for group, group_answers in enumerate(answers):
+        count = len(group_answers)
+        pairs = [[i, j] for i in range(count) for j in range(i + 1, count)]
+        rng.shuffle(pairs)
+        for unit, pair in enumerate(pairs):
+            jobs += [(group, pair, unit), (group, pair[::-1], unit)]
+    return jobs
+
+
+def pointwise_jobs(answers: list[list[str]], num_orders: int,
+                   rng: random.Random) -> list[tuple[int, list[int], int]]:
+    """The pointwise protocol's verdicts: `num_orders` rounds per group, each scoring every answer
+    once, alone (G x M verdicts of one answer each); a round is the balanced set. Alone, an answer
+    has no shown position; what a content-blind referee can still vary is the round (a score that
+    drifts between calls), and only complete rounds count (reward.scored_self_rewards)."""
+    return [(group, [answer], unit) for group, group_answers in enumerate(answers)
+            for unit in range(num_orders) for answer in rng.sample(range(len(group_answers)),
+                                                                   len(group_answers))]
+
+
+def _ranked_render(messages: list[dict], shown: list[str], think: bool) -> list[dict]:
+    return referee_prompt(messages, shown, list(range(len(shown))), think)
+
+
+def _ranked_gold(ranking: list[int], shown: list[int], think: bool) -> str:
+    return format_verdict([shown.index(c) for c in ranking if c in shown], "" if think else None)
+
+
+def _scored_gold(ranking: list[int], shown: list[int], think: bool) -> str:
+    return format_score(gold_score(ranking.index(shown[0]), len(ranking)), "" if think else None)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A self-reward protocol, whole: which verdicts the self-referee pass asks for, how each is
+    rendered and read, how valid verdicts become rewards (balanced sets only: a content-blind
+    referee earns zero advantages), and its gold verdicts. The self-referee pass
+    (rollout.self_referee), the referee's preference groups (train.build_prompts, rule_rewards),
+    the cold start and the held-out evaluation all take it, so the referee is trained, started
+    and measured in the format it rewards in. A verdict is a rollout.Verdict: `order`, the
+    candidates it was shown (indices into the call's candidates, in shown order), `ranking`
+    (candidate indices, best first) or `score`, None where invalid or did not fit."""
+    name: str
+    shows: int  # candidates one self-referee verdict shows (0: the whole group)
+    jobs: Callable  # (answers per group, num_orders, rng) -> [(group, shown, set)]
+    presentations: Callable  # (k, count, rng) -> the shown candidates of each preference prompt
+    render: Callable  # (messages, shown candidate texts, think) -> the referee's messages
+    read: Callable  # (text, shown) -> (ranking in candidate indices or None, score or None)
+    gold: Callable  # (gold ranking, shown, think) -> the gold verdict's text
+    self_rewards: Callable  # (verdict sets, k) -> (rewards or None: dropped, valid ones left out)
+    preference_rewards: Callable  # (verdicts, presentations, gold ranking, invalid) -> rewards
+
+    def example(self, record: dict, shown: list[int], think: bool) -> tuple[list[dict], str]:
+        """A preference record's gold verdict (the cold start's target) for candidates `shown`."""
+        texts = [record["responses"][i] for i in shown]
+        return self.render(record["messages"], texts, think), self.gold(record["ranking"], shown,
+                                                                          think)
+
+
+RANKED = dict(  # listwise and pairwise: a ranking of the shown candidates (a pair: a win)
+    presentations=lambda k, count, rng: shown_orders(k, count, rng), render=_ranked_render,
+    read=lambda text, shown: (read_verdict(text, shown), None), gold=_ranked_gold,
+    self_rewards=lambda sets, k: balanced_self_rewards(
+        [[v and v.ranking for v in verdicts] for verdicts in sets], k),
+    preference_rewards=lambda verdicts, presentations, gold, invalid: [
+        invalid if v.ranking is None else ranking_reward(v.ranking, gold) for v in verdicts])
+PROTOCOLS = {
+    # URPO: the group ranked in M balanced orders; position p of n scores (n - 1 - p) / (n - 1)
+    "listwise": Protocol("listwise", 0, listwise_jobs, **RANKED),
+    # SERL: every pair in both orders; an answer's reward is its win rate over the complete
+    # pairs (Copeland's wins minus losses, scaled to [0, 1]): self_rewards of 2-rankings
+    "pairwise": Protocol("pairwise", 2, pairwise_jobs, **RANKED),
+    # each answer scored alone from 1 to 10 in M rounds, (score - 1) / 9 averaged over the
+    # complete rounds; a preference pair is trained as its two candidates scored alone
+    "pointwise": Protocol(
+        "pointwise", 1, pointwise_jobs,
+        presentations=lambda k, count, rng: [[c] for c in range(k)],
+        render=lambda messages, shown, think: score_prompt(messages, shown[0], think),
+        read=lambda text, shown: (None, parse_score(text)), gold=_scored_gold,
+        self_rewards=lambda sets, k: scored_self_rewards(
+            [[None if v is None or v.score is None else (v.order[0], v.score) for v in verdicts]
+             for verdicts in sets], k),
+        preference_rewards=lambda verdicts, presentations, gold, invalid: scored_preference_rewards(
+            [v.score for v in verdicts], [shown[0] for shown in presentations], gold, invalid)),
+}
+
+
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
 def gold_target(record: dict, rng: random.Random, think: bool = True,
-                order: list[int] | None = None) -> tuple[list[dict], str] | None:
+                order: list[int] | None = None,
+                protocol: Protocol | None = None) -> tuple[list[dict], str] | None:
     """A cold-start example (train.py, --cold_start_steps) in the output format of the record's
-    role, (prompt messages, target text), or None. preference: the referee prompt, candidates in
-    `order` (None: a random one from rng), the gold ranking as a verdict (with `think`, after an
-    empty <think></think>: no gold reasoning exists to imitate). verifiable: the player prompt and
+    role, (prompt messages, target text), or None. preference: the `protocol`'s (None: listwise)
+    referee prompt, candidates shown as `order` (None: its first presentation drawn from rng),
+    its gold verdict (Protocol.example; with `think`, after an empty <think></think>: no gold
+    reasoning exists to imitate). verifiable: the player prompt and
     the worked solution (meta["reference"]) if it has a "#### N" line (GSM8K: calculator
     annotations dropped, that line written "The answer is \\boxed{N}.") or boxes its answer (kept
     as is). open: None."""
     if record["task"] == "preference":
+        protocol = protocol or PROTOCOLS["listwise"]
         k = len(record["responses"])
-        order = rng.sample(range(k), k) if order is None else order
-        shown_ranking = [order.index(candidate) for candidate in record["ranking"]]
-        prompt = referee_prompt(record["messages"], record["responses"], order, think)
-        return prompt, format_verdict(shown_ranking, "" if think else None)
+        order = protocol.presentations(k, 1, rng)[0] if order is None else order
+        return protocol.example(record, order, think)
     solution = record["meta"].get("reference") if record["task"] == "verifiable" else None
     if not solution:
         return None
@@ -623,19 +776,23 @@ def group_gold_target(record: dict, others: list[dict], k: int, rng: random.Rand
 
 def cold_start_examples(sources: dict[str, list[dict]], count: int, group_size: int,
                         group_every: int, orders: int, fits: Callable, rng: random.Random,
-                        think: bool = True) -> tuple[list[tuple[list[dict], str]], dict]:
+                        think: bool = True, protocol: Protocol | None = None
+                        ) -> tuple[list[tuple[list[dict], str]], dict]:
     """The cold start's schedule (train.cold_start): `count` examples (prompt messages, target
-    text) drawn from three pools, each shuffled by `rng`, then cycled: verdicts on a pair
-    (gold_target, a pair's in the `orders` orders GRPO shows it, kept together), verdicts on
-    group_size candidates (group_gold_target: the K that self-judging shows), and worked solutions.
+    text) drawn from three pools, each shuffled by `rng`, then cycled: verdicts on a pair in the
+    `protocol`'s format (None: listwise; gold_target, in the presentations GRPO shows it: a
+    pair's `orders` orders, or for pointwise each candidate alone, kept together), verdicts on
+    group_size candidates (group_gold_target: the K that listwise self-judging shows; only a
+    protocol whose verdicts show the whole group), and worked solutions.
     Referee and solver examples alternate; every `group_every`-th referee example ranks
     group_size candidates (0: pairs only). Only examples for which `fits(example, role)` (the
     token budgets of the role, "referee" or "player") serve. Returns the examples ([] when no pool has one) and each pool's size."""
+    protocol = protocol or PROTOCOLS["listwise"]
     pools = {"pairs": [], "groups": [], "verifiable": []}
-    grouped = group_every > 0 and group_size > 2
+    grouped = group_every > 0 and group_size > 2 and protocol.shows == 0
     for record in sources.get("preference", []):
-        shown = shown_orders(len(record["responses"]), orders, rng)
-        pools["pairs"].append([gold_target(record, rng, think, order) for order in shown])
+        shown = protocol.presentations(len(record["responses"]), orders, rng)
+        pools["pairs"].append([protocol.example(record, order, think) for order in shown])
         if grouped:
             pools["groups"].append(
                 [group_gold_target(record, sources["preference"], group_size, rng, think)])

@@ -1,9 +1,11 @@
 """GRPO: group-relative advantages and the clipped policy-gradient loss (README.md, "The method").
 
-After the rewards of a step are known (reward.py), `group_advantages` turns each group of G
-samples of one prompt into advantages (`presentation_advantages` a referee group whose samples saw
-the candidates in several orders); after the trainer has recomputed the completions'
-log-probabilities, `grpo_loss` gives the scalar to back-propagate. Player and referee samples
+After the rewards of a step are known (reward.py), `advantages` turns each group of G samples
+into advantages, the one entry point for every setting: GRPO's z-score (`group_advantages`) or
+RLOO's leave-one-out (`rloo_advantages`), plus the within-presentation term of a referee group
+whose samples saw the candidates in several orders (`presentation_advantages`); after the
+trainer has recomputed the completions' log-probabilities, `grpo_loss` gives the scalar to
+back-propagate. Player and referee samples
 go through the same two functions: URPO's single loop is this file.
 
 Notation, per token t of completion s:
@@ -55,8 +57,51 @@ def group_advantages(
     return torch.where(all_equal, 0.0, advantages).flatten()  # [N]
 
 
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO's advantages (Ahmadian et al., arXiv 2402.14740) of N = num_groups * group_size
+    rewards: each sample's reward minus the mean of the OTHER samples of its group,
+    A_i = r_i - (sum(r) - r_i) / (G - 1) = G / (G - 1) * (r_i - mean(r)); never divided by a
+    std. A group of equal rewards, or of one sample, gives exactly 0.
+
+    >>> rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4)
+    tensor([ 1.0000, -0.3333, -0.3333, -0.3333])
+    """
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)  # [N/G, G]
+    if group_size == 1:
+        return torch.zeros_like(grouped).flatten()  # [N]
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [N/G, G]
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [N/G, 1]
+    return torch.where(all_equal, 0.0, grouped - others).flatten()  # [N]
+
+
+ESTIMATORS = ("grpo", "rloo")  # --advantage
+
+
+def advantages(rewards: Tensor, presentations: int = 1, estimator: str = "grpo",
+               scale: bool = True) -> Tensor:
+    """The one entry point: the advantages of ONE group of G rewards, every group of the step
+    (player answers, referee verdicts) through here. `estimator` "grpo": the z-score of
+    `group_advantages` (`scale=False`: Dr. GRPO's r - mean(r)); "rloo": `rloo_advantages`
+    (`scale` must be False: it has no std). `presentations` > 1: the group's samples saw its
+    candidates in that many orders, G / presentations consecutive samples each, and the
+    within-presentation term of `presentation_advantages` is added (--referee_advantage
+    group+order); 1: the plain group advantage (--referee_advantage group, and every player
+    group). ValueError on an unknown estimator or rloo with scale.
+
+    >>> advantages(torch.tensor([1.0, 1.0, 1.0, 0.0]), estimator="rloo", scale=False)
+    tensor([ 0.3333,  0.3333,  0.3333, -1.0000])
+    """
+    if estimator not in ESTIMATORS or (estimator == "rloo" and scale):
+        raise ValueError(f"estimator {estimator!r} with scale={scale}: use grpo (scaled or "
+                         "not) or rloo unscaled")
+    return presentation_advantages(rewards, presentations, scale, estimator=estimator)
+
+
 def presentation_advantages(
-    rewards: Tensor, presentations: int, scale: bool = True, eps: float = 1e-6
+    rewards: Tensor, presentations: int, scale: bool = True, eps: float = 1e-6,
+    estimator: str = "grpo"
 ) -> Tensor:
     """Advantages of ONE referee group of G samples whose candidates were shown in
     `presentations` orders, G / presentations consecutive samples each: this project's variant
@@ -68,7 +113,8 @@ def presentation_advantages(
         s_i = z(r_i; all G rewards) + z(r_i; the rewards of its presentation)
         A_i = s_i * ||z(r; all G)|| / ||s||
 
-    each z as `group_advantages` (0 where its rewards are all equal). Why the second term: with
+    each z as `group_advantages` (0 where its rewards are all equal; with estimator "rloo", each
+    z is `rloo_advantages` instead). Why the second term: with
     the first alone, a presentation the referee mostly gets wrong (the gold answer shown in its
     disfavoured position) gives its right samples little credit next to the easy
     presentation's. Why the rescaling: the sum of two z-scores is up to ~2x the size of one, and
@@ -82,10 +128,14 @@ def presentation_advantages(
     group_size = rewards.numel()
     if presentations < 1 or group_size % presentations:
         raise ValueError(f"{group_size} rewards do not split into {presentations} presentations")
-    advantages = group_advantages(rewards, group_size, scale, eps)  # [G]
+    def centred(size: int) -> Tensor:  # [G]: one advantage per block of `size` samples
+        if estimator == "rloo":
+            return rloo_advantages(rewards, size)
+        return group_advantages(rewards, size, scale, eps)
+    advantages = centred(group_size)  # [G]
     if presentations == 1:
         return advantages
-    total = advantages + group_advantages(rewards, group_size // presentations, scale, eps)  # [G]
+    total = advantages + centred(group_size // presentations)  # [G]
     size = torch.linalg.vector_norm(total)  # []
     if size == 0:
         return total

@@ -10,7 +10,10 @@ Every prompt of a step ends up here after its rollouts:
   writes the same format (the template's example, the cold start's targets);
 - open prompts (the model judges its own answers): `balanced_self_rewards` keeps the complete
   balanced sets of the referee's verdicts (an order and its reverse, both valid) and
-  `self_rewards` averages `rank_scores` over their rankings;
+  `self_rewards` averages `rank_scores` over their rankings; pointwise, `parse_score` reads a
+  1-10 score and `scored_self_rewards` averages complete rounds (`scored_preference_rewards`
+  scores such verdicts on preference pairs); `agreement_rewards` pays a verdict on an open group
+  for agreeing with the group's other verdicts (--open_verdict_reward consistency);
 - order-balanced referee groups: `consistency_rewards` pays index-aligned verdicts of different
   presentations for naming the same candidate (PA-GRPO).
 
@@ -64,12 +67,11 @@ def parse_ranking(text: str, k: int) -> list[int] | None:
     """
     if k < 2:
         raise ValueError(f"a ranking needs k >= 2 candidates, got k={k}")
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end != -1 else -1
-    if start == -1:
+    block = _answer_block(text)
+    if block is None:
         return None
     labels = []
-    for part in text[start + len("<answer>") : end].split(">"):
+    for part in block.split(">"):
         match = _LABEL.fullmatch(part.strip())
         if match is None:
             return None
@@ -77,6 +79,13 @@ def parse_ranking(text: str, k: int) -> list[int] | None:
     if sorted(labels) != list(range(1, k + 1)):
         return None
     return [label - 1 for label in labels]
+
+
+def _answer_block(text: str) -> str | None:
+    """What the last closed `<answer>...</answer>` block holds; None without one."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end != -1 else -1
+    return None if start == -1 else text[start + len("<answer>"):end]
 
 
 def to_original(shown: list[int] | None, order: list[int]) -> list[int] | None:
@@ -180,6 +189,115 @@ def balanced_self_rewards(verdict_sets: list[list[list[int] | None]],
     left_out = sum(ranking is not None for rankings in verdict_sets if None in rankings
                    for ranking in rankings)
     return (self_rewards(complete, k) if complete else None), left_out
+
+
+def parse_score(text: str, low: int = 1, high: int = 10) -> int | None:
+    """A pointwise referee's score of one candidate: the whole number inside the last closed
+    `<answer>...</answer>` block, from `low` to `high` (whitespace around it ignored), or None
+    (no closed block, other words, a decimal, out of range).
+
+    >>> parse_score("<think>fine</think><answer> 7 </answer>")
+    7
+    """
+    content = (_answer_block(text) or "").strip()
+    if not re.fullmatch(r"[0-9]{1,3}", content) or not low <= int(content) <= high:
+        return None
+    return int(content)
+
+
+def format_score(score: int, thinking: str | None = None) -> str:
+    """A pointwise verdict in the format that `parse_score` reads: "<answer>7</answer>", after
+    "<think>thinking</think>\n" when given (the cold start's targets)."""
+    answer = f"<answer>{score}</answer>"
+    return answer if thinking is None else f"<think>{thinking}</think>\n{answer}"
+
+
+def scored_self_rewards(rounds: list[list[tuple[int, int] | None]], k: int, low: int = 1,
+                        high: int = 10) -> tuple[list[float] | None, int]:
+    """Self-assessed rewards of a group of k answers from pointwise scores, and how many valid
+    scores were left out, `balanced_self_rewards`' rule for the pointwise protocol.
+
+    `rounds` holds the group's scores round by round: a round scores every answer once, each
+    alone, as (answer, score), None where the verdict did not parse or fit. Only COMPLETE
+    rounds count (every score valid): a referee whose scores are blind to the answer (one
+    number for the whole round, or one that drifts from round to round) then pays every answer
+    the same, while averaging the valid scores answer by answer would pay the answers whose
+    partner scores happened to fail. An answer's reward is its mean over complete rounds of
+    (score - low) / (high - low): 10 -> 1.0, 1 -> 0.0. None when no round is complete.
+
+    >>> scored_self_rewards([[(0, 10), (1, 4)], [(0, 7), None]], 2)
+    ([1.0, 0.3333333333333333], 1)
+    """
+    complete = [scores for scores in rounds if None not in scores]
+    left_out = sum(score is not None for scores in rounds if None in scores for score in scores)
+    if not complete:
+        return None, left_out
+    totals = [Fraction(0)] * k
+    for scores in complete:
+        if sorted(answer for answer, _ in scores) != list(range(k)):
+            raise ValueError(f"a round must score each of the {k} answers once, got {scores}")
+        for answer, score in scores:
+            totals[answer] += Fraction(score - low, high - low)
+    return [float(total / len(complete)) for total in totals], left_out
+
+
+def scored_preference_rewards(scores: list[int | None], shown: list[int], gold: list[int],
+                              invalid_reward: float = 0.0) -> list[float]:
+    """Rewards of a pointwise referee group on a preference record: presentation p shows
+    candidate shown[p] alone, len(scores) / len(shown) consecutive samples each; sample t of a
+    presentation is compared with sample t of every other one (its partners). A sample earns
+    the share of its valid partners whose score orders the pair as the gold ranking does,
+    strictly (a tie is wrong); with no valid partner, 0.5 (the format is right, the order
+    unknown); an invalid score earns `invalid_reward`. For a pair: [1, 1] when chosen scored
+    above rejected, [0, 0] otherwise.
+
+    >>> scored_preference_rewards([8, 9, 3, 9], shown=[0, 1], gold=[0, 1])
+    [1.0, 0.0, 1.0, 0.0]
+    """
+    if not shown or len(scores) % len(shown):
+        raise ValueError(f"{len(scores)} scores do not split into {len(shown)} presentations")
+    per, place = len(scores) // len(shown), {candidate: i for i, candidate in enumerate(gold)}
+    rewards = []
+    for i, score in enumerate(scores):
+        if score is None:
+            rewards.append(invalid_reward)
+            continue
+        mine = shown[i // per]
+        right = [(score > scores[p * per + i % per]) == (place[mine] < place[shown[p]])
+                 and score != scores[p * per + i % per]
+                 for p in range(len(shown)) if p != i // per
+                 and scores[p * per + i % per] is not None]
+        rewards.append(sum(right) / len(right) if right else 0.5)
+    return rewards
+
+
+def agreement_rewards(rankings: list[list[int] | None],
+                      invalid_reward: float = 0.0) -> list[float]:
+    """Self-consistency rewards of the referee's verdicts on ONE open group, which has no ground
+    truth (--open_verdict_reward consistency; SERL's judge reward, in this project's form):
+    `rankings` in answer indices, best first (a verdict may show all answers or some), None
+    where invalid. A valid verdict earns, over the answer pairs it orders that other valid
+    verdicts order too, the mean share of those others that order the pair its way; 0.5 when
+    no other verdict orders any of its pairs; an invalid one earns `invalid_reward`. Agreement
+    is symmetric, so two verdicts alone always earn the same (listwise with M = 2: advantage 0).
+
+    >>> agreement_rewards([[0, 1], [0, 1], [1, 2], [2, 1]])
+    [1.0, 1.0, 0.0, 0.0]
+    """
+    before = [None if r is None else {a: p for p, a in enumerate(r)} for r in rankings]
+    rewards = []
+    for i, mine in enumerate(before):
+        if mine is None:
+            rewards.append(invalid_reward)
+            continue
+        shares = []
+        for a, b in itertools.combinations(sorted(mine), 2):
+            others = [(o[a] < o[b]) == (mine[a] < mine[b]) for j, o in enumerate(before)
+                      if j != i and o is not None and a in o and b in o]
+            if others:
+                shares.append(sum(others) / len(others))
+        rewards.append(sum(shares) / len(shares) if shares else 0.5)
+    return rewards
 
 
 def consistency_rewards(bests: list[int | None], presentations: int, coef: float) -> list[float]:

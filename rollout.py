@@ -22,7 +22,7 @@ import math
 import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -30,9 +30,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from data import referee_prompt, shown_orders
+from data import PROTOCOLS, Protocol
 from model import chat_ids, completion_logprobs, load_full_state_dict, load_model
-from reward import balanced_self_rewards, read_verdict, to_original
 
 
 @dataclass
@@ -440,90 +439,89 @@ def fits(engine, prompt_ids: list[int], max_new_tokens: int) -> bool:
 
 @dataclass
 class Verdict:
-    """One referee generation: candidates shown in `order`, what the referee wrote, its ranking."""
-    order: list[int]  # label [j+1] showed candidate order[j]
+    """One referee generation, with what training needs: candidates shown in `order`, what the
+    referee wrote and what it means (a ranking or a score: the protocol's `read`), and the
+    prompt, tokens and sampler log-probs it came from."""
+    order: list[int]  # the candidates shown, indices into the call's candidates: label [j+1]
+    # (pointwise: the one candidate) shows candidate order[j]; one meaning everywhere
     text: str  # the referee's output
-    ranking: list[int] | None  # original candidate indices, best first; None: invalid
+    ranking: list[int] | None  # candidate indices, best first; None: invalid, or a score
     finish_reason: str
     num_tokens: int  # generated tokens (for throughput)
     group: int = 0  # self_referee: index of the judged group in its input
+    score: int | None = None  # pointwise protocol: the candidate's score; None: invalid
+    prompt_ids: list[int] = field(default_factory=list)  # the rendered referee prompt
+    token_ids: list[int] = field(default_factory=list)  # what the referee generated
+    logprobs: list[float] | None = None  # the sampler's log p_T of token_ids (None: greedy)
+
+    @property
+    def valid(self) -> bool:
+        """Whether the verdict parsed (a ranking, or a score)."""
+        return self.ranking is not None or self.score is not None
 
 
 def referee(engine, tokenizer, conversations: list[list[dict]], candidates: list[list[str]],
             orders: list[list[int]], temperature: float, max_new_tokens: int,
-            think: bool = True) -> list[Verdict | None]:
-    """Per (conversation, candidates, shown order): render data.referee_prompt, generate one
-    verdict, read it back in original indices (reward.read_verdict); None if it does not fit."""
-    prompts = [chat_ids(tokenizer, referee_prompt(messages, shown, order, think))
-               for messages, shown, order in zip(conversations, candidates, orders, strict=True)]
+            think: bool = True, protocol: Protocol = PROTOCOLS["listwise"]) -> list[Verdict | None]:
+    """Per (conversation, candidates, shown): the `protocol`'s referee prompt showing candidates
+    [order[0], order[1], ...] (a permutation of them all, or some: a pair, one), one verdict,
+    read back in candidate indices (protocol.read); None where prompt + budget do not fit."""
+    prompts = [chat_ids(tokenizer, protocol.render(messages, [texts[i] for i in order], think))
+               for messages, texts, order in zip(conversations, candidates, orders, strict=True)]
     fitting = [i for i, ids in enumerate(prompts) if fits(engine, ids, max_new_tokens)]
     outputs = engine.generate([prompts[i] for i in fitting], n=1, temperature=temperature,
                               max_new_tokens=max_new_tokens) if fitting else []
     verdicts = [None] * len(prompts)
     for i, (output,) in zip(fitting, outputs, strict=True):
-        verdicts[i] = Verdict(orders[i], output.text, read_verdict(output.text, orders[i]),
-                              output.finish_reason, len(output.token_ids))
+        ranking, score = protocol.read(output.text, orders[i])
+        verdicts[i] = Verdict(orders[i], output.text, ranking, output.finish_reason,
+                              len(output.token_ids), score=score, prompt_ids=prompts[i],
+                              token_ids=list(output.token_ids), logprobs=output.logprobs)
     return verdicts
 
 
 @dataclass
 class SelfRefereeResult:
-    """Rewards of each group, and every referee verdict for metrics and samples."""
+    """Rewards of each group, and every referee verdict for metrics, samples and training."""
     rewards: list[list[float] | None]  # per group: one reward per answer; None if dropped
     dropped: int  # groups without a complete balanced set of valid verdicts (no gradient)
-    verdicts: list[Verdict]  # group by group, num_orders per group (those that fit)
+    verdicts: list[Verdict]  # group by group, as the protocol's jobs ask (those that fit)
     skipped_long: int = 0  # referee prompts that did not fit in the engine's context (not run)
     unbalanced: int = 0  # valid verdicts left out: their set's other verdict failed
 
 
-def listwise_jobs(answers: list[list[str]], num_orders: int,
-                  rng: random.Random) -> list[tuple[int, list[int], int]]:
-    """The self-reward protocol, as one list of verdicts to ask for: (group, shown, set), the
-    indices of the answers a verdict sees in the order shown, and the balanced set it belongs to.
-    URPO's listwise protocol: per group, `num_orders` (even) verdicts on all G answers, in
-    data.shown_orders: rotations of a random order, each followed by its reverse; an order and
-    its reverse form one set (an answer shown at position p in one is at G - 1 - p in the other,
-    so a referee that ranks by shown position alone pays every answer the same)."""
-    if num_orders < 2 or num_orders % 2:
-        raise ValueError(f"num_orders {num_orders}: the listwise self-reward needs an even number "
-                         "of orders (each order with its reverse) to cancel shown position")
-    return [(group, order, index // 2) for group, group_answers in enumerate(answers)
-            for index, order in enumerate(shown_orders(len(group_answers), num_orders, rng))]
-
-
 def self_referee(engine, tokenizer, conversations: list[list[dict]], answers: list[list[str]],
                  num_orders: int, temperature: float, max_new_tokens: int,
-                 rng: random.Random, think: bool = True) -> SelfRefereeResult:
+                 rng: random.Random, think: bool = True,
+                 protocol: Protocol = PROTOCOLS["listwise"]) -> SelfRefereeResult:
     """The self-referee pass (README.md, "The method"): `engine` (the policy's, or the baseline
-    arm's frozen referee) judges answers[g] to conversations[g] in the verdicts `listwise_jobs`
-    asks for, each sampled at `temperature` within `max_new_tokens` (the referee's own settings,
-    as when it is trained). Rewards come from complete balanced sets only
-    (reward.balanced_self_rewards): an order and its reverse, both valid; in a ranking of n
-    answers position p scores (n - 1 - p) / (n - 1), averaged per answer. A valid verdict whose
-    partner failed (did not parse, was cut by the budget, or did not fit the context) is left
-    out and counted in `unbalanced`: alone it would pay shown position. A group with no complete
-    set is dropped. E.g. orders [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]; the
-    same with the second verdict invalid gives None, not [0.0, 1.0]. ValueError on an odd
-    num_orders."""
+    arm's frozen referee) judges answers[g] to conversations[g] in the verdicts the `protocol`'s
+    jobs ask for (listwise: `num_orders` balanced orders of the whole group; data.PROTOCOLS),
+    each sampled at `temperature` within `max_new_tokens` (the referee's own settings, as when
+    it is trained). Rewards come from complete balanced sets only (protocol.self_rewards):
+    listwise, an order and its reverse, both valid; in a ranking of n answers position p scores
+    (n - 1 - p) / (n - 1), averaged per answer. A valid verdict whose set failed (did not parse,
+    was cut by the budget, or did not fit the context) is left out and counted in `unbalanced`:
+    alone it would pay shown position. A group with no complete set is dropped. E.g. orders
+    [1, 0], [0, 1] both judged "[1] > [2]" give [0.5, 0.5]; the same with the second verdict
+    invalid gives None, not [0.0, 1.0]. Each verdict's `order` holds answer indices of its
+    group. ValueError on an odd num_orders (listwise)."""
     if len(conversations) != len(answers):
         raise ValueError(f"need one conversation per group of answers; got {len(conversations)} "
                          f"and {len(answers)}")
-    jobs = listwise_jobs(answers, num_orders, rng)
+    jobs = protocol.jobs(answers, num_orders, rng)
     verdicts = referee(engine, tokenizer, [conversations[g] for g, _, _ in jobs],
-                       [[answers[g][i] for i in shown] for g, shown, _ in jobs],
-                       [list(range(len(shown))) for _, shown, _ in jobs], temperature,
-                       max_new_tokens, think)
-    kept, sets = [], [defaultdict(list) for _ in answers]  # per group: set -> its rankings
-    for (group, shown, unit), verdict in zip(jobs, verdicts):
-        ranking = None
-        if verdict is not None:  # shown positions -> the group's answer indices
-            verdict.group, verdict.order = group, shown
-            verdict.ranking = ranking = to_original(verdict.ranking, shown)
+                       [answers[g] for g, _, _ in jobs], [shown for _, shown, _ in jobs],
+                       temperature, max_new_tokens, think, protocol)
+    kept, sets = [], [defaultdict(list) for _ in answers]  # per group: set -> its verdicts
+    for (group, _, unit), verdict in zip(jobs, verdicts):
+        if verdict is not None:
+            verdict.group = group
             kept.append(verdict)
-        sets[group][unit].append(ranking)  # a verdict that did not fit fails its set
+        sets[group][unit].append(verdict if verdict is not None and verdict.valid else None)
     rewards, unbalanced = [], 0
     for group, group_answers in enumerate(answers):
-        group_rewards, left_out = balanced_self_rewards(list(sets[group].values()),
+        group_rewards, left_out = protocol.self_rewards(list(sets[group].values()),
                                                         len(group_answers))
         rewards.append(group_rewards)
         unbalanced += left_out

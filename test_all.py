@@ -159,6 +159,33 @@ def test_balanced_self_rewards_count_complete_sets_only():
     assert rewards == [0.5] * 4
 
 
+def test_pointwise_scores_and_agreement_rewards_by_hand():
+    assert [reward.parse_score(t) for t in (
+        "<think>x</think><answer> 10 </answer>", "<answer>1</answer><answer>4</answer>",
+        "<answer>0</answer>", "<answer>11</answer>", "<answer>7.5</answer>",
+        "<answer>7/10</answer>", "<answer>seven</answer>", "7", "<answer>7")] == [
+            10, 4, None, None, None, None, None, None, None]
+    assert reward.parse_score(reward.format_score(3, "")) == 3
+    # complete rounds only: round 2 lacks answer 1's score, its valid one is left out
+    assert reward.scored_self_rewards([[(1, 4), (0, 10)], [(0, 1), None]], 2) == (
+        [1.0, 1 / 3], 1)
+    assert reward.scored_self_rewards([[(0, 10), (1, 1)], [(1, 10), (0, 1)]], 2) == ([0.5, 0.5], 0)
+    assert reward.scored_self_rewards([[None, (1, 5)]], 2) == (None, 1)
+    # a pair, two samples per candidate: sample t of chosen against sample t of rejected; a tie
+    # is wrong for both; an invalid partner leaves 0.5; an invalid score earns invalid_reward
+    assert reward.scored_preference_rewards([9, 5, 7, None], shown=[0, 1], gold=[0, 1],
+                                            invalid_reward=-1.0) == [1.0, 0.5, 1.0, -1.0]
+    assert reward.scored_preference_rewards([5, 5], shown=[0, 1], gold=[0, 1]) == [0.0, 0.0]
+    assert reward.scored_preference_rewards([3, 8], shown=[1, 0], gold=[0, 1]) == [1.0, 1.0]
+    # three candidates, one sample each: 8 > 9 is wrong, every pair with 2 right
+    assert reward.scored_preference_rewards([8, 9, 2], shown=[0, 1, 2], gold=[0, 1, 2]) == [
+        0.5, 0.5, 1.0]
+    # agreement among one group's verdicts: [0, 1, 2] and [0, 2, 1] share 2 of 3 pairs; [2, 3]
+    # orders a pair no other verdict orders: 0.5; the invalid one earns invalid_reward
+    assert reward.agreement_rewards([[0, 1, 2], [0, 2, 1], None, [2, 3]], 0.25) == pytest.approx(
+        [2 / 3, 2 / 3, 0.25, 0.5])
+
+
 def test_consistency_rewards_pay_aligned_verdicts_that_name_the_same_candidate():
     # K = 2, two presentations of 3 samples: aligned pairs (0, 3), (1, 4), (2, 5).
     # (0, 3) both name candidate 1: +0.5 each; (1, 4) name 0 and 1: -0.5; (2, 5) one invalid: -0.5
@@ -2123,90 +2150,127 @@ def test_self_referee_orders_give_a_position_biased_referee_nothing_to_reward(k,
                            torch.zeros(k))
 
 
-def tournament_jobs(answers, num_orders, rng):
-    """README's worked example: a pairwise tournament, every pair of a group's answers judged
-    in both orders (num_orders and rng unused)."""
-    pairs = [(group, i, j) for group, group_answers in enumerate(answers)
-             for i in range(len(group_answers)) for j in range(i + 1, len(group_answers))]
-    return [(group, shown, unit) for unit, (group, i, j) in enumerate(pairs)
-            for shown in ([i, j], [j, i])]
+def scores_script(scores):
+    """A pointwise referee: scores[answer][round] for q-consistent's answers (None: invalid)."""
+    def script(question, shown, count):
+        (answer,) = shown
+        score = scores[answer][count // len(scores)]  # every round scores each answer once
+        return "no score" if score is None else f"<think>ok</think><answer>{score}</answer>"
+    return script
 
 
-@pytest.mark.parametrize("protocol", ["listwise", "tournament"])
-def test_any_self_reward_protocol_pays_content_and_not_position(monkeypatch, protocol):
-    # The invariants of a self-reward protocol, whichever verdicts it asks for: a referee that
-    # ranks by shown position alone gives every answer the same reward (advantage 0), and one
-    # that ranks by content gives the answers rewards in that order.
-    if protocol == "tournament":
-        monkeypatch.setattr(rollout, "listwise_jobs", tournament_jobs)
+def pairwise_script(question, shown, count):
+    """Alphabetical, except that apple pie against cherry tart goes to the one shown first."""
+    best = shown[0] if set(shown) == {"apple pie", "cherry tart"} else min(shown)
+    return reward.format_verdict([shown.index(best), 1 - shown.index(best)])
+
+
+@pytest.mark.parametrize("protocol, script, expected, unbalanced", [
+    # listwise, M = 2: alphabetical in both orders: positions 0, 1, 2 score 1, 0.5, 0
+    ("listwise", referee_script, [1.0, 0.5, 0.0], 0),
+    # pairwise: apple beats banana twice and cherry once of two: 3/4; banana beats cherry twice,
+    # loses to apple twice: 2/4; cherry wins once of four: 1/4 (Copeland, scaled to [0, 1])
+    ("pairwise", pairwise_script, [0.75, 0.5, 0.25], 0),
+    # pointwise, M = 2 rounds: (score - 1) / 9 averaged: apple (9, 7) -> 7/9, banana (5, 5) ->
+    # 4/9, cherry (2, 4) -> 2/9
+    ("pointwise", scores_script({"apple pie": [9, 7], "banana split": [5, 5],
+                                 "cherry tart": [2, 4]}), [7 / 9, 4 / 9, 2 / 9], 0),
+    # ... with banana's second score invalid: round 2 is incomplete, its 2 valid scores left out
+    ("pointwise", scores_script({"apple pie": [9, 7], "banana split": [5, None],
+                                 "cherry tart": [2, 4]}), [8 / 9, 4 / 9, 1 / 9], 2)])
+def test_each_protocol_gives_a_three_answer_group_its_hand_computed_rewards(
+        protocol, script, expected, unbalanced):
     tokenizer = tiny_tokenizer()
-    conversations = [[{"role": "user", "content": "q-consistent"}]]
-    answers = [ANSWERS["q-consistent"]]  # alphabetical: apple pie > banana split > cherry tart
-    for script, check in ((lambda q, shown, n: "<answer>" + " > ".join(
-            f"[{j + 1}]" for j in range(len(shown))) + "</answer>", "equal"),
-                          (referee_script, "ordered")):
-        for seed in range(3):
-            result = self_referee(ScriptedReferee(tokenizer, script), tokenizer, conversations,
-                                  answers, num_orders=2, temperature=1.0, max_new_tokens=8,
-                                  rng=random.Random(seed))
-            rewards = result.rewards[0]
-            if check == "equal":
-                assert rewards == pytest.approx([0.5] * 3)
-            else:
-                assert rewards[0] > rewards[1] > rewards[2]
+    result = self_referee(ScriptedReferee(tokenizer, script), tokenizer,
+                          [[{"role": "user", "content": "q-consistent"}]],
+                          [ANSWERS["q-consistent"]], num_orders=2, temperature=1.0,
+                          max_new_tokens=8, rng=random.Random(0),
+                          protocol=data.PROTOCOLS[protocol])
+    assert result.rewards[0] == pytest.approx(expected) and result.unbalanced == unbalanced
+    shows = {"listwise": 3, "pairwise": 2, "pointwise": 1}[protocol]
+    assert {len(v.order) for v in result.verdicts} == {shows}  # answer indices, one meaning
+    assert len(result.verdicts) == {"listwise": 2, "pairwise": 6, "pointwise": 6}[protocol]
+    for v in result.verdicts:  # the verdict names the answers it was shown, in the group's terms
+        assert v.prompt_ids and v.token_ids == [1]
+        text = tokenizer.decode(v.prompt_ids)
+        assert sorted(v.order, key=lambda i: text.index(ANSWERS["q-consistent"][i])) == v.order
 
 
 class PatternReferee:
     """A scripted referee over answers "answer-0" .. "answer-{k-1}" (lower index = better
     content): verdict j of the call is invalid where `failed[j]`; else `kind` decides: "first" and
-    "last" rank by shown position alone (content-blind), "oracle" by content."""
+    "last" rank by shown position alone (content-blind), "oracle" by content. Shown one answer
+    alone (pointwise) it scores: "first" a constant 7, "last" by the round alone (the verdict's
+    place in the call // k: a content-blind score that drifts), "oracle" 10 - 3 x index."""
     context_len = 10**6
 
-    def __init__(self, tokenizer, kind, failed):
-        self.tokenizer, self.kind, self.failed = tokenizer, kind, failed
+    def __init__(self, tokenizer, kind, failed, k=None):
+        self.tokenizer, self.kind, self.failed, self.k = tokenizer, kind, failed, k
 
     def generate(self, prompt_ids, n, temperature, max_new_tokens):
         out = []
         for j, ids in enumerate(prompt_ids):
             text = self.tokenizer.decode(ids)
             shown = sorted(re.findall(r"answer-\d", text), key=text.index)
-            labels = {"first": list(range(len(shown))),
-                      "last": list(range(len(shown)))[::-1],
-                      "oracle": sorted(range(len(shown)), key=lambda p: shown[p])}[self.kind]
-            verdict = reward.format_verdict(labels)
+            if len(shown) == 1:
+                score = {"first": 7, "last": 2 + j // self.k,
+                         "oracle": 10 - 3 * int(shown[0][-1])}[self.kind]
+                verdict = reward.format_score(score)
+            else:
+                labels = {"first": list(range(len(shown))),
+                          "last": list(range(len(shown)))[::-1],
+                          "oracle": sorted(range(len(shown)), key=lambda p: shown[p])}[self.kind]
+                verdict = reward.format_verdict(labels)
             out.append([Completion([1], "no verdict" if self.failed[j] else verdict, "eos", None)])
         return out
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
-@pytest.mark.parametrize("orders", [2, 4])
-def test_self_reward_pays_content_not_position_under_every_pattern_of_failed_verdicts(k, orders):
-    # Exhaustive over which of the group's M verdicts fail: a content-blind referee (first- or
-    # last-shown best: for k = 2 every position-only verdict there is) earns exactly zero
-    # advantages on every kept group; an oracle's ranking is paid; a group is kept exactly when
-    # some order and its reverse both parse, and every valid verdict outside such a set is counted.
+@pytest.mark.parametrize("protocol, k, orders", [
+    ("listwise", 2, 2), ("listwise", 3, 2), ("listwise", 4, 2), ("listwise", 2, 4),
+    ("listwise", 3, 4), ("listwise", 4, 4), ("pairwise", 2, 2), ("pairwise", 3, 2),
+    ("pairwise", 4, 2), ("pointwise", 2, 2), ("pointwise", 3, 2), ("pointwise", 4, 2),
+    ("pointwise", 2, 3)])
+def test_self_reward_pays_content_not_position_under_every_pattern_of_failed_verdicts(
+        protocol, k, orders):
+    # Over which of the group's verdicts fail (exhaustive up to 8 verdicts, else 300 patterns
+    # drawn): a content-blind referee (listwise, pairwise: first- or last-shown best, for k = 2
+    # every position-only verdict there is; pointwise: a constant score, or one that drifts
+    # from round to round) earns exactly zero advantages on every kept group; an oracle's
+    # judgement is paid in order; a group is kept exactly when some balanced set (listwise: an
+    # order and its reverse; pairwise: a pair in both orders; pointwise: a round) is wholly
+    # valid, and every valid verdict outside such a set is counted.
     tokenizer = tiny_tokenizer()
     answers = [f"answer-{i}" for i in range(k)]
-    for failed in itertools.product([False, True], repeat=orders):
-        complete = [not (failed[2 * s] or failed[2 * s + 1]) for s in range(orders // 2)]
-        lone = sum(not failed[2 * s + t] for s in range(orders // 2) for t in (0, 1)
-                   if not complete[s])
+    count, size = {"listwise": (orders, 2), "pairwise": (k * (k - 1), 2),
+                   "pointwise": (k * orders, k)}[protocol]
+    patterns = list(itertools.product([False, True], repeat=count)) if count <= 8 else [
+        tuple(random.Random(i).random() < 0.3 for _ in range(count)) for i in range(300)]
+    for failed in patterns:
+        sets = [failed[s:s + size] for s in range(0, count, size)]
+        complete = [not any(verdicts) for verdicts in sets]
+        lone = sum(verdicts.count(False) for verdicts, ok in zip(sets, complete) if not ok)
         for kind in ("first", "last", "oracle"):
-            result = self_referee(PatternReferee(tokenizer, kind, failed), tokenizer,
+            result = self_referee(PatternReferee(tokenizer, kind, failed, k), tokenizer,
                                   [[{"role": "user", "content": "q"}]], [answers],
                                   num_orders=orders, temperature=1.0, max_new_tokens=8,
-                                  rng=random.Random(sum(failed) + k))
+                                  rng=random.Random(sum(failed) + k),
+                                  protocol=data.PROTOCOLS[protocol])
             (rewards,) = result.rewards
             assert (rewards is not None) == any(complete), (failed, kind, rewards)
             assert result.unbalanced == lone and result.dropped == (not any(complete))
             if rewards is None:
                 continue
             advantages = grpo.group_advantages(torch.tensor(rewards), k)
-            if kind == "oracle":  # each answer's rank score: best 1, worst 0, linear between
-                assert rewards == [(k - 1 - i) / (k - 1) for i in range(k)]
-                assert advantages[0] > 0 > advantages[-1]
+            if kind == "oracle":  # never all equal, the best never paid below the worst
+                assert rewards[0] >= rewards[-1] and len(set(rewards)) > 1, (failed, rewards)
+                if not any(failed):  # all valid: every answer in its place, hand-computed
+                    assert rewards == pytest.approx(
+                        [1 - i / 3 for i in range(k)] if protocol == "pointwise"
+                        else [(k - 1 - i) / (k - 1) for i in range(k)])
+                    assert advantages[0] > 0 > advantages[-1]
             else:
-                assert rewards == [0.5] * k and torch.equal(advantages, torch.zeros(k))
+                assert len(set(rewards)) == 1 and torch.equal(advantages, torch.zeros(k)), (
+                    protocol, failed, kind, rewards)
 
 
 def test_an_odd_number_of_orders_is_refused():
@@ -2562,18 +2626,23 @@ def test_a_position_biased_referee_earns_advantages_only_under_balanced_groups(
                 assert min(biased) < 0 < max(biased) and sum(biased) == pytest.approx(0, abs=1e-5)
 
 
-@pytest.mark.parametrize("advantage, scale, expected", [
+@pytest.mark.parametrize("estimator, advantage, scale, expected", [
     # rewards [1, 1 | 1, 0] over two orders, hand-computed (test_presentation_advantages_...)
-    ("group", True, [0.5, 0.5, 0.5, -1.5]),
-    ("group", False, [0.25, 0.25, 0.25, -0.75]),
-    ("group+order", True, [0.33142, 0.33142, 0.80012, -1.46296]),
-    ("group+order", False, [0.14434, 0.14434, 0.43301, -0.72169])])
+    ("grpo", "group", True, [0.5, 0.5, 0.5, -1.5]),
+    ("grpo", "group", False, [0.25, 0.25, 0.25, -0.75]),
+    ("grpo", "group+order", True, [0.33142, 0.33142, 0.80012, -1.46296]),
+    ("grpo", "group+order", False, [0.14434, 0.14434, 0.43301, -0.72169]),
+    # RLOO: r_i minus the mean of the other three: 1 - 2/3, ..., 0 - 1
+    ("rloo", "group", False, [1 / 3, 1 / 3, 1 / 3, -1.0]),
+    # plus within each order ([1, 1]: 0, 0; [1, 0]: 1, -1) = [1/3, 1/3, 4/3, -2], rescaled by
+    # |[1/3, 1/3, 1/3, -1]| / |[1/3, 1/3, 4/3, -2]| = sqrt(4/3) / sqrt(6)
+    ("rloo", "group+order", False, [0.15713, 0.15713, 0.62854, -0.94281])])
 def test_the_training_path_gives_each_advantage_setting_its_hand_computed_values(
-        process_group, advantage, scale, expected):
-    # what train.advantages_and_samples hands the loss, per --referee_advantage and
+        process_group, estimator, advantage, scale, expected):
+    # what train.advantages_and_samples hands the loss, per --advantage, --referee_advantage and
     # --scale_advantages: a setting lost on the way (the std scaling, say) fails here
     cfg = tiny_cfg(group_size=4, referee_group_orders=2, referee_advantage=advantage,
-                   scale_advantages=scale, skip_zero_advantage=False)
+                   advantage=estimator, scale_advantages=scale, skip_zero_advantage=False)
     group = train.Group(PAIR, [[1], [2]], orders=[[0, 1], [1, 0]],
                         completions=[Completion([3], "x", "eos", None)] * 4,
                         rewards=[1.0, 1.0, 1.0, 0.0])
@@ -2585,7 +2654,62 @@ def test_the_training_path_gives_each_advantage_setting_its_hand_computed_values
                          rewards=[1.0, 1.0, 1.0, 0.0])
     samples = train.advantages_and_samples([player], cfg, train.Tally())
     assert [s.advantage for s in samples] == pytest.approx(
-        [0.5, 0.5, 0.5, -1.5] if scale else [0.25, 0.25, 0.25, -0.75], abs=1e-4)
+        [1 / 3, 1 / 3, 1 / 3, -1.0] if estimator == "rloo"
+        else [0.5, 0.5, 0.5, -1.5] if scale else [0.25, 0.25, 0.25, -0.75], abs=1e-4)
+
+
+def test_open_verdicts_become_a_referee_group_paid_for_agreement(process_group):
+    # --open_verdict_reward consistency, pairwise, on q-consistent's 3 answers: the referee is
+    # alphabetical except apple pie vs cherry tart, which goes to the one shown first. The
+    # verdicts of a pair in its two orders agree (1, 1) on apple-banana and banana-cherry and
+    # disagree (0, 0) on apple-cherry; each verdict trains on its own prompt, tokens and
+    # sampler log-probs, at the referee's temperature.
+    tokenizer = tiny_tokenizer()
+
+    class WithLogprobs(ScriptedReferee):
+        def generate(self, prompt_ids, n, temperature, max_new_tokens):
+            return [[Completion([7, 8], c.text, "eos", [-0.5, -0.25]) for c in out]
+                    for out in super().generate(prompt_ids, n, temperature, max_new_tokens)]
+    cfg = tiny_cfg(group_size=3, self_reward="pairwise", open_verdict_reward="consistency",
+                   referee_temperature=1.3, rollout="vllm", skip_zero_advantage=False)
+    record = {"task": "open", "id": "o", "messages": [{"role": "user", "content": "q-consistent"}]}
+    groups = [train.Group(record, [[1]], completions=[Completion([2], text, "eos", None)
+                                                      for text in ANSWERS["q-consistent"]])]
+    tally = train.Tally()
+    verdicts = train.self_referee_pass(groups, WithLogprobs(tokenizer, pairwise_script), cfg,
+                                       random.Random(0), tally)
+    assert groups[0].rewards == pytest.approx([0.75, 0.5, 0.25])  # the player's, as before
+    (answers, judged) = groups
+    assert judged.kind == "open_verdicts" and len(judged.completions) == len(verdicts) == 6
+    assert judged.rewards == [0.0 if sorted(v.order) == [0, 2] else 1.0 for v in verdicts]
+    assert judged.prompts == [v.prompt_ids for v in verdicts] and judged.orders == [
+        v.order for v in verdicts]
+    samples = train.advantages_and_samples(groups, cfg, tally)[3:]  # after the 3 answers
+    assert [s.prompt_ids for s in samples] == [v.prompt_ids for v in verdicts]
+    assert all(s.completion_ids == [7, 8] and s.sampler_logprobs == [-0.5, -0.25]
+               and s.temperature == 1.3 for s in samples)
+    assert [s.advantage > 0 for s in samples] == [r == 1.0 for r in judged.rewards]
+    metrics = tally.reduce()
+    assert metrics["count/groups/open_verdicts"] == 1 and metrics["reward/open_verdicts"] == (
+        pytest.approx(2 / 3))
+    assert metrics["referee/first_shown_best/open"] == pytest.approx(4 / 6)  # logged, the risk
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--open_verdict_reward", "consistency"], "listwise --referee_orders 2 the two verdicts"),
+    (["--open_verdict_reward", "consistency", "--self_reward", "pointwise"],
+     "pointwise scores order no pairs"),
+    (["--self_reward", "ranked"], "use listwise, pairwise, pointwise"),
+    (["--advantage", "rloo"], "add --no-scale_advantages"),
+    (["--self_reward", "pointwise", "--consistency_coef", "0.5"], "name no best candidate")])
+def test_protocol_and_estimator_settings_that_cannot_work_are_refused_in_one_line(flags, message):
+    with pytest.raises(SystemExit, match=message) as refused:
+        train.parse_config(flags)
+    assert "\n" not in str(refused.value)
+    for works in (["--open_verdict_reward", "consistency", "--referee_orders", "4"],
+                  ["--self_reward", "pointwise", "--referee_orders", "3"],
+                  ["--advantage", "rloo", "--no-scale_advantages"]):
+        train.parse_config(works)
 
 
 SYNTHETIC_VERDICTS = ["<answer>[1] > [2]</answer>", "<answer>[2] > [1]</answer>"]
@@ -3624,6 +3748,37 @@ def test_cold_start_verdicts_rank_pairs_and_every_third_a_group(process_group, t
     assert [text.count("[") for text in seen[12:]] == [2] * 12  # pairs only
 
 
+def test_cold_start_speaks_the_protocol(process_group, tiny_dir, monkeypatch):
+    # --self_reward pointwise: the cold start's verdicts score each candidate of a pair alone,
+    # the pair's two kept together, chosen 8 and rejected 3 (data.gold_score), and no verdict
+    # ranks a group; pairwise: rankings of 2, never of group_size.
+    tokenizer = model_lib.load_tokenizer(tiny_dir)
+    pairs = [{"task": "preference", "id": str(i), "responses": [f"yes {i}", f"no {i}"],
+              "messages": [{"role": "user", "content": f"q{i}"}], "ranking": [0, 1], "meta": {}}
+             for i in range(5)]
+    seen, prompts = [], []
+
+    def record(policy, optimizer, scheduler, batch, cfg, pad_id, tally):
+        seen.extend(tokenizer.decode(sample.completion_ids) for sample in batch)
+        prompts.extend(tokenizer.decode(sample.prompt_ids) for sample in batch)
+        tally.add("logprob_mean", -1.0)
+        return []
+    monkeypatch.setattr(train, "update", record)
+    cfg = tiny_cfg(group_size=4, max_new_tokens=100, max_prompt_tokens=2000, cold_start_steps=2,
+                   cold_start_batch=4, self_reward="pointwise", referee_think=False)
+    train.cold_start(torch.nn.Linear(1, 1), {"preference": pairs}, tokenizer, cfg)
+    assert [text.split("<|im_end|>")[0] for text in seen] == [
+        "<answer>8</answer>", "<answer>3</answer>"] * 4
+    for prompt, verdict in zip(prompts, seen):
+        shown = re.findall(r"(yes|no) \d", prompt)
+        assert "scale from 1 (worst) to 10" in prompt and len(shown) == 1
+        assert ("8" in verdict) == (shown == ["yes"])
+    seen.clear()
+    train.cold_start(torch.nn.Linear(1, 1), {"preference": pairs}, tokenizer,
+                     dataclasses_replace(cfg, self_reward="pairwise"))
+    assert [text.count("[") for text in seen] == [2] * 8
+
+
 def test_the_default_path_evaluates_before_and_after_then_draws_the_curves(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_dir, out, "--steps", "2", "--save_every", "0", "--cold_start_steps", "2",
@@ -3713,6 +3868,78 @@ def test_a_damaged_metrics_line_is_named_with_its_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(invalid start byte at byte "
                                          r"12\)"):
         evaluation.read_jsonl(str(path))
+
+
+class FormatFollowingEngine:
+    """The real HFEngine, except that a referee prompt gets a valid verdict in its protocol's
+    format (a ranking naming the first shown best, or the score 7), as real tokens, so that the
+    wiring of every protocol reaches its rewards with a random tiny model."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer, self.rng = engine, engine.tokenizer, engine.rng
+        self.context_len = engine.context_len
+
+    def __getattr__(self, name):  # load_weights, sleep, close, use_policy_weights, ...
+        return getattr(self.engine, name)
+
+    def generate(self, prompt_ids, n, temperature, max_new_tokens):
+        texts = [self.tokenizer.decode(ids) for ids in prompt_ids]
+        if not any("impartial judge" in text for text in texts):
+            return self.engine.generate(prompt_ids, n, temperature, max_new_tokens)
+        out = []
+        for text in texts:
+            shown = len(re.findall(r"### Candidate \[\d+\]", text))
+            verdict = (reward.format_score(7) if shown == 0
+                       else reward.format_verdict(list(range(shown))))
+            ids = self.tokenizer(verdict, add_special_tokens=False)["input_ids"]
+            out.append([Completion(ids + [self.tokenizer.eos_token_id], verdict, "eos", None)
+                        for _ in range(n)])
+        return out
+
+
+@pytest.mark.parametrize("flags, shows", [
+    (["--self_reward", "listwise"], 4), (["--self_reward", "pairwise"], 2),
+    (["--self_reward", "pointwise"], 1),
+    (["--self_reward", "pairwise", "--open_verdict_reward", "consistency"], 2),
+    (["--self_reward", "listwise", "--referee_orders", "4", "--open_verdict_reward",
+      "consistency", "--advantage", "rloo", "--no-scale_advantages"], 4)])
+def test_main_runs_each_protocol_end_to_end_in_a_minute(tiny_dir, tmp_path, monkeypatch, flags,
+                                                        shows):
+    # train.main in this process with a flag list: the cold start, one step of all three tasks,
+    # the self-referee pass and the export, so that a fork's flag is checked to reach main
+    # without a real run. The tiny BPE's pair prompts are long: --max_prompt_tokens 1500.
+    made = rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine",
+                        lambda *args, **kwargs: FormatFollowingEngine(made(*args, **kwargs)))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # StopSignal: keep pytest's
+    if dist.is_initialized():  # main makes its own one-process group, as `python train.py`
+        dist.destroy_process_group()
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    assert train.main(run_args(tiny_dir, out, "--steps", "1",
+                               "--prompts_per_step", "3", "--cold_start_steps", "1",
+                               "--group_size", "4",
+                               "--cold_start_batch", "2", "--samples_every", "1",
+                               "--max_prompt_tokens", "1500", "--data_limit", "4",
+                               "--max_new_tokens", "100", "--referee_max_new_tokens", "24",
+                               "--task_weights", "verifiable=1,preference=1,open=1",
+                               *flags)[1:]) == 0
+    seconds = time.perf_counter() - started
+    assert seconds < 60, f"{seconds:.0f} s"
+    assert json.load(open(out / "config.json"))["self_reward"] == flags[1]
+    step0, step1 = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert step0["cold_start/nll_first"] > 0
+    # every verdict valid: the preference groups are read, the open group rewarded
+    assert step1["referee/invalid_rate/preference"] == 0 == step1["referee/invalid_rate/open"]
+    assert step1["count/dropped_groups/open"] == 0
+    lines = [json.loads(line) for line in open(out / "samples.jsonl")]
+    (open_line,) = [line for line in lines if line["task"] == "open"]
+    assert {len(v["order"]) for v in open_line["referee"]} == {shows}
+    verdict_groups = [line for line in lines if line["task"] == "open_verdicts"]
+    assert len(verdict_groups) == ("consistency" in flags)
+    for line in verdict_groups:  # one verdict per prompt, each its own, rewarded for agreeing
+        assert len(line["completions"]) == len(open_line["referee"]) == len(line["rewards"])
+        assert step1["count/groups/open_verdicts"] == 1
 
 
 def test_baseline_arm_judges_with_a_separate_frozen_referee(tiny_dir, tmp_path):

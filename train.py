@@ -55,12 +55,11 @@ import data
 import eval as evaluation
 import model as model_lib
 import rollout
-from grpo import (AGGREGATIONS, Sample, group_advantages, grpo_loss, micro_batches,
-                  presentation_advantages, rows_of, truncated_is_weights)
-from data import TASKS
+from grpo import (AGGREGATIONS, ESTIMATORS, Sample, advantages, grpo_loss, micro_batches, rows_of,
+                  truncated_is_weights)
+from data import PROTOCOLS, TASKS
 from model import all_reduce, init_distributed
-from reward import (consistency_rewards, math_rewards, ranking_reward, read_verdict,
-                    timed_out_checks)
+from reward import agreement_rewards, consistency_rewards, math_rewards, timed_out_checks
 
 
 def option(default, help: str):
@@ -92,8 +91,15 @@ class Config:
     temperature: float = option(1.0, "the player's sampling temperature (log-probs taken at it)")
     max_prompt_tokens: int = option(384, "longer prompts are skipped and counted, never cut")
     max_new_tokens: int = option(64, "the player's answer budget (verifiable and open prompts)")
-    referee_orders: int = option(2, "M: orders per self-refereed group, even: each order with its "
-                                 "reverse (a balanced set)")
+    self_reward: str = option("listwise", "the self-reward protocol (data.PROTOCOLS): listwise "
+                              "(URPO: the group ranked), pairwise (SERL: every pair in both "
+                              "orders, win rate) or pointwise (each answer scored 1-10 alone)")
+    referee_orders: int = option(2, "M: listwise, orders per self-refereed group, even: each "
+                                 "order with its reverse (a balanced set); pointwise, rounds "
+                                 "scoring each answer once; pairwise: unused")
+    open_verdict_reward: str = option("none", "none, or consistency: also train the referee's "
+                                      "verdicts on open groups, rewarded for agreeing with the "
+                                      "group's other verdicts (SERL's judge)")
     referee_max_new_tokens: int = option(32, "budget of every referee verdict: trained "
                                          "(preference), used (self-referee) and evaluated")
     referee_temperature: float = option(1.0, "sampling temperature of trained and used verdicts "
@@ -118,7 +124,9 @@ class Config:
     invalid_reward: float = option(0.0, "reward of an unparsable verdict on preference data")
     # loss
     loss_agg: str = option("token-mean", "token-mean, seq-mean or seq-sum-norm")
-    scale_advantages: bool = option(True, "divide advantages by the group std (off: Dr. GRPO)")
+    advantage: str = option("grpo", "estimator of every group: grpo (z-score) or rloo "
+                            "(leave-one-out mean baseline; with --no-scale_advantages)")
+    scale_advantages: bool = option(True, "grpo: divide by the group std (off: Dr. GRPO)")
     clip_low: float = option(0.2, "ratio clip below 1 - clip_low")
     clip_high: float = option(0.28, "ratio clip above 1 + clip_high (clip-higher)")
     kl_coef: float = option(0.0, "k3 KL weight to a frozen reference (0: none loaded)")
@@ -222,16 +230,33 @@ REFEREE_ADVANTAGES = ("group", "group+order")
 
 # ---- 1. sample -----------------------------------------------------------------------------------
 
+# Each kind of group, as data: whose completions they are (a player's answers or a referee's
+# verdicts: the template, and the temperature and budget they are sampled and scored at), and
+# whether a rule knows their rewards (else the self-referee pass, or agreement, gives them).
+GROUP_KINDS = {
+    "verifiable": dict(role="player", rewarded_by="math_rewards"),
+    "preference": dict(role="referee", rewarded_by="the gold ranking"),
+    "open": dict(role="player", rewarded_by="the self-referee pass"),
+    # --open_verdict_reward consistency: the self-referee pass's own verdicts on one open group
+    "open_verdicts": dict(role="referee", rewarded_by="agreement among the group's verdicts"),
+}
+
+
 @dataclass
 class Group:
-    """G completions in one role: of one prompt, or (a preference record) of L prompts that show
-    its candidates in L orders, G / L completions each (--referee_group_orders)."""
+    """Completions in one role: G of one prompt, or (a preference record) of L prompts that show
+    its candidates in L presentations, G / L completions each (--referee_group_orders), or (an
+    open_verdicts group) one verdict per prompt. Its size is len(completions), never assumed."""
     record: dict  # the unified record (data.py)
     prompts: list[list[int]]  # the rendered prompt(s) the completions continue, one per order
-    orders: list[list[int]] | None = None  # preference: orders[l][j] is shown as [j+1] in prompt l
-    completions: list = dataclasses.field(default_factory=list)  # G rollout.Completion, by prompt
+    orders: list[list[int]] | None = None  # referee groups: orders[l][j] shown as [j+1] in prompt l
+    completions: list = dataclasses.field(default_factory=list)  # rollout.Completion, by prompt
     rewards: list[float] | None = None  # None: an open group no verdict could rank (dropped)
     advantages: list[float] | None = None
+    kind: str = ""  # a key of GROUP_KINDS; "" = the record's task
+
+    def __post_init__(self):
+        self.kind = self.kind or self.record["task"]
 
     def prompt_of(self, i: int) -> int:
         """The prompt (presentation) that completion i continues."""
@@ -239,28 +264,35 @@ class Group:
 
 
 def render_prompt(record: dict, tokenizer, order: list[int] | None = None,
-                  think: bool = True) -> list[int]:
-    """Token ids of a record's prompt: the referee template for preference records (candidates
-    shown in `order`), the player template otherwise."""
+                  think: bool = True, protocol: data.Protocol = PROTOCOLS["listwise"]) -> list[int]:
+    """Token ids of a record's prompt: for preference records the protocol's referee prompt
+    showing candidates `order` (None: all, in their order), the player template otherwise."""
     if record["task"] == "preference":
         order = order if order is not None else list(range(len(record["responses"])))
-        messages = data.referee_prompt(record["messages"], record["responses"], order, think)
-        return model_lib.chat_ids(tokenizer, messages)
+        shown = [record["responses"][i] for i in order]
+        return model_lib.chat_ids(tokenizer, protocol.render(record["messages"], shown, think))
     return model_lib.chat_ids(tokenizer, data.player_prompt(record))
 
 
 def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
                   tally: Tally) -> list[Group]:
     """Player prompts for verifiable and open records; for preference records the referee
-    prompt in --referee_group_orders orders (data.shown_orders: with 2, a random order and its
-    reverse), one group. Why: under one shown order per group, a referee that always names [1]
-    gets the same reward on all G samples, advantage 0: position bias is never unlearnt."""
-    groups = []
+    prompt in the --self_reward protocol's presentations, one group (ranked protocols:
+    --referee_group_orders orders from data.shown_orders, with 2 a random order and its reverse;
+    pointwise: each candidate alone). Why: under one shown order per group, a referee that always
+    names [1] gets the same reward on all G samples, advantage 0: position bias is never
+    unlearnt. A group whose presentations do not split --group_size evenly is skipped and
+    counted."""
+    protocol, groups = PROTOCOLS[cfg.self_reward], []
     for record in batch:
         orders = None
-        if record["task"] == "preference":
-            orders = data.shown_orders(len(record["responses"]), cfg.referee_group_orders, rng)
-        prompts = [render_prompt(record, tokenizer, order, cfg.referee_think)
+        if GROUP_KINDS[record["task"]]["role"] == "referee":
+            orders = protocol.presentations(len(record["responses"]), cfg.referee_group_orders,
+                                            rng)
+            if cfg.group_size % len(orders):
+                tally.add(f"count/skipped_uneven_groups/{record['task']}", 1)
+                continue
+        prompts = [render_prompt(record, tokenizer, order, cfg.referee_think, protocol)
                    for order in orders or [None]]
         if max(map(len, prompts)) > cfg.max_prompt_tokens:  # another order can be a token longer
             tally.add(f"count/skipped_long_prompts/{record['task']}", 1)
@@ -271,11 +303,11 @@ def build_prompts(batch: list[dict], tokenizer, cfg: Config, rng: random.Random,
 
 # ---- 2. roll out ----------------------------------------------------------------------------------
 
-def sampling(record: dict, cfg: Config) -> tuple[float, int]:
-    """(temperature, token budget) of a record's completions: the referee's for preference
-    groups, whose completions are verdicts (trained as the self-referee pass uses them), the
-    player's otherwise."""
-    if record["task"] == "preference":
+def sampling(group: Group, cfg: Config) -> tuple[float, int]:
+    """(temperature, token budget) of a group's completions: the referee's for referee kinds,
+    whose completions are verdicts (trained as the self-referee pass uses them), the player's
+    otherwise."""
+    if GROUP_KINDS[group.kind]["role"] == "referee":
         return cfg.referee_temperature, cfg.referee_max_new_tokens
     return cfg.temperature, cfg.max_new_tokens
 
@@ -285,7 +317,7 @@ def roll_out(engine, groups: list[Group], cfg: Config) -> None:
     settings, player answers at theirs, referee verdicts at the referee's."""
     by_setting = defaultdict(list)
     for g in groups:
-        by_setting[sampling(g.record, cfg)].append(g)
+        by_setting[sampling(g, cfg)].append(g)
     for (temperature, budget), same in by_setting.items():
         for g, completions in zip(same, rollout.sample_groups(
                 engine, [g.prompts for g in same], cfg.group_size, temperature, budget)):
@@ -296,26 +328,32 @@ def roll_out(engine, groups: list[Group], cfg: Config) -> None:
 
 def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
     """Rewards with a ground truth: math answers checked against the gold answer, and referee
-    verdicts on preference pairs scored against the gold ranking."""
-    verifiable = [g for g in groups if g.record["task"] == "verifiable"]
+    verdicts on preference records scored against the gold ranking in the --self_reward
+    protocol's way (protocol.preference_rewards: ranked, ranking_reward; pointwise, scores
+    ordered as the gold ranking)."""
+    protocol = PROTOCOLS[cfg.self_reward]
+    verifiable = [g for g in groups if g.kind == "verifiable"]
     texts = [c.text for g in verifiable for c in g.completions]
     timed_out = timed_out_checks()
-    flat = math_rewards(texts, [g.record["answer"] for g in verifiable for _ in g.completions])
+    flat = iter(math_rewards(texts, [g.record["answer"] for g in verifiable
+                                     for _ in g.completions]))
     if texts:  # a machine too busy for math-verify shows here before it shows as a lower reward
         tally.add("count/math_timeouts/verifiable", timed_out_checks() - timed_out)
-    for i, g in enumerate(verifiable):
-        g.rewards = flat[i * cfg.group_size:(i + 1) * cfg.group_size]
-    for g in (g for g in groups if g.record["task"] == "preference"):
-        orders = [g.orders[g.prompt_of(i)] for i in range(len(g.completions))]
-        rankings = [read_verdict(c.text, order) for c, order in zip(g.completions, orders)]
-        g.rewards = [cfg.invalid_reward if r is None else ranking_reward(r, g.record["ranking"])
-                     for r in rankings]
-        bests = [None if r is None else r[0] for r in rankings]  # original candidates
+    for g in verifiable:
+        g.rewards = [next(flat) for _ in g.completions]
+    for g in (g for g in groups if g.kind == "preference"):
+        verdicts = [read(protocol, c, g.orders[g.prompt_of(i)])
+                    for i, c in enumerate(g.completions)]
+        g.rewards = protocol.preference_rewards(verdicts, g.orders, g.record["ranking"],
+                                                cfg.invalid_reward)
+        bests = [None if v.ranking is None else v.ranking[0] for v in verdicts]  # candidates
         if cfg.consistency_coef:
             bonus = consistency_rewards(bests, len(g.orders), cfg.consistency_coef)
             g.rewards = [r + b for r, b in zip(g.rewards, bonus)]
-        tally_verdicts(tally, "preference", orders, rankings,
+        tally_verdicts(tally, "preference", verdicts,
                        [len(text) for text in g.record["responses"]], g.record["ranking"][0])
+        if protocol.shows == 1:  # one candidate per verdict: no best to agree on
+            continue
         per = len(g.completions) // len(g.orders)  # aligned samples of two orders: same verdict?
         for i in range(per, len(bests)):
             for j in range(i % per, i, per):
@@ -323,14 +361,24 @@ def rule_rewards(groups: list[Group], cfg: Config, tally: Tally) -> None:
                 tally.add("referee/position_consistency/preference", float(same))
 
 
-def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
-                   rankings: list[list[int] | None], lengths: list[int],
+def read(protocol: data.Protocol, completion, order: list[int]) -> rollout.Verdict:
+    """A referee group's completion as a verdict on the candidates shown in `order`."""
+    ranking, score = protocol.read(completion.text, order)
+    return rollout.Verdict(order, completion.text, ranking, completion.finish_reason,
+                           len(completion.token_ids), score=score)
+
+
+def tally_verdicts(tally: Tally, task: str, verdicts: list[rollout.Verdict], lengths: list[int],
                    gold_best: int | None = None) -> None:
-    """What the referee's verdicts show, per verdict: invalid, the first shown ranked best
-    (position bias), the longest candidate ranked best (length bias), and with a gold best its
-    accuracy, split by whether the gold best was shown first ("second": any later place)."""
-    for order, ranking in zip(orders, rankings, strict=True):
-        tally.add(f"referee/invalid_rate/{task}", float(ranking is None))
+    """What the referee's verdicts show, per verdict: invalid; of a ranking, the first shown
+    ranked best (position bias), the longest candidate ranked best (length bias), and with a
+    gold best its accuracy, split by whether the gold best was shown first ("second": any later
+    place). A score (pointwise) alone has no best: its validity only."""
+    for verdict in verdicts:
+        order, ranking = verdict.order, verdict.ranking
+        tally.add(f"referee/invalid_rate/{task}", float(not verdict.valid))
+        if len(order) < 2:
+            continue
         if ranking is not None:
             tally.add(f"referee/first_shown_best/{task}", float(ranking[0] == order[0]))
             longest = max(lengths[i] for i in order)  # of the candidates this verdict saw
@@ -347,63 +395,98 @@ def tally_verdicts(tally: Tally, task: str, orders: list[list[int]],
 def self_referee_pass(groups: list[Group], referee_engine, cfg: Config, rng: random.Random,
                       tally: Tally) -> list[rollout.Verdict]:
     """URPO's own step: the referee (the policy itself, or the baseline arm's frozen referee)
-    ranks each open group in M balanced orders, at the referee's temperature and budget (as its
-    verdicts on preference data are trained); the rankings of complete balanced sets are the
-    answers' rewards (rollout.self_referee). Returns the verdicts, for metrics and samples."""
-    open_groups = [g for g in groups if g.record["task"] == "open"]
+    judges each open group in the --self_reward protocol's verdicts, at the referee's
+    temperature and budget (as its verdicts on preference data are trained); the verdicts of
+    complete balanced sets are the answers' rewards (rollout.self_referee). With
+    --open_verdict_reward consistency, each open group's verdicts also become a referee group
+    of their own (open_verdict_groups), appended to `groups`. Returns the verdicts, for
+    metrics and samples."""
+    open_groups = [g for g in groups if g.kind == "open"]
     if not open_groups:
         return []
     judged = rollout.self_referee(  # the referee's own tokenizer: the baseline's may differ
         referee_engine, referee_engine.tokenizer, [g.record["messages"] for g in open_groups],
         [[c.text for c in g.completions] for g in open_groups], cfg.referee_orders,
-        cfg.referee_temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think)
+        cfg.referee_temperature, cfg.referee_max_new_tokens, rng, cfg.referee_think,
+        PROTOCOLS[cfg.self_reward])
     for g, rewards in zip(open_groups, judged.rewards):
         g.rewards = rewards
+    verdict_metrics(tally, judged, open_groups)
+    if cfg.open_verdict_reward == "consistency":
+        groups += open_verdict_groups(open_groups, judged.verdicts, cfg)
+    return judged.verdicts
+
+
+def verdict_metrics(tally: Tally, judged: rollout.SelfRefereeResult,
+                    open_groups: list[Group]) -> None:
+    """What the self-referee pass's verdicts show, apart from the rewards they give: groups
+    dropped, verdicts left out or not run, per-verdict biases (tally_verdicts), and how often two
+    valid verdicts on one group agree on its best answer."""
     tally.add("count/dropped_groups/open", judged.dropped)
     tally.add("count/unbalanced_verdicts/open", judged.unbalanced)
     tally.add("count/skipped_long_prompts/referee", judged.skipped_long)
-    tops = defaultdict(list)  # the best answer of each valid verdict, per group
+    tops = defaultdict(list)  # the best answer of each valid ranking of the whole group
     for verdict in judged.verdicts:
         answers = [c.text for c in open_groups[verdict.group].completions]
-        tally_verdicts(tally, "open", [verdict.order], [verdict.ranking], list(map(len, answers)))
-        if verdict.ranking is not None:
+        tally_verdicts(tally, "open", [verdict], list(map(len, answers)))
+        if verdict.ranking is not None and len(verdict.order) == len(answers):
             tops[verdict.group].append(verdict.ranking[0])
     for best in tops.values():  # pairs of valid verdicts on one group that agree on the best
         for i, a in enumerate(best):
             for b in best[i + 1:]:
                 tally.add("referee/order_agreement/open", float(a == b))
-    return judged.verdicts
+
+
+def open_verdict_groups(open_groups: list[Group], verdicts: list[rollout.Verdict],
+                        cfg: Config) -> list[Group]:
+    """--open_verdict_reward consistency: each open group's verdicts that ran, as one referee
+    group (kind open_verdicts) trained like any other: the verdict's own prompt, tokens and
+    sampler log-probs, reward = agreement with the group's other verdicts
+    (reward.agreement_rewards; invalid: --invalid_reward). Its risk: a referee paid for agreeing
+    with itself can learn to agree on something content-blind. Shown position cannot agree
+    across an order and its reverse, but length, say, can: watch referee/longer_best/open and
+    referee/first_shown_best/open. Refused where agreement is always symmetric (config_problems)."""
+    by_group = defaultdict(list)
+    for verdict in verdicts:
+        by_group[verdict.group].append(verdict)
+    groups = []
+    for index, mine in sorted(by_group.items()):
+        completions = [rollout.Completion(v.token_ids, v.text, v.finish_reason, v.logprobs)
+                       for v in mine]
+        rewards = agreement_rewards([v.ranking for v in mine], cfg.invalid_reward)
+        groups.append(Group(open_groups[index].record, [v.prompt_ids for v in mine],
+                            [v.order for v in mine], completions, rewards, kind="open_verdicts"))
+    return groups
 
 
 # ---- 5. advantage --------------------------------------------------------------------------------
 
 def advantages_and_samples(groups: list[Group], cfg: Config, tally: Tally) -> list:
-    """GRPO advantages per group, and the completions that carry a learning signal."""
+    """Advantages per group (grpo.advantages, the one entry point: --advantage, --scale_advantages,
+    and for preference groups --referee_advantage), and the completions that carry a learning
+    signal."""
     samples = []
     for g in groups:
-        task = g.record["task"]
-        tally.add(f"count/groups/{task}", 1)
+        kind = g.kind
+        tally.add(f"count/groups/{kind}", 1)
         lengths = [len(c.token_ids) for c in g.completions]
-        tally.add(f"completion_len/{task}", sum(lengths) / len(lengths), len(lengths))
+        tally.add(f"completion_len/{kind}", sum(lengths) / len(lengths), len(lengths))
         cut = sum(c.finish_reason == "length" for c in g.completions) / len(lengths)
-        tally.add(f"truncated/{task}", cut, len(lengths))
+        tally.add(f"truncated/{kind}", cut, len(lengths))
         if g.rewards is None:
             continue
-        tally.add(f"reward/{task}", sum(g.rewards) / len(g.rewards))
-        if cfg.referee_advantage == "group+order" and task == "preference":
-            adv = presentation_advantages(torch.tensor(g.rewards), len(g.prompts),
-                                          scale=cfg.scale_advantages)  # [G]
-        else:
-            adv = group_advantages(torch.tensor(g.rewards), len(g.rewards),
-                                   scale=cfg.scale_advantages)  # [G]
+        tally.add(f"reward/{kind}", sum(g.rewards) / len(g.rewards))
+        within = cfg.referee_advantage == "group+order" and kind == "preference"
+        adv = advantages(torch.tensor(g.rewards), len(g.prompts) if within else 1,
+                         cfg.advantage, cfg.scale_advantages)  # [G]
         g.advantages = adv.tolist()
         has_signal = bool(adv.abs().max() > 0)
-        tally.add(f"nonzero_adv_share/{task}", float(has_signal))
+        tally.add(f"nonzero_adv_share/{kind}", float(has_signal))
         # A group of equal rewards has zero advantages: no policy gradient, only cost. Leaving it
         # out (as DAPO's dynamic sampling does) also keeps it out of the token-mean's denominator.
         if not has_signal and cfg.skip_zero_advantage:
             continue
-        temperature = sampling(g.record, cfg)[0]  # log-probs at the one it was sampled at
+        temperature = sampling(g, cfg)[0]  # log-probs at the one it was sampled at
         for i, (c, a) in enumerate(zip(g.completions, g.advantages)):
             if c.token_ids:  # the sampler's log-probs serve the IS correction of vLLM rollouts
                 sampler = c.logprobs if cfg.rollout == "vllm" else None
@@ -599,7 +682,7 @@ def cold_start(policy, sources: dict[str, list[dict]], tokenizer, cfg: Config,
     examples, sizes = data.cold_start_examples(
         sources, cfg.cold_start_steps * cfg.cold_start_batch, cfg.group_size,
         cfg.cold_start_group_every, cfg.referee_group_orders, fits,
-        random.Random(f"{cfg.seed}/cold_start"), cfg.referee_think)
+        random.Random(f"{cfg.seed}/cold_start"), cfg.referee_think, PROTOCOLS[cfg.self_reward])
     print0("cold start examples within the budgets: " + ", ".join(
         f"{size} {name}" for name, size in sizes.items()))
     if not examples:
@@ -771,7 +854,8 @@ def main(argv=None) -> int:
                 held_out = evaluate_held_out(engine, tokenizer, eval_sets, cfg)
 
         # ---- 9. log ------------------------------------------------------------------------------
-        generated = all_reduce([sum(len(c.token_ids) for g in groups for c in g.completions)
+        generated = all_reduce([sum(len(c.token_ids) for g in groups if g.kind != "open_verdicts"
+                                    for c in g.completions)
                                 + sum(v.num_tokens for v in verdicts)])[0]
         elapsed = time.perf_counter() - started
         log.write(tally.reduce() | held_out | {f"time/{k}": v for k, v in seconds.items()} | {
@@ -897,8 +981,25 @@ def config_problems(cfg: Config) -> list[str]:
          cfg.referee_advantage, "use " + " or ".join(REFEREE_ADVANTAGES) + (
              " (eis, this project's variant, is now group+order; J4R's EIS-GRPO pools all "
              "orders in one z-score: group)" if cfg.referee_advantage == "eis" else ""))
-    need(cfg.referee_orders % 2 == 0, "referee_orders", cfg.referee_orders,
+    need(cfg.self_reward in PROTOCOLS, "self_reward", cfg.self_reward,
+         "use " + ", ".join(PROTOCOLS))
+    need(cfg.referee_orders % 2 == 0 or cfg.self_reward != "listwise", "referee_orders",
+         cfg.referee_orders,
          "use an even number: each order is judged with its reverse, so shown position cancels")
+    need(cfg.open_verdict_reward in ("none", "consistency"), "open_verdict_reward",
+         cfg.open_verdict_reward, "use none or consistency")
+    need(not (cfg.open_verdict_reward == "consistency" and cfg.self_reward == "listwise"
+              and cfg.referee_orders == 2), "open_verdict_reward", cfg.open_verdict_reward,
+         "with listwise --referee_orders 2 the two verdicts always agree equally (reward the "
+         "same, advantage 0): use --referee_orders 4 or --self_reward pairwise")
+    need(not (cfg.open_verdict_reward == "consistency" and cfg.self_reward == "pointwise"),
+         "open_verdict_reward", cfg.open_verdict_reward,
+         "pointwise scores order no pairs to agree on: use listwise (M >= 4) or pairwise")
+    need(not (cfg.consistency_coef and cfg.self_reward == "pointwise"), "consistency_coef",
+         cfg.consistency_coef, "pointwise verdicts name no best candidate: use 0")
+    need(cfg.advantage in ESTIMATORS, "advantage", cfg.advantage, "use grpo or rloo")
+    need(not (cfg.advantage == "rloo" and cfg.scale_advantages), "advantage", cfg.advantage,
+         "RLOO's advantages have no std to divide by: add --no-scale_advantages")
     for flag in ("consistency_coef", "invalid_reward"):
         need(math.isfinite(getattr(cfg, flag)), flag, getattr(cfg, flag), "use a finite number")
     need(not (cfg.resume and cfg.overwrite), "overwrite", cfg.overwrite,
@@ -1464,15 +1565,16 @@ def write_samples(cfg: Config, step: int, groups: list[Group], verdicts: list, t
     """Prompts, completions, referee verdicts and rewards of rank 0's groups, one line each."""
     referee = defaultdict(list)  # self_referee numbers the open groups in batch order
     for v in verdicts:
-        referee[v.group].append({"order": v.order, "text": v.text, "ranking": v.ranking})
+        referee[v.group].append({"order": v.order, "text": v.text, "ranking": v.ranking}
+                                | ({"score": v.score} if v.score is not None else {}))
     open_groups = iter(range(len(groups)))
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
         for g in groups:
-            line = {"step": step, "task": g.record["task"], "id": g.record["id"],
+            line = {"step": step, "task": g.kind, "id": g.record["id"],
                     "prompts": [tokenizer.decode(ids) for ids in g.prompts], "orders": g.orders,
                     "completions": [c.text for c in g.completions], "rewards": g.rewards,
                     "advantages": g.advantages}
-            if g.record["task"] == "open":
+            if g.kind == "open":
                 line["referee"] = referee[next(open_groups)]
             f.write(json.dumps(line) + "\n")
 
