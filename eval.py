@@ -641,6 +641,10 @@ def before_and_after(metrics_path: str) -> str:
     if not evaluated:
         return "held-out: no evaluation in this run (--eval_start_end or --eval_every)"
     first, last = (format_metrics(line, "eval/") for line in (evaluated[0], evaluated[-1]))
+    if len(evaluated) == 1:  # one evaluation (a --steps 0 run, say): one column
+        rows = [f"{'held-out metric (95% interval)':<40}{'step ' + str(evaluated[0]['step']):>22}"]
+        rows += [f"{key:<40}{first[key]:>22}" for key in sorted(first)]
+        return "\n".join(rows + interval_widths(evaluated[-1]))
     rows = [f"{'held-out metric (95% interval)':<40}{'step ' + str(evaluated[0]['step']):>22}"
             f"{'step ' + str(evaluated[-1]['step']):>22}"]
     for key in sorted(first | last):

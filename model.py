@@ -507,12 +507,15 @@ def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
 
 def export_problem(out_dir: str, replace: bool) -> str | None:
     """Why an export may not be written into `out_dir`, in one line, or None: a missing or empty
-    folder takes one; a previous export (a folder with a config.json) only when `replace`;
+    folder takes one; a previous export (a config.json, and none of a run folder's files) only
+    when `replace`;
     anything else never, since an export deletes nothing it did not write."""
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
         return None
     names = sorted(os.listdir(out_dir))
-    if "config.json" not in names:
+    run = sorted({"metrics.jsonl", "checkpoints", "samples.jsonl", ".lock"} & set(names))
+    if "config.json" not in names or run:  # a run folder has a config.json too
+        names = run + [name for name in names if name not in run]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if names[3:] else "")
         return (f"{out_dir} holds files that are no export ({shown}): export into a missing or "
                 "empty folder")

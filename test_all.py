@@ -1590,6 +1590,12 @@ def test_an_export_deletes_nothing_it_did_not_write(tmp_path):
                                          r"\(notes\.txt\): export into a missing or empty folder$"):
         export_hf(state, model.config, tokenizer, tmp_path / "mine")
     out = export_hf(state, model.config, tokenizer, tmp_path / "out", replace=False)
+    run_folder = tmp_path / "mine" / "run"  # a run's folder has a config.json too: no export
+    run_folder.mkdir()  # (inside mine/: the folder list below stays)
+    for name in ("config.json", "metrics.jsonl"):
+        (run_folder / name).write_text("{}")
+    assert model_lib.export_problem(str(run_folder), replace=True).startswith(
+        f"{run_folder} holds files that are no export (metrics.jsonl, config.json)")
     with pytest.raises(ValueError, match="holds an earlier export: pass --replace"):
         export_hf(state, model.config, tokenizer, out, replace=False)
     (tmp_path / "out" / "results.json").write_text("{}")  # an earlier export, and more

@@ -1197,7 +1197,8 @@ def check_resumed_config(ran: dict, given: dict, out_dir: str) -> None:
                if name in ran and name not in RESUME_MAY_CHANGE and ran[name] != value]
     if changed:
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if changed[6:] else "")
-        raise SystemExit(f"train.py: --resume: {shown} differ from {out_dir}/config.json: "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise SystemExit(f"train.py: --resume: {shown} {verb} from {out_dir}/config.json: "
                          "--resume takes the run's settings, so leave those flags out (or "
                          "start another --out_dir)")
 
