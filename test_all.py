@@ -3406,6 +3406,19 @@ def test_the_baseline_arm_resumes_exactly_with_its_frozen_referees_sampling_stat
     assert metrics_a and metrics_a == metrics_b
 
 
+def test_steps_zero_runs_the_cold_start_alone_and_exports_it(tiny_dir, tmp_path):
+    # --steps 0 (the referee arms' shared start): the cold start, a checkpoint, final/, and a
+    # before/after table of its one evaluation in one column
+    out = tmp_path / "run"
+    run = run_worker(run_args(tiny_dir, out, "--steps", "0", "--cold_start_steps", "1",
+                              "--cold_start_batch", "1", "--max_new_tokens", "400"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    (line,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert line["step"] == 0 and "cold_start/nll_first" in line
+    assert os.path.isfile(out / "final" / "config.json")
+    assert model_lib.checkpoint_dirs(str(out))[-1].endswith("step_0000000")
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_one(tiny_dir, tmp_path):
     out = tmp_path / "run"
     assert run_worker(run_args(tiny_dir, out, "--steps", "2")).returncode == 0
