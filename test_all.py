@@ -4725,6 +4725,19 @@ def test_bench_mfu_runs_the_trainer_path():
                      result.stdout), result.stdout
 
 
+def test_the_committed_referee_arms_differ_in_one_flag_each():
+    # benchmarks/arms/: every comparison the README draws is between configs one flag apart
+    run = subprocess.run([sys.executable, "benchmarks/arms.py", "table"], cwd=HERE,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for line in ("b_two_orders against a_one_order: one flag, --referee_group_orders 1 -> 2",
+                 "c_consistency against b_two_orders: one flag, --consistency_coef 0.0 -> 0.5",
+                 "d_group_order against b_two_orders: one flag, --referee_advantage 'group' -> "
+                 "'group+order'"):
+        assert line in run.stdout.splitlines()
+    assert "preference groups trained: 24 vs 24" in run.stdout
+
+
 def test_gpu_check_dry_run_on_cpu_passes_every_row(tmp_path):
     # The GPU check's whole path on CPU with a tiny shape, so that it is ready when a GPU is lent
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu",
